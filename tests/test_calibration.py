@@ -1,0 +1,157 @@
+"""Strength calibration and vector extraction."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from svd_vllm import artifact
+from svd_vllm.calibration import (
+    DirectionStats,
+    PositionStats,
+    bootstrap_ci,
+    calibrate,
+    line_search_mu,
+)
+from svd_vllm.extraction import CalibrationItem, ShiftAccumulator, extract_vector
+from svd_vllm.reference import ReferenceDecoder
+from svd_vllm.steering import confidence_mask, exact_delta, log_ratio, steer
+
+
+def _toy(seed: int = 0, n: int = 400, v: int = 30, boost: float = 1.5):
+    """The adapter moved half-way toward a true distribution; labels are drawn from the truth."""
+    g = torch.Generator().manual_seed(seed)
+    z_b = torch.randn(n, v, generator=g) * 2
+    k = torch.randint(0, v, (n,), generator=g)
+    z_a = z_b.clone()
+    z_a[torch.arange(n), k] += boost
+    z_true = z_b.clone()
+    z_true[torch.arange(n), k] += 2 * boost
+    labels = torch.multinomial(torch.softmax(z_true, -1), 1, generator=g).squeeze(-1)
+    return z_a, z_b, labels
+
+
+def direct_nll(z_a, dz, mask, labels, mu) -> torch.Tensor:
+    steered = steer(z_a, dz, mu, mask, filtered=False).double()
+    return -torch.log_softmax(steered, -1).gather(-1, labels[:, None]).squeeze(-1)
+
+
+@pytest.mark.parametrize("alpha", [0.05, 0.3, 1.0])
+def test_position_stats_reproduce_the_soft_nll(alpha: float) -> None:
+    z_a, z_b, labels = _toy()
+    z_a[0, 3] = -math.inf  # a token removed by someone else
+    dz = exact_delta(z_a, z_b)
+    mask = confidence_mask(z_a, alpha)
+    stats = PositionStats.from_logits(z_a, dz, mask, labels)
+    for mu in (-7.0, -1.0, 0.0, 2.5):
+        torch.testing.assert_close(
+            stats.nll(mu), direct_nll(z_a, dz, mask, labels, mu), rtol=1e-5, atol=1e-5
+        )
+
+
+def test_line_search_finds_the_grid_minimum() -> None:
+    z_a, z_b, labels = _toy()
+    dz = exact_delta(z_a, z_b)
+    mask = confidence_mask(z_a, 0.05)
+    stats = PositionStats.from_logits(z_a, dz, mask, labels)
+    mu = line_search_mu(stats)
+    grid = torch.linspace(mu - 5, mu + 5, 2001)
+    vals = torch.stack([stats.nll(float(m)).mean() for m in grid])
+    assert abs(float(grid[vals.argmin()]) - mu) < 0.02
+    assert float(stats.nll(mu).mean()) <= float(vals.min()) + 1e-9
+    assert mu < 0  # the adapter moved toward the labels: extrapolate
+
+
+def test_calibrate_reports_every_estimator_and_picks_lowest_nll() -> None:
+    z_a, z_b, labels = _toy(n=60)
+    dz = exact_delta(z_a, z_b)
+    mask = confidence_mask(z_a, 0.1)
+    d = DirectionStats()
+    for i in range(0, 60, 6):  # 10 items of 6 tokens
+        d.add(i // 6, z_a[i : i + 6], dz[i : i + 6], labels[i : i + 6], mask[i : i + 6])
+    res = calibrate(d, bootstrap_reps=50)
+    assert set(res.mu) == {"mean", "pooled", "median", "trimmed", "line_search"}
+    assert all(math.isfinite(x) for x in res.mu.values())
+    assert res.nll[res.chosen] == min(res.nll.values())
+    assert res.nll["line_search"] <= res.nll_unsteered
+    lo, hi = res.ci
+    assert lo <= hi and math.isfinite(lo)
+    assert res.tokens == 60
+
+
+def test_bootstrap_ci_of_the_mean() -> None:
+    vals = torch.arange(100, dtype=torch.float64)
+    lo, hi = bootstrap_ci(lambda idx: float(vals[idx].mean()), 100, reps=400)
+    assert lo < 49.5 < hi and hi - lo < 25
+
+
+def test_shift_accumulator_matches_formulas() -> None:
+    z_a, z_b, _ = _toy()
+    r = log_ratio(z_a, z_b)
+    p = torch.softmax(z_a, -1)
+    acc = ShiftAccumulator(z_a.shape[1])
+    acc.add(r[:25], p[:25])
+    acc.add(r[25:], p[25:])
+    torch.testing.assert_close(acc.shift("mean"), r.mean(0))
+    torch.testing.assert_close(acc.shift("prob"), (p * r).sum(0) / p.sum(0))
+    with pytest.raises(ValueError, match="variant"):
+        acc.shift("median")
+    with pytest.raises(ValueError, match="no calibration tokens"):
+        ShiftAccumulator(3).shift("mean")
+
+
+@pytest.fixture(scope="module")
+def decoder(tiny_dirs: tuple[Path, Path]) -> ReferenceDecoder:
+    return ReferenceDecoder(*tiny_dirs)
+
+
+def test_extract_vector_end_to_end(decoder: ReferenceDecoder, tmp_path: Path) -> None:
+    prompts = [
+        "the color of sky is",
+        "one two three",
+        "the sun is",
+        "a leaf is",
+        "what is the color of snow ? answer :",
+    ]
+    items = [
+        CalibrationItem(p, decoder.generate(p, "adapter", max_new_tokens=4).text) for p in prompts
+    ]
+    art, report = extract_vector(decoder, items, name="t", progress=False, bootstrap_reps=20)
+    m = art.meta
+    assert m.vocab_size == decoder.vocab_size and art.shift.shape == (decoder.vocab_size,)
+    assert torch.isfinite(art.shift).all()
+    assert (
+        m.shift_weighting in ("prob", "mean")
+        and m.estimator in report.results["precomputed-prob"].mu
+    )
+    # The adapter's own continuations: steering further along the fine-tuning shift helps.
+    assert m.mu_bar < 0 and m.mu_bar_exact is not None and m.mu_bar_exact < 0
+    assert m.calibration.nll["unsteered"] > m.calibration.nll["precomputed_" + m.estimator]
+    assert m.calibration.items == 5 and m.calibration.tokens == sum(
+        len(decoder.continuation_ids(i.prompt, i.completion)[1]) for i in items
+    )
+    path = artifact.save(art, tmp_path / "t.safetensors")
+    assert artifact.load(path).meta == m
+    assert set(report.summary()["directions"]) == {
+        "exact",
+        "precomputed-prob",
+        "precomputed-mean",
+        "logit-bias-prob",
+        "logit-bias-mean",
+    }
+
+
+def test_extract_refuses_bad_input(decoder: ReferenceDecoder, tiny_dirs: tuple[Path, Path]) -> None:
+    with pytest.raises(ValueError, match="empty"):
+        extract_vector(decoder, [], name="t", progress=False)
+    with pytest.raises(ValueError, match="alpha"):
+        extract_vector(decoder, [CalibrationItem("a", "b")], name="t", alpha=0.0, progress=False)
+    with pytest.raises(ValueError, match="tokenises to nothing"):
+        extract_vector(decoder, [CalibrationItem("a", "")], name="t", progress=False)
+    with pytest.raises(ValueError, match="needs an adapter"):
+        extract_vector(
+            ReferenceDecoder(tiny_dirs[0]), [CalibrationItem("a", "b")], name="t", progress=False
+        )
