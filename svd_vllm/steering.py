@@ -39,6 +39,8 @@ __all__ = [
     "pooled_mu",
     "precomputed_delta",
     "steer",
+    "steer_precomputed_rows",
+    "steer_table_rows_",
     "svd_logits",
 ]
 
@@ -302,3 +304,69 @@ def svd_logits(
     else:
         raise ValueError(f"unknown mode {mode!r}; use one of {', '.join(MODES)}")
     return _f32(steer(_f32(z_adapter), dz, mu, mask, filtered=filtered))
+
+
+def steer_precomputed_rows(
+    logits: torch.Tensor,
+    shift: torch.Tensor,
+    mu: torch.Tensor,
+    log_alpha: torch.Tensor,
+) -> torch.Tensor:
+    """The serving hot path: filtered precomputed SVD on ``[n, V]`` rows in few passes.
+
+    Equals ``steer(z, precomputed_delta(z, shift), mu, confidence_mask(z, alpha))`` with
+    ``log_alpha = log(alpha)``; ``mu`` and ``log_alpha`` are ``[n, 1]`` float32, ``shift`` is
+    ``[n, V]`` or ``[V]`` float32. Returns float32 ``[n, V]`` (a new tensor).
+    """
+    z = logits.float()
+    zmax = z.amax(dim=-1, keepdim=True)
+    finite_max = torch.isfinite(zmax)
+    zmax_safe = torch.where(finite_max, zmax, torch.zeros_like(zmax))
+    p = torch.exp(z - zmax_safe)  # all -inf rows: exp(-inf) = 0
+    total = p.sum(dim=-1, keepdim=True)
+    p.div_(torch.where(total > 0, total, torch.ones_like(total)))
+    ps = (
+        (p * shift).sum(dim=-1, keepdim=True)
+        if shift.dim() == 1
+        else torch.linalg.vecdot(p, shift).unsqueeze(-1)
+    )
+    # z + mu * (-p * (s - <p, s>)) == z + p * (mu * <p, s> - mu * s)
+    coef = torch.addcmul(mu * ps, shift, -mu) if shift.dim() > 1 else mu * ps - mu * shift
+    keep = z >= zmax + log_alpha
+    out = torch.addcmul(z, p, coef)
+    # Tokens outside the mask, -inf tokens and all -inf rows end up -inf (rows stay unchanged).
+    return out.masked_fill_(~keep | ~finite_max, -math.inf)
+
+
+def steer_table_rows_(
+    z: torch.Tensor,
+    table: torch.Tensor,
+    used_slots: torch.Tensor,
+    row_slot: torch.Tensor,
+    mu: torch.Tensor,
+    log_alpha: torch.Tensor,
+) -> torch.Tensor:
+    """In-place filtered precomputed SVD on float32 rows ``z`` ``[n, V]`` (the serving kernel).
+
+    Row ``i`` uses the vector ``table[used_slots[row_slot[i]]]``. Nothing of size ``[n, V]`` is
+    gathered from the table: ``<p, s>`` for all rows and the ``k`` distinct vectors in use
+    comes from one ``[n, V] x [V, k]`` product, and the steering term is evaluated only on
+    the confidence mask (a few tokens per row), since every other token becomes ``-inf``.
+    ``mu`` and ``log_alpha`` are float32 ``[n]``. Rows of all ``-inf`` stay unchanged.
+    """
+    if z.dtype != torch.float32:
+        raise TypeError("steer_table_rows_ works in place on float32 logits")
+    zmax = z.amax(dim=-1, keepdim=True)
+    # softmax is one fused pass; all -inf rows give NaN here but select no token below.
+    p = torch.softmax(z, dim=-1)
+    vecs = table.index_select(0, used_slots)  # [k, V], k = distinct vectors in this batch
+    ps = (p @ vecs.T).gather(1, row_slot.unsqueeze(1))  # [n, 1]: <p, s> of each row's vector
+    thr = torch.where(
+        torch.isfinite(zmax), zmax + log_alpha.unsqueeze(1), torch.full_like(zmax, math.inf)
+    )
+    rows, cols = torch.nonzero(z >= thr, as_tuple=True)
+    s_at = vecs[row_slot[rows], cols]
+    vals = z[rows, cols] + mu[rows] * p[rows, cols] * (ps[rows, 0] - s_at)
+    z.fill_(-math.inf)
+    z[rows, cols] = vals
+    return z

@@ -1,0 +1,312 @@
+"""The steering-vector registry: a directory of immutable artifact files and one manifest.
+
+Layout (``$SVD_VLLM_REGISTRY``, default ``~/.local/share/svd-vllm/registry``)::
+
+    manifest.json                       # the only mutable file; replaced atomically
+    registry.lock                       # flock: serialises writers
+    vectors/<name>/v<version>-<hash12>.safetensors   # immutable once written
+
+Every write takes the lock, writes the artifact (temp file, fsync, rename), then replaces
+the manifest the same way, last. A writer killed at any point leaves the previous manifest,
+which only names complete files: readers never see a torn entry. Each vector name has a
+version that only grows, even across delete and re-register. Readers (the vLLM processor,
+the sidecar, the CLI) need no lock: they read ``manifest.json`` and the files it names.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as _dt
+import fcntl
+import json
+import math
+import os
+import re
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from . import artifact as _artifact
+from .artifact import NAME_PATTERN, ArtifactError, SteeringArtifact, atomic_write_bytes
+
+__all__ = [
+    "DEFAULT_REGISTRY",
+    "MANIFEST_FORMAT",
+    "Manifest",
+    "Registry",
+    "RegistryError",
+    "VectorEntry",
+    "default_registry_path",
+]
+
+MANIFEST_FORMAT = 1
+DEFAULT_REGISTRY = "~/.local/share/svd-vllm/registry"
+#: Files of superseded versions are kept this long for readers that still load them.
+GC_GRACE_SECONDS = 600.0
+_NAME_RE = re.compile(NAME_PATTERN)
+
+
+def default_registry_path() -> Path:
+    """``$SVD_VLLM_REGISTRY`` or ``~/.local/share/svd-vllm/registry``."""
+    return Path(os.environ.get("SVD_VLLM_REGISTRY") or DEFAULT_REGISTRY).expanduser()
+
+
+def _now() -> str:
+    return _dt.datetime.now(_dt.UTC).isoformat(timespec="milliseconds")
+
+
+class RegistryError(ValueError):
+    """A registry operation that cannot be done; nothing was written."""
+
+    def __init__(self, message: str, *, code: str = "invalid") -> None:
+        self.code = code  # "not_found" | "conflict" | "invalid"
+        super().__init__(message)
+
+
+class VectorEntry(BaseModel):
+    """One registered vector: the file of its current version and its serving settings."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str = Field(pattern=NAME_PATTERN)
+    version: int = Field(ge=1)
+    content_hash: str
+    file: str = Field(description="path relative to the registry root")
+    vocab_size: int = Field(gt=0)
+    base_model: str
+    adapter: str
+    mu_bar: float = Field(description="calibrated strength from the artifact")
+    alpha: float = Field(gt=0.0, le=1.0, description="calibrated mask threshold")
+    mu_bar_override: float | None = None
+    alpha_override: float | None = Field(None, gt=0.0, le=1.0)
+    default_scale: float = 1.0
+    enabled: bool = True
+    created: str = Field(default_factory=_now)
+    updated: str = Field(default_factory=_now)
+
+    @field_validator("mu_bar", "mu_bar_override", "default_scale")
+    @classmethod
+    def _finite(cls, v: float | None) -> float | None:
+        if v is not None and not math.isfinite(v):
+            raise ValueError("must be finite")
+        return v
+
+    @property
+    def effective_mu(self) -> float:
+        """The strength a request with scale 1 gets: override or calibrated, times default scale."""
+        mu = self.mu_bar if self.mu_bar_override is None else self.mu_bar_override
+        return mu * self.default_scale
+
+    @property
+    def effective_alpha(self) -> float:
+        return self.alpha if self.alpha_override is None else self.alpha_override
+
+    @property
+    def key(self) -> str:
+        """Identity of this exact version: ``name@version``."""
+        return f"{self.name}@{self.version}"
+
+
+class Manifest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    format: int = MANIFEST_FORMAT
+    generation: int = 0
+    vectors: dict[str, VectorEntry] = Field(default_factory=dict)
+    last_version: dict[str, int] = Field(
+        default_factory=dict, description="highest version ever issued per name"
+    )
+
+
+def check_name(name: str) -> str:
+    if not isinstance(name, str) or not _NAME_RE.match(name):
+        raise RegistryError(
+            f"invalid vector name {name!r}: use 1-128 letters, digits, '.', '_' or '-', "
+            "starting with a letter or digit",
+            code="invalid",
+        )
+    return name
+
+
+class Registry:
+    """Library API over one registry directory: add / replace / update / remove / list."""
+
+    def __init__(self, root: str | os.PathLike[str] | None = None) -> None:
+        self.root = Path(root).expanduser() if root is not None else default_registry_path()
+
+    @property
+    def manifest_path(self) -> Path:
+        return self.root / "manifest.json"
+
+    # -- reading (lock-free) -------------------------------------------------------------
+    def manifest(self) -> Manifest:
+        try:
+            raw = self.manifest_path.read_bytes()
+        except FileNotFoundError:
+            return Manifest()
+        try:
+            m = Manifest.model_validate_json(raw)
+        except ValueError as e:
+            raise RegistryError(f"{self.manifest_path}: unreadable manifest ({e})") from e
+        if m.format != MANIFEST_FORMAT:
+            raise RegistryError(f"{self.manifest_path}: unsupported manifest format {m.format}")
+        return m
+
+    def list(self) -> list[VectorEntry]:
+        return sorted(self.manifest().vectors.values(), key=lambda e: e.name)
+
+    def get(self, name: str) -> VectorEntry:
+        entry = self.manifest().vectors.get(name)
+        if entry is None:
+            raise RegistryError(f"no vector named {name!r}", code="not_found")
+        return entry
+
+    def load(self, entry: VectorEntry | str, *, expected_vocab_size: int | None = None):
+        """The artifact of an entry, verified against the manifest's content hash."""
+        if isinstance(entry, str):
+            entry = self.get(entry)
+        art = _artifact.load(self.root / entry.file, expected_vocab_size=expected_vocab_size)
+        if art.meta.content_hash != entry.content_hash:
+            raise ArtifactError(self.root / entry.file, "content hash differs from the manifest")
+        return art
+
+    # -- writing (locked) ----------------------------------------------------------------
+    @contextlib.contextmanager
+    def _locked(self) -> Iterator[Manifest]:
+        self.root.mkdir(parents=True, exist_ok=True)
+        with open(self.root / "registry.lock", "a+") as lock:
+            fcntl.flock(lock.fileno(), fcntl.LOCK_EX)
+            try:
+                yield self.manifest()
+            finally:
+                fcntl.flock(lock.fileno(), fcntl.LOCK_UN)
+
+    def _commit(self, m: Manifest) -> None:
+        m.generation += 1
+        atomic_write_bytes(self.manifest_path, m.model_dump_json(indent=2).encode())
+
+    def add(
+        self,
+        art: SteeringArtifact,
+        *,
+        name: str | None = None,
+        replace: bool = False,
+        expected_vocab_size: int | None = None,
+        default_scale: float | None = None,
+    ) -> VectorEntry:
+        """Register ``art`` under ``name`` (default: the artifact's name).
+
+        An existing name is replaced only with ``replace=True`` (its settings are kept and its
+        version bumped); without it the call fails with code ``conflict``.
+        """
+        name = check_name(name or art.meta.name)
+        if expected_vocab_size is not None and art.meta.vocab_size != expected_vocab_size:
+            raise RegistryError(
+                f"vector vocab_size {art.meta.vocab_size} does not match the served model's "
+                f"{expected_vocab_size}"
+            )
+        data = _artifact.to_bytes(art)
+        with self._locked() as m:
+            old = m.vectors.get(name)
+            if old is not None and not replace:
+                raise RegistryError(
+                    f"a vector named {name!r} exists (version {old.version}); pass replace",
+                    code="conflict",
+                )
+            version = max(m.last_version.get(name, 0), old.version if old else 0) + 1
+            rel = (
+                f"vectors/{name}/v{version}-{art.meta.content_hash.split(':')[-1][:12]}.safetensors"
+            )
+            atomic_write_bytes(self.root / rel, data)
+            keep: dict[str, Any] = {}
+            if old is not None:
+                keep = old.model_dump(
+                    include={
+                        "mu_bar_override",
+                        "alpha_override",
+                        "default_scale",
+                        "enabled",
+                        "created",
+                    }
+                )
+            if default_scale is not None:
+                keep["default_scale"] = default_scale
+            entry = VectorEntry(
+                name=name,
+                version=version,
+                content_hash=art.meta.content_hash,
+                file=rel,
+                vocab_size=art.meta.vocab_size,
+                base_model=art.meta.base_model,
+                adapter=art.meta.adapter,
+                mu_bar=art.meta.mu_bar,
+                alpha=art.meta.alpha,
+                **keep,
+            )
+            m.vectors[name] = entry
+            m.last_version[name] = version
+            self._commit(m)
+            self._gc(m)
+        return entry
+
+    def add_file(self, path: str | os.PathLike[str], **kwargs: Any) -> VectorEntry:
+        """Validate an artifact file and register it (see ``add``)."""
+        return self.add(_artifact.load(path), **kwargs)
+
+    _SETTINGS = ("mu_bar_override", "alpha_override", "default_scale", "enabled")
+
+    def update(self, name: str, **changes: Any) -> VectorEntry:
+        """Change serving settings (``mu_bar_override``, ``alpha_override``, ``default_scale``,
+        ``enabled``); bumps the version so new requests pick the change up."""
+        unknown = set(changes) - set(self._SETTINGS)
+        if unknown:
+            raise RegistryError(f"unknown settings {sorted(unknown)}; use {list(self._SETTINGS)}")
+        with self._locked() as m:
+            old = m.vectors.get(name)
+            if old is None:
+                raise RegistryError(f"no vector named {name!r}", code="not_found")
+            version = max(m.last_version.get(name, 0), old.version) + 1
+            try:
+                entry = VectorEntry.model_validate(
+                    {**old.model_dump(), **changes, "version": version, "updated": _now()}
+                )
+            except ValueError as e:
+                raise RegistryError(f"invalid settings for {name!r}: {e}") from e
+            m.vectors[name] = entry
+            m.last_version[name] = version
+            self._commit(m)
+        return entry
+
+    def remove(self, name: str) -> VectorEntry:
+        with self._locked() as m:
+            old = m.vectors.pop(name, None)
+            if old is None:
+                raise RegistryError(f"no vector named {name!r}", code="not_found")
+            m.last_version[name] = max(m.last_version.get(name, 0), old.version)
+            self._commit(m)
+            self._gc(m)
+        return old
+
+    def _gc(self, m: Manifest, grace: float = GC_GRACE_SECONDS) -> None:
+        """Delete artifact files no manifest entry names, once older than ``grace`` seconds."""
+        live = {e.file for e in m.vectors.values()}
+        vec_dir = self.root / "vectors"
+        if not vec_dir.is_dir():
+            return
+        cutoff = time.time() - grace
+        for p in vec_dir.glob("*/*.safetensors"):
+            rel = p.relative_to(self.root).as_posix()
+            with contextlib.suppress(OSError):
+                if rel not in live and p.stat().st_mtime < cutoff:
+                    p.unlink()
+        for p in vec_dir.glob("*/.*.tmp"):  # temp files of killed writers
+            with contextlib.suppress(OSError):
+                if p.stat().st_mtime < cutoff:
+                    p.unlink()
+
+    def describe(self) -> dict[str, Any]:
+        m = self.manifest()
+        return json.loads(m.model_dump_json())
