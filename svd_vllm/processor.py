@@ -38,7 +38,7 @@ if TYPE_CHECKING:
     from vllm.config import VllmConfig
     from vllm.v1.worker.gpu.sample.logits_processor import LogitsContext
 
-__all__ = ["SVDLogitsProcessor", "validate_steering_params"]
+__all__ = ["SVDLogitsProcessor", "admission_pin", "validate_steering_params"]
 
 logger = logging.getLogger("vllm.svd_vllm")
 
@@ -80,6 +80,18 @@ def validate_steering_params(extra_args: dict[str, Any] | None) -> None:
             f"vllm_xargs.{field}: steering vector {req.vector!r} has vocab_size "
             f"{entry.vocab_size} but the served model has {SERVED_VOCAB_SIZE}"
         )
+
+
+def admission_pin(extra_args: dict[str, Any]) -> str | None:
+    """``name@version`` of the vector a request would use now (``None`` if none / invalid)."""
+    try:
+        req = parse_request_args(extra_args)
+    except ValueError:
+        return None  # validate_params reports it
+    if not req.enabled or req.vector is None:
+        return None
+    entry = _frontend_watcher().entry(req.vector)
+    return entry.key if entry is not None else None
 
 
 class _RowTable:
@@ -184,6 +196,10 @@ class SVDLogitsProcessor(V1LogitsProcessor, V2LogitsProcessor):
         if not req.enabled or req.vector is None:
             return None
         lv = self.store.resolve(req.vector, req.pinned)
+        if lv is None or (req.pinned is not None and lv.key != req.pinned):
+            # Admitted against a manifest newer than ours: catch up now (a stat and one load).
+            self.store.refresh()
+            lv = self.store.resolve(req.vector, req.pinned)
         if lv is None or not lv.entry.enabled:
             if req.explicit or req.vector_explicit:
                 logger.warning(

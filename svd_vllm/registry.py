@@ -202,7 +202,7 @@ class Registry:
         An existing name is replaced only with ``replace=True`` (its settings are kept and its
         version bumped); without it the call fails with code ``conflict``.
         """
-        name = check_name(name or art.meta.name)
+        name = check_name(art.meta.name if name is None else name)
         if expected_vocab_size is not None and art.meta.vocab_size != expected_vocab_size:
             raise RegistryError(
                 f"vector vocab_size {art.meta.vocab_size} does not match the served model's "

@@ -34,7 +34,7 @@ class ManifestWatcher:
 
     def __init__(self, registry: Registry) -> None:
         self.registry = registry
-        self._sig: tuple[int, int, int] | None = None
+        self._sig: object = object()  # never equal to a real signature: first call loads
         self._manifest = Manifest()
         self._lock = threading.Lock()
 
@@ -101,6 +101,7 @@ class VectorStore:
         self._by_key: OrderedDict[str, LoadedVector] = OrderedDict()
         self._bad: dict[str, str] = {}  # file -> content hash we refused (log once)
         self._lock = threading.Lock()
+        self._refresh_lock = threading.Lock()
         # Device table: slot -> key, refcounts, LRU of free-but-cached slots.
         self.table = torch.zeros((4, vocab_size), dtype=torch.float32, device=self.device)
         self._slot_of: dict[str, int] = {}
@@ -137,7 +138,15 @@ class VectorStore:
         return LoadedVector(entry=entry, shift=shift)
 
     def refresh(self) -> bool:
-        """Load what changed in the manifest. Returns True if the current set changed."""
+        """Load what changed in the manifest. Returns True if the current set changed.
+
+        Serialised: a caller that finds a refresh in progress waits for it to finish, so
+        after ``refresh()`` returns the store reflects the manifest as of the call.
+        """
+        with self._refresh_lock:
+            return self._refresh_locked()
+
+    def _refresh_locked(self) -> bool:
         manifest, changed = self.watcher.current()
         if not changed:
             return False

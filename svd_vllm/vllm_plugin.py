@@ -3,9 +3,11 @@
 No logits-processor interface sees the LoRA request, so this wraps
 ``InputProcessor.process_inputs`` (private API, pinned to vLLM 0.32.0) to stamp the adapter's
 name into a NEW ``extra_args`` dict of a shallow copy of the request's params, before vLLM
-validates them, so ``validate_params`` and the processor both see it. A client-sent value
-under the same key is dropped (the stamp is trusted). It also records the served model's
-vocab size for admission checks.
+validates them, so ``validate_params`` and the processor both see it. It also pins the vector
+version current at admission (``name@version``), so the engine steers with exactly the
+version that was validated, even if it is replaced while the request runs. Client-sent
+values under either key are dropped (the stamps are trusted). It records the served model's
+vocab size for admission checks too.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import functools
 import inspect
 import logging
 
-from .request_args import LORA_KEY
+from .request_args import LORA_KEY, PIN_KEY
 
 __all__ = ["SUPPORTED_VLLM", "register"]
 
@@ -56,8 +58,12 @@ def register() -> None:
             lora = bound.arguments.get("lora_request")
             extra = dict(params.extra_args or {})
             extra.pop(LORA_KEY, None)
+            extra.pop(PIN_KEY, None)
             if lora is not None:
                 extra[LORA_KEY] = lora.lora_name
+            pin = processor.admission_pin(extra)
+            if pin is not None:
+                extra[PIN_KEY] = pin
             stamped = copy.copy(params)  # the caller's params object is never mutated
             stamped.extra_args = extra or None
             bound.arguments["params"] = stamped

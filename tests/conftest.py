@@ -20,3 +20,57 @@ def tiny_dirs(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     base = build_tiny_model(root / "base", seed=0)
     lora = build_tiny_lora(base, root / "lora", seed=1)
     return base, lora
+
+
+@pytest.fixture(scope="session")
+def serving_assets(tmp_path_factory: pytest.TempPathFactory, tiny_dirs: tuple[Path, Path]) -> dict:
+    """Tiny base, two LoRAs, three steering vectors (lora1, lora2, other) in a fresh registry."""
+    import torch
+
+    from svd_vllm import artifact
+    from svd_vllm.artifact import SteeringArtifact
+    from svd_vllm.reference import ReferenceDecoder
+    from svd_vllm.registry import Registry
+    from svd_vllm.steering import log_ratio
+    from svd_vllm.tiny import build_tiny_lora
+
+    root = tmp_path_factory.mktemp("serving")
+    base, lora1 = tiny_dirs
+    lora2 = build_tiny_lora(base, root / "lora2", seed=2)
+
+    def make(name: str, adapter: Path, prompt: str, mu: float, alpha: float) -> SteeringArtifact:
+        dec = ReferenceDecoder(base, adapter)
+        za, zb = dec.logits(dec.encode(prompt))
+        return SteeringArtifact.create(
+            log_ratio(za[-1], zb[-1]), name=name, base_model="tiny", adapter=adapter.name,
+            tokenizer_fingerprint="t", mu_bar=mu, alpha=alpha,
+        )  # fmt: skip
+
+    g = torch.Generator().manual_seed(5)
+    vectors = {
+        "lora1": make("lora1", lora1, "the color of sky is", -20.0, 0.05),
+        "lora2": make("lora2", lora2, "one two three", -15.0, 0.1),
+        "other": SteeringArtifact.create(
+            torch.randn(256, generator=g) * 2,
+            name="other",
+            base_model="tiny",
+            adapter="none",
+            tokenizer_fingerprint="t",
+            mu_bar=-3.0,
+            alpha=0.2,
+        ),
+    }
+    files = {
+        k: artifact.save(v, root / "artifacts" / f"{k}.safetensors") for k, v in vectors.items()
+    }
+    registry = Registry(root / "registry")
+    for v in vectors.values():
+        registry.add(v)
+    return {
+        "root": root,
+        "base": base,
+        "loras": {"lora1": lora1, "lora2": lora2},
+        "vectors": vectors,
+        "files": files,
+        "registry": registry,
+    }

@@ -1,0 +1,307 @@
+"""The logits processor without an engine: V1 batch updates and V2 slots, against the math."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+from vllm import SamplingParams
+from vllm.v1.sample.logits_processor import BatchUpdate, MoveDirectionality
+from vllm.v1.sample.logits_processor import LogitsProcessor as V1
+from vllm.v1.worker.gpu.sample.logits_processor import LogitsContext
+from vllm.v1.worker.gpu.sample.logits_processor import LogitsProcessor as V2
+
+from svd_vllm import processor as proc_mod
+from svd_vllm.artifact import SteeringArtifact
+from svd_vllm.processor import SVDLogitsProcessor, validate_steering_params
+from svd_vllm.registry import Registry
+from svd_vllm.request_args import LORA_KEY, PIN_KEY, parse_request_args
+from svd_vllm.steering import confidence_mask, precomputed_delta, steer
+
+V = 64
+
+
+def vec(name: str, seed: int, mu: float, alpha: float = 0.1, vocab: int = V) -> SteeringArtifact:
+    g = torch.Generator().manual_seed(seed)
+    return SteeringArtifact.create(
+        torch.randn(vocab, generator=g) * 3, name=name, base_model="b", adapter="a",
+        tokenizer_fingerprint="t", mu_bar=mu, alpha=alpha,
+    )  # fmt: skip
+
+
+@pytest.fixture
+def registry(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Registry:
+    monkeypatch.setenv("SVD_VLLM_REGISTRY", str(tmp_path / "reg"))
+    monkeypatch.delenv("SVD_VLLM_DEFAULT", raising=False)
+    monkeypatch.setattr(proc_mod, "SERVED_VOCAB_SIZE", None)
+    reg = Registry()
+    reg.add(vec("a", 1, -4.0))
+    reg.add(vec("b", 2, -9.0, alpha=0.3))
+    return reg
+
+
+def config(max_seqs: int = 8) -> SimpleNamespace:
+    return SimpleNamespace(
+        model_config=SimpleNamespace(get_vocab_size=lambda: V),
+        scheduler_config=SimpleNamespace(max_num_seqs=max_seqs),
+    )
+
+
+def sp(**extra) -> SamplingParams:
+    return SamplingParams(temperature=0, extra_args=extra or None)
+
+
+def expected(z: torch.Tensor, art: SteeringArtifact, mu: float, alpha: float) -> torch.Tensor:
+    return steer(z, precomputed_delta(z, art.shift), mu, confidence_mask(z, alpha))
+
+
+def logits(n: int, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, V, generator=g) * 2
+
+
+def test_one_class_passes_both_interfaces() -> None:
+    assert issubclass(SVDLogitsProcessor, V1) and issubclass(SVDLogitsProcessor, V2)
+    assert not SVDLogitsProcessor.__abstractmethods__
+
+
+def test_v1_mixed_batch_moves_and_removals(registry: Registry) -> None:
+    p = SVDLogitsProcessor(config(), "cpu", False)
+    assert p.is_argmax_invariant() is False
+    added = [
+        (0, sp(svd=1, svd_vector="a"), None, []),
+        (1, sp(), None, []),  # unsteered
+        (2, sp(svd=1, svd_vector="b", svd_scale=0.5), None, []),
+        (3, sp(svd=1, svd_vector="a", svd_alpha=1.0), None, []),
+        (4, sp(**{"svd": 1, LORA_KEY: "b"}), None, []),  # vector from the LoRA name
+        (5, sp(**{"svd": 0, LORA_KEY: "a"}), None, []),  # explicit off wins
+    ]
+    p.update_state(BatchUpdate(batch_size=6, removed=[], added=added, moved=[]))
+    z = logits(6)
+    z[0, :5] = -math.inf  # another processor removed tokens
+    z[1, 7] = -math.inf
+    out = p.apply(z.clone())
+    a, b = registry.load("a"), registry.load("b")
+    torch.testing.assert_close(out[0], expected(z[0:1], a, -4.0, 0.1)[0])
+    assert torch.equal(out[1], z[1]) and torch.equal(out[5], z[5])
+    torch.testing.assert_close(out[2], expected(z[2:3], b, -4.5, 0.3)[0])
+    torch.testing.assert_close(out[3], expected(z[3:4], a, -4.0, 1.0)[0])
+    torch.testing.assert_close(out[4], expected(z[4:5], b, -9.0, 0.3)[0])
+    assert torch.isneginf(out[0, :5]).all()
+
+    # Swap 0 <-> 1, move 4 -> 5 (5 finished), remove 3.
+    p.update_state(
+        BatchUpdate(
+            batch_size=4,
+            removed=[3, 5],
+            added=[],
+            moved=[(0, 1, MoveDirectionality.SWAP), (4, 3, MoveDirectionality.UNIDIRECTIONAL)],
+        )
+    )
+    z2 = logits(4, seed=1)
+    out2 = p.apply(z2.clone())
+    assert torch.equal(out2[0], z2[0])  # the unsteered request now sits in row 0
+    torch.testing.assert_close(out2[1], expected(z2[1:2], a, -4.0, 0.1)[0])
+    torch.testing.assert_close(out2[2], expected(z2[2:3], b, -4.5, 0.3)[0])
+    torch.testing.assert_close(out2[3], expected(z2[3:4], b, -9.0, 0.3)[0])
+    # Everything finishes: apply is a no-op and all table slots are released.
+    p.update_state(BatchUpdate(batch_size=0, removed=[0, 1, 2, 3], added=[], moved=[]))
+    z3 = logits(2)
+    assert p.apply(z3) is z3 and p.state.count == 0 and p.store.slots_in_use() == 0
+
+
+def test_v1_all_rows_steered_in_place_and_bf16(registry: Registry) -> None:
+    p = SVDLogitsProcessor(config(), "cpu", False)
+    p.update_state(
+        BatchUpdate(
+            batch_size=2,
+            removed=[],
+            added=[(i, sp(svd=1, svd_vector="a"), None, []) for i in range(2)],
+            moved=[],
+        )
+    )
+    z = logits(2)
+    out = p.apply(z.clone())
+    torch.testing.assert_close(out, expected(z, registry.load("a"), -4.0, 0.1))
+    zb = z.to(torch.bfloat16)
+    outb = p.apply(zb.clone())
+    assert outb.dtype == torch.bfloat16
+    torch.testing.assert_close(
+        outb.float(), expected(zb.float(), registry.load("a"), -4.0, 0.1).to(torch.bfloat16).float()
+    )
+
+
+def test_server_default_on(registry: Registry, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SVD_VLLM_DEFAULT", "on")
+    p = SVDLogitsProcessor(config(), "cpu", False)
+    added = [
+        (0, sp(**{LORA_KEY: "a"}), None, []),  # steered by default
+        (1, sp(**{LORA_KEY: "a", "svd": 0}), None, []),  # explicit off
+        (2, sp(**{LORA_KEY: "unknown-adapter"}), None, []),  # no vector: unsteered, no error
+        (3, sp(), None, []),  # base model
+    ]
+    p.update_state(BatchUpdate(batch_size=4, removed=[], added=added, moved=[]))
+    z = logits(4)
+    out = p.apply(z.clone())
+    torch.testing.assert_close(out[0], expected(z[0:1], registry.load("a"), -4.0, 0.1)[0])
+    for i in (1, 2, 3):
+        assert torch.equal(out[i], z[i])
+
+
+def test_registry_settings_apply_and_versions_are_pinned(registry: Registry) -> None:
+    p = SVDLogitsProcessor(config(), "cpu", False)
+    params = sp(svd=1, svd_vector="a")
+    p.update_state(BatchUpdate(batch_size=1, removed=[], added=[(0, params, None, [])], moved=[]))
+    assert params.extra_args[PIN_KEY] == "a@1"
+    old = registry.load("a")
+    registry.add(vec("a", 99, -1.0), replace=True)
+    registry.update("a", default_scale=2.0)
+    p.store.refresh()
+    z = logits(1)
+    # The running request keeps version 1.
+    torch.testing.assert_close(p.apply(z.clone()), expected(z, old, -4.0, 0.1))
+    # Preempted and re-added: still the pinned version.
+    p.update_state(BatchUpdate(batch_size=1, removed=[0], added=[(0, params, None, [])], moved=[]))
+    torch.testing.assert_close(p.apply(z.clone()), expected(z, old, -4.0, 0.1))
+    # A new request gets version 3 with the default scale 2.
+    p.update_state(
+        BatchUpdate(
+            batch_size=2, removed=[], added=[(1, sp(svd=1, svd_vector="a"), None, [])], moved=[]
+        )
+    )
+    z2 = logits(2)
+    out = p.apply(z2.clone())
+    torch.testing.assert_close(out[1], expected(z2[1:2], registry.load("a"), -2.0, 0.1)[0])
+    # Disabled vectors steer no new request.
+    registry.update("a", enabled=False)
+    p.store.refresh()
+    p.update_state(
+        BatchUpdate(
+            batch_size=2, removed=[], added=[(1, sp(svd=1, svd_vector="a"), None, [])], moved=[]
+        )
+    )
+    z3 = logits(2)
+    assert torch.equal(p.apply(z3.clone())[1], z3[1])
+
+
+def fake_ctx(row_slots: list[int]) -> LogitsContext:
+    m = torch.tensor(row_slots, dtype=torch.int32)
+    n = len(row_slots)
+    return LogitsContext(
+        expanded_idx_mapping=m, idx_mapping=m, idx_mapping_np=np.array(row_slots, dtype=np.int32),
+        expanded_local_pos=torch.zeros(n, dtype=torch.int32), input_ids=torch.zeros(n, dtype=torch.int32),
+        pos=torch.zeros(n, dtype=torch.int32), seq_lens_upper_bound_np=np.ones(n, dtype=np.int32),
+    )  # fmt: skip
+
+
+def test_v2_slots_rows_and_recycling(registry: Registry) -> None:
+    req_states = SimpleNamespace(device=torch.device("cpu"), max_num_reqs=8)
+    p = SVDLogitsProcessor(config(), req_states)
+    assert p.runner == "v2"
+    assert p.add_request(5, sp(svd=1, svd_vector="b")) is True
+    assert p.add_request(2, sp()) is False
+    assert p.add_request(7, sp(svd=1, svd_vector="a", svd_scale=-1.0)) is True
+    p.apply_staged_writes()
+    z = logits(3)
+    out = p.apply(z.clone(), fake_ctx([2, 7, 5]))  # rows are not slots
+    a, b = registry.load("a"), registry.load("b")
+    assert torch.equal(out[0], z[0])
+    torch.testing.assert_close(out[1], expected(z[1:2], a, 4.0, 0.1)[0])
+    torch.testing.assert_close(out[2], expected(z[2:3], b, -9.0, 0.3)[0])
+    # Slot 5 recycled for an unsteered request: its old state is gone.
+    assert p.add_request(5, sp(svd=0)) is False
+    out = p.apply(z.clone(), fake_ctx([5, 7]))
+    assert torch.equal(out[0], z[0])
+    # Speculative decoding: two rows for slot 7.
+    z4 = logits(3, seed=3)
+    ctx = fake_ctx([7, 7, 2])
+    ctx = LogitsContext(**{**ctx.__dict__, "idx_mapping_np": np.array([7, 2], dtype=np.int32)})
+    out = p.apply(z4.clone(), ctx)
+    torch.testing.assert_close(out[:2], expected(z4[:2], a, 4.0, 0.1))
+    assert torch.equal(out[2], z4[2])
+
+
+def test_second_instance_for_one_engine_is_inert(registry: Registry) -> None:
+    cfg = config()
+    first = SVDLogitsProcessor(cfg, "cpu", False)
+    second = SVDLogitsProcessor(cfg, "cpu", False)
+    assert not first.inert and second.inert
+    second.update_state(
+        BatchUpdate(
+            batch_size=1, removed=[], added=[(0, sp(svd=1, svd_vector="a"), None, [])], moved=[]
+        )
+    )
+    z = logits(1)
+    assert torch.equal(second.apply(z.clone()), z)
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        ({"svd": "maybe"}, "vllm_xargs.svd must be 1 or 0"),
+        ({"svd": 2}, "vllm_xargs.svd must be 1 or 0"),
+        (
+            {"svd": 1, "svd_vector": "a", "svd_scale": "big"},
+            "vllm_xargs.svd_scale must be a number",
+        ),
+        ({"svd": 1, "svd_vector": "a", "svd_scale": "nan"}, "vllm_xargs.svd_scale must be finite"),
+        ({"svd": 1, "svd_vector": "a", "svd_scale": 1e6}, "vllm_xargs.svd_scale must be within"),
+        (
+            {"svd": 1, "svd_vector": "a", "svd_alpha": 0},
+            r"vllm_xargs.svd_alpha must be in \(0, 1\]",
+        ),
+        (
+            {"svd": 1, "svd_vector": "a", "svd_alpha": 1.5},
+            r"vllm_xargs.svd_alpha must be in \(0, 1\]",
+        ),
+        ({"svd": 1, "svd_vector": "zzz"}, "vllm_xargs.svd_vector: no steering vector named 'zzz'"),
+        ({"svd_vector": "zzz"}, "no steering vector named 'zzz'"),
+        ({"svd": 1}, "names no svd_vector and uses no LoRA adapter"),
+        (
+            {"svd": 1, LORA_KEY: "nolora"},
+            "vllm_xargs.svd: no steering vector named 'nolora' for this request's LoRA",
+        ),
+        ({"svd": 1, "svd_vector": 5}, "vllm_xargs.svd_vector must be a vector name"),
+    ],
+)
+def test_validate_params_names_the_field(registry: Registry, extra: dict, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        SVDLogitsProcessor.validate_params(sp(**extra))
+
+
+def test_validate_params_accepts_good_requests_and_checks_vocab(
+    registry: Registry, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for extra in (
+        {},
+        {"svd": 0},
+        {"svd": 1, "svd_vector": "a"},
+        {"svd": True, LORA_KEY: "b", "svd_scale": "0.5"},
+        {LORA_KEY: "nolora"},
+    ):
+        validate_steering_params(extra)
+    registry.update("a", enabled=False)
+    with pytest.raises(ValueError, match="'a' is disabled"):
+        validate_steering_params({"svd": 1, "svd_vector": "a"})
+    monkeypatch.setattr(proc_mod, "SERVED_VOCAB_SIZE", 128)
+    with pytest.raises(ValueError, match="vocab_size 64 but the served model has 128"):
+        validate_steering_params({"svd": 1, "svd_vector": "b"})
+
+
+def test_parse_request_args_defaults() -> None:
+    r = parse_request_args(None, server_default=False)
+    assert not r.enabled and r.vector is None
+    r = parse_request_args({LORA_KEY: "x"}, server_default=True)
+    assert r.enabled and not r.explicit and r.vector == "x" and not r.vector_explicit
+    r = parse_request_args(
+        {"svd": "on", "svd_vector": "y", LORA_KEY: "x", "svd_scale": "2", "svd_alpha": 0.5}
+    )
+    assert r.enabled and r.explicit and r.vector == "y" and r.scale == 2.0 and r.alpha == 0.5
+    assert (
+        parse_request_args({"svd": 1.0}).enabled
+        and not parse_request_args({"svd": "false"}).enabled
+    )

