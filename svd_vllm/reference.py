@@ -113,14 +113,16 @@ class ReferenceDecoder:
             )
         self.vector = vector
 
-    def _resolve(self, mode: str, mu: float | None, alpha: float | None) -> tuple[float, float]:
+    def _resolve(
+        self, mode: str, mu: float | None, alpha: float | None, has_shift: bool = False
+    ) -> tuple[float, float]:
         if mode not in MODES:
             raise ValueError(f"unknown mode {mode!r}; use one of {', '.join(MODES)}")
         if mode in ("base", "adapter"):
             return 0.0, 1.0
         if mode != "base" and self.adapter_dir is None and mode != "logit-bias":
             raise ValueError(f"mode {mode!r} needs an adapter")
-        if mode in ("svd-precomputed", "logit-bias") and self.vector is None:
+        if mode in ("svd-precomputed", "logit-bias") and self.vector is None and not has_shift:
             raise ValueError(f"mode {mode!r} needs a steering vector (--vector)")
         meta = self.vector.meta if self.vector is not None else None
         if mu is None:
@@ -191,6 +193,72 @@ class ReferenceDecoder:
             raise ValueError("no adapter loaded")
         return self._forward(torch.tensor(list(ids), dtype=torch.long), adapter=True)[0]
 
+    @torch.no_grad()
+    def _continuations_one(
+        self, ctx: Sequence[int], conts: Sequence[Sequence[int]], *, adapter: bool
+    ) -> list[torch.Tensor]:
+        """Logits predicting each continuation's tokens, sharing one pass over the prompt."""
+        import copy
+
+        ctx_t = torch.tensor(list(ctx), dtype=torch.long)
+        if self.is_prompt_learning:  # no cache reuse with virtual tokens: full passes
+            outs = []
+            for c in conts:
+                ids = torch.tensor(list(ctx) + list(c), dtype=torch.long)
+                z, _ = self._forward(ids, adapter=adapter)
+                outs.append(z[len(ctx) - 1 : len(ctx) + len(c) - 1])
+            return outs
+        z_ctx, cache = self._forward(ctx_t, adapter=adapter, cache=None)
+        last = z_ctx[-1]
+        k = len(conts)
+        width = max(len(c) for c in conts)
+        if width <= 1:
+            return [last.unsqueeze(0) for _ in conts]
+        pad = self.tokenizer.pad_token_id or 0
+        ids = torch.full((k, width - 1), pad, dtype=torch.long)
+        mask = torch.zeros((k, len(ctx) + width - 1), dtype=torch.long)
+        mask[:, : len(ctx)] = 1
+        for i, c in enumerate(conts):
+            if len(c) > 1:
+                ids[i, : len(c) - 1] = torch.tensor(list(c[:-1]))
+                mask[i, len(ctx) : len(ctx) + len(c) - 1] = 1
+        cache = copy.deepcopy(cache)
+        if k > 1:
+            cache.batch_repeat_interleave(k)
+        pos = torch.arange(len(ctx), len(ctx) + width - 1).unsqueeze(0).expand(k, -1)
+        kwargs = {
+            "input_ids": ids.to(self.device), "attention_mask": mask.to(self.device),
+            "position_ids": pos.to(self.device), "past_key_values": cache, "use_cache": True,
+        }  # fmt: skip
+        if adapter or self.adapter_dir is None:
+            out = self.model(**kwargs)
+        else:
+            with self.model.disable_adapter():
+                out = self.model(**kwargs)
+        z = out.logits.float()
+        return [torch.cat([last.unsqueeze(0), z[i, : len(c) - 1]]) for i, c in enumerate(conts)]
+
+    @torch.no_grad()
+    def continuation_logits(
+        self, prompt: str, continuations: Sequence[str]
+    ) -> list[tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]]:
+        """For each continuation: ``(z_adapter, z_base, labels)`` at its token positions.
+
+        The prompt is run once per model and its KV cache shared by all continuations, which
+        are scored together in one right-padded batch.
+        """
+        ctx = self.encode(prompt)
+        conts = [self.continuation_ids(prompt, c)[1] for c in continuations]
+        zb = self._continuations_one(ctx, conts, adapter=False)
+        za = (
+            self._continuations_one(ctx, conts, adapter=True)
+            if self.adapter_dir is not None
+            else [None] * len(conts)
+        )
+        return [
+            (a, b, torch.tensor(c, dtype=torch.long)) for a, b, c in zip(za, zb, conts, strict=True)
+        ]
+
     # -- generation ----------------------------------------------------------------------
     @torch.no_grad()
     def generate(
@@ -206,9 +274,13 @@ class ReferenceDecoder:
         top_p: float = 1.0,
         seed: int | None = None,
         stop_at_eos: bool = True,
+        shift: torch.Tensor | None = None,
     ) -> GenerationResult:
-        """Decode one prompt with the given mode (string prompts are tokenised like vLLM does)."""
-        mu_v, alpha_v = self._resolve(mode, mu, alpha)
+        """Decode one prompt with the given mode (string prompts are tokenised like vLLM does).
+
+        ``shift`` overrides the loaded vector's shift (then ``mu`` must be given).
+        """
+        mu_v, alpha_v = self._resolve(mode, mu, alpha, has_shift=shift is not None)
         ids = self.encode(prompt) if isinstance(prompt, str) else list(prompt)
         if not ids:
             raise ValueError("empty prompt")
@@ -217,7 +289,7 @@ class ReferenceDecoder:
             need_adapter = False
         gen = torch.Generator().manual_seed(seed) if seed is not None else None
         eos = self.tokenizer.eos_token_id
-        shift = self._shift()
+        shift = shift.to(self.device) if shift is not None else self._shift()
         use_cache = not self.is_prompt_learning
         cache_a = cache_b = None
         pending = torch.tensor(ids, dtype=torch.long)

