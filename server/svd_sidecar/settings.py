@@ -1,0 +1,42 @@
+"""Sidecar settings, from the environment (``SVD_SIDECAR_*``) via pydantic-settings."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import Field, SecretStr, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from svd_vllm.registry import default_registry_path
+
+__all__ = ["SidecarSettings"]
+
+
+class SidecarSettings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="SVD_SIDECAR_", env_file=None, extra="ignore")
+
+    api_key: SecretStr | None = Field(
+        None, description="bearer key for mutations (required unless dev)"
+    )
+    dev: bool = Field(False, description="local development: allow mutations without a key")
+    reads_require_key: bool = Field(False, description="also require the key for GET endpoints")
+    registry: Path = Field(default_factory=default_registry_path, description="registry directory")
+    vllm_url: str = Field("http://127.0.0.1:8000", description="the vLLM OpenAI server")
+    allowed_roots: list[Path] = Field(
+        default_factory=list, description="directories a path registration may read from"
+    )
+    max_upload_bytes: int = Field(64 * 1024 * 1024, gt=0)
+    vocab_size: int | None = Field(None, gt=0, description="served model's logits width")
+    model_dir: Path | None = Field(None, description="served model directory (to read vocab_size)")
+    proxy_timeout: float = Field(600.0, gt=0)
+
+    @model_validator(mode="after")
+    def _key_or_dev(self) -> SidecarSettings:
+        if self.api_key is None and not self.dev:
+            raise ValueError(
+                "refusing to start: mutations need SVD_SIDECAR_API_KEY (or set SVD_SIDECAR_DEV=1 "
+                "for a local development run without a key)"
+            )
+        if self.api_key is not None and len(self.api_key.get_secret_value()) < 16:
+            raise ValueError("SVD_SIDECAR_API_KEY must be at least 16 characters")
+        return self

@@ -1,0 +1,357 @@
+"""The sidecar with FastAPI's TestClient: every endpoint, every rejection, the front's translation."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+import torch
+from fastapi.testclient import TestClient
+from safetensors.torch import save_file
+from svd_sidecar import SidecarSettings, create_app
+
+from svd_vllm import artifact
+from svd_vllm.artifact import SteeringArtifact
+
+KEY = "k" * 24
+AUTH = {"Authorization": f"Bearer {KEY}"}
+VOCAB = 32
+
+
+def vec_bytes(name: str = "v1", vocab: int = VOCAB, seed: int = 0, mu: float = -2.0) -> bytes:
+    g = torch.Generator().manual_seed(seed)
+    art = SteeringArtifact.create(
+        torch.randn(vocab, generator=g), name=name, base_model="b", adapter="a",
+        tokenizer_fingerprint="t", mu_bar=mu, alpha=0.1,
+    )  # fmt: skip
+    return artifact.to_bytes(art)
+
+
+class Upstream:
+    """A fake vLLM: records what it receives, answers like the OpenAI API."""
+
+    def __init__(self) -> None:
+        self.seen: list[dict] = []
+
+    def __call__(self, request: httpx.Request) -> httpx.Response:
+        if request.url.path == "/health":
+            return httpx.Response(200)
+        if request.url.path == "/v1/models":
+            return httpx.Response(
+                200, json={"object": "list", "data": [{"id": "m", "root": "/nowhere"}]}
+            )
+        body = json.loads(request.content)
+        self.seen.append(body)
+        if body.get("model") == "explode":
+            return httpx.Response(404, json={"error": {"message": "model explode does not exist"}})
+        if body.get("stream"):
+            chunks = (
+                b"".join(f"data: {json.dumps({'i': i})}\n\n".encode() for i in range(3))
+                + b"data: [DONE]\n\n"
+            )
+            return httpx.Response(
+                200, stream=httpx.ByteStream(chunks), headers={"content-type": "text/event-stream"}
+            )
+        return httpx.Response(200, json={"choices": [{"text": "ok"}], "echo": body})
+
+
+@pytest.fixture
+def env(tmp_path: Path) -> Iterator[dict]:
+    upstream = Upstream()
+    allowed = tmp_path / "allowed"
+    allowed.mkdir()
+    settings = SidecarSettings(
+        api_key=KEY, registry=tmp_path / "reg", vocab_size=VOCAB, allowed_roots=[allowed],
+        max_upload_bytes=64 * 1024,
+    )  # fmt: skip
+    app = create_app(settings, transport=httpx.MockTransport(upstream))
+    with TestClient(app) as client:
+        yield {
+            "client": client,
+            "upstream": upstream,
+            "allowed": allowed,
+            "settings": settings,
+            "tmp": tmp_path,
+        }
+
+
+def upload(
+    client: TestClient, data: bytes, *, name: str | None = None, replace: bool = False, headers=AUTH
+):
+    files = {"file": ("v.safetensors", data, "application/octet-stream")}
+    form = {"name": name} if name else {}
+    return client.post(
+        f"/v1/steering/vectors?replace={'true' if replace else 'false'}",
+        files=files,
+        data=form,
+        headers=headers,
+    )
+
+
+def manifest_bytes(env: dict) -> bytes | None:
+    p = env["settings"].registry / "manifest.json"
+    return p.read_bytes() if p.exists() else None
+
+
+def test_settings_refuse_keyless_start_unless_dev(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="refusing to start"):
+        SidecarSettings(registry=tmp_path)
+    with pytest.raises(ValueError, match="at least 16"):
+        SidecarSettings(api_key="short", registry=tmp_path)
+    assert SidecarSettings(dev=True, registry=tmp_path).api_key is None
+
+
+def test_register_list_get_patch_delete(env: dict) -> None:
+    c = env["client"]
+    assert c.get("/v1/steering/vectors").json() == []
+    r = upload(c, vec_bytes("v1"))
+    assert r.status_code == 201, r.text
+    assert r.json()["version"] == 1 and r.json()["effective_mu"] == pytest.approx(-2.0)
+    assert upload(c, vec_bytes("v1", seed=1)).status_code == 409
+    r = upload(c, vec_bytes("v1", seed=1), replace=True)
+    assert r.status_code == 201 and r.json()["version"] == 2
+    r = upload(c, vec_bytes("v1"), name="renamed")
+    assert r.status_code == 201 and r.json()["name"] == "renamed"
+    assert [v["name"] for v in c.get("/v1/steering/vectors").json()] == ["renamed", "v1"]
+    d = c.get("/v1/steering/vectors/v1").json()
+    assert (
+        d["version"] == 2 and d["calibration"]["items"] == 0 and d["tokenizer_fingerprint"] == "t"
+    )
+    r = c.patch(
+        "/v1/steering/vectors/v1",
+        json={"default_scale": 0.5, "mu_bar": -4.0, "alpha": 0.3},
+        headers=AUTH,
+    )
+    assert r.status_code == 200 and r.json()["version"] == 3
+    assert r.json()["effective_mu"] == pytest.approx(-2.0) and r.json()["effective_alpha"] == 0.3
+    r = c.patch("/v1/steering/vectors/v1", json={"mu_bar": None, "enabled": False}, headers=AUTH)
+    assert (
+        r.json()["mu_bar_override"] is None
+        and r.json()["enabled"] is False
+        and r.json()["version"] == 4
+    )
+    assert c.delete("/v1/steering/vectors/v1", headers=AUTH).status_code == 204
+    assert c.get("/v1/steering/vectors/v1").status_code == 404
+    # Versions keep growing after delete + re-register.
+    assert upload(c, vec_bytes("v1")).json()["version"] == 5
+
+
+def test_register_by_path_inside_allowed_roots_only(env: dict) -> None:
+    c = env["client"]
+    good = env["allowed"] / "a.safetensors"
+    good.write_bytes(vec_bytes("pathvec"))
+    r = c.post("/v1/steering/vectors", json={"path": str(good), "default_scale": 2}, headers=AUTH)
+    assert r.status_code == 201 and r.json()["default_scale"] == 2
+    outside = env["tmp"] / "outside.safetensors"
+    outside.write_bytes(vec_bytes("x"))
+    before = manifest_bytes(env)
+    r = c.post("/v1/steering/vectors", json={"path": str(outside)}, headers=AUTH)
+    assert r.status_code == 400 and r.json()["error"]["code"] == "path_not_allowed"
+    link = env["allowed"] / "link.safetensors"
+    link.symlink_to(outside)
+    r = c.post("/v1/steering/vectors", json={"path": str(link)}, headers=AUTH)
+    assert r.status_code == 400 and r.json()["error"]["code"] == "path_not_allowed"
+    r = c.post("/v1/steering/vectors", json={"path": str(env["allowed"] / "missing")}, headers=AUTH)
+    assert r.status_code == 400 and r.json()["error"]["code"] == "path"
+    assert manifest_bytes(env) == before
+
+
+def _bad_artifacts(tmp: Path) -> dict[str, bytes]:
+    out = {}
+    good = vec_bytes("bad")
+    out["parse"] = b"this is not safetensors"
+    out["vocab"] = vec_bytes("bad", vocab=VOCAB * 2)
+    meta = json.loads(
+        json.loads(good[8 : 8 + int.from_bytes(good[:8], "little")])["__metadata__"]["svd_vllm"]
+    )
+    p = tmp / "x.safetensors"
+    save_file({"shift": torch.zeros(VOCAB, dtype=torch.float64)}, str(p),
+              metadata={"format": "svd-vllm-steering", "format_version": "1", "svd_vllm": json.dumps(meta)})  # fmt: skip
+    out["dtype"] = p.read_bytes()
+    nan = torch.zeros(VOCAB)
+    nan[3] = float("nan")
+    save_file(
+        {"shift": nan},
+        str(p),
+        metadata={
+            "format": "svd-vllm-steering",
+            "format_version": "1",
+            "svd_vllm": json.dumps(meta),
+        },
+    )
+    out["non_finite"] = p.read_bytes()
+    save_file(
+        {"shift": torch.zeros(VOCAB)},
+        str(p),
+        metadata={"format": "svd-vllm-steering", "format_version": "1"},
+    )
+    out["metadata"] = p.read_bytes()
+    save_file({"shift": torch.zeros(VOCAB)}, str(p),
+              metadata={"format": "svd-vllm-steering", "format_version": "1", "svd_vllm": json.dumps(meta)})  # fmt: skip
+    out["hash"] = p.read_bytes()  # valid structure, content does not match its hash
+    return out
+
+
+def test_every_rejection_reason_writes_nothing(env: dict) -> None:
+    c = env["client"]
+    assert upload(c, vec_bytes("keep")).status_code == 201
+    before = manifest_bytes(env)
+    files_before = sorted(p.name for p in (env["settings"].registry / "vectors").rglob("*"))
+    for reason, data in _bad_artifacts(env["tmp"]).items():
+        r = upload(c, data)
+        assert r.status_code == 400, (reason, r.text)
+        assert r.json()["error"]["code"] == reason, (reason, r.json())
+    r = upload(c, b"x" * (70 * 1024))
+    assert r.status_code == 413 and r.json()["error"]["code"] == "size"
+    r = upload(c, vec_bytes("ok"), name="../etc")
+    assert r.status_code == 400 and r.json()["error"]["code"] == "name"
+    r = c.post(
+        "/v1/steering/vectors", content=b"hello", headers={**AUTH, "content-type": "text/plain"}
+    )
+    assert r.status_code == 415
+    r = c.post("/v1/steering/vectors", files={"other": ("a", b"b")}, headers=AUTH)
+    assert r.status_code == 400 and r.json()["error"]["code"] == "missing_file"
+    r = c.post("/v1/steering/vectors", json={"path": "/x", "bogus": 1}, headers=AUTH)
+    assert r.status_code == 400 and r.json()["error"]["code"] == "validation"
+    assert manifest_bytes(env) == before
+    assert sorted(p.name for p in (env["settings"].registry / "vectors").rglob("*")) == files_before
+    assert not list((env["settings"].registry / ".uploads").glob("*"))
+    # PATCH / DELETE rejections.
+    assert c.patch("/v1/steering/vectors/keep", json={}, headers=AUTH).status_code == 400
+    assert c.patch("/v1/steering/vectors/keep", json={"alpha": 0}, headers=AUTH).status_code == 422
+    assert (
+        c.patch("/v1/steering/vectors/keep", json={"default_scale": 1e9}, headers=AUTH).status_code
+        == 422
+    )
+    assert (
+        c.patch("/v1/steering/vectors/keep", json={"colour": "red"}, headers=AUTH).status_code
+        == 422
+    )
+    assert (
+        c.patch("/v1/steering/vectors/keep", json={"enabled": None}, headers=AUTH).status_code
+        == 400
+    )
+    assert (
+        c.patch("/v1/steering/vectors/nope", json={"enabled": True}, headers=AUTH).status_code
+        == 404
+    )
+    assert c.delete("/v1/steering/vectors/nope", headers=AUTH).status_code == 404
+    assert c.get("/v1/steering/vectors/bad%2Fname").status_code in (400, 404)
+    assert manifest_bytes(env) == before
+    text = c.get("/metrics").text
+    for reason in ("parse", "vocab", "dtype", "non_finite", "metadata", "hash", "size", "name"):
+        assert f'svd_sidecar_rejections_total{{reason="{reason}"}}' in text
+
+
+def test_auth(env: dict, tmp_path: Path) -> None:
+    c = env["client"]
+    assert upload(c, vec_bytes(), headers={}).status_code == 401
+    assert (
+        upload(c, vec_bytes(), headers={"Authorization": "Bearer wrong-key-wrong-key"}).status_code
+        == 401
+    )
+    assert upload(c, vec_bytes(), headers={"Authorization": KEY}).status_code == 401
+    assert c.delete("/v1/steering/vectors/x").status_code == 401
+    assert c.patch("/v1/steering/vectors/x", json={"enabled": True}).status_code == 401
+    assert c.get("/v1/steering/vectors").status_code == 200  # reads open by default
+    closed = create_app(
+        SidecarSettings(
+            api_key=KEY, registry=tmp_path / "r2", vocab_size=VOCAB, reads_require_key=True
+        )
+    )
+    with TestClient(closed) as c2:
+        assert c2.get("/v1/steering/vectors").status_code == 401
+        assert c2.get("/v1/steering/vectors", headers=AUTH).status_code == 200
+
+
+def test_health_ready_metrics(env: dict, tmp_path: Path) -> None:
+    c = env["client"]
+    assert c.get("/healthz").json() == {"status": "ok"}
+    r = c.get("/readyz")
+    assert r.status_code == 200 and r.json()["checks"] == {
+        "registry": "writable",
+        "vllm": "reachable",
+    }
+    down = create_app(
+        SidecarSettings(
+            dev=True, registry=tmp_path / "r3", vocab_size=VOCAB, vllm_url="http://127.0.0.1:9"
+        )
+    )
+    with TestClient(down) as c3:
+        r = c3.get("/readyz")
+        assert r.status_code == 503 and r.json()["checks"]["vllm"].startswith("unreachable")
+        assert c3.post("/v1/completions", json={"model": "m", "prompt": "x"}).status_code == 502
+    upload(c, vec_bytes("m1"))
+    assert 'svd_sidecar_registrations_total{op="add"} 1.0' in c.get("/metrics").text
+
+
+def test_front_translates_steering_and_validates(env: dict) -> None:
+    c, up = env["client"], env["upstream"]
+    upload(c, vec_bytes("lora-a"))
+    r = c.post("/v1/completions", json={"model": "lora-a", "prompt": "hi", "vllm_xargs": {"other": 3},
+                                         "steering": {"enabled": True, "scale": 0.5, "alpha": 0.2}})  # fmt: skip
+    assert r.status_code == 200, r.text
+    sent = up.seen[-1]
+    assert "steering" not in sent
+    assert sent["vllm_xargs"] == {"other": 3, "svd": 1, "svd_scale": 0.5, "svd_alpha": 0.2}
+    c.post(
+        "/v1/chat/completions",
+        json={"model": "base", "messages": [], "steering": {"enabled": True, "vector": "lora-a"}},
+    )
+    assert up.seen[-1]["vllm_xargs"] == {"svd": 1, "svd_vector": "lora-a"}
+    c.post(
+        "/v1/completions", json={"model": "lora-a", "prompt": "x", "steering": {"enabled": False}}
+    )
+    assert up.seen[-1]["vllm_xargs"] == {"svd": 0}
+    c.post("/v1/completions", json={"model": "lora-a", "prompt": "x"})
+    assert "vllm_xargs" not in up.seen[-1]  # the server default applies
+    n = len(up.seen)
+    r = c.post(
+        "/v1/completions", json={"model": "lora-b", "prompt": "x", "steering": {"enabled": True}}
+    )
+    assert r.status_code == 400 and r.json()["error"]["code"] == "unknown_vector"
+    c.patch("/v1/steering/vectors/lora-a", json={"enabled": False}, headers=AUTH)
+    r = c.post(
+        "/v1/completions", json={"model": "lora-a", "prompt": "x", "steering": {"enabled": True}}
+    )
+    assert r.status_code == 400 and r.json()["error"]["code"] == "disabled_vector"
+    for bad in (
+        {"enabled": "maybe"},
+        {"scale": 1e9},
+        {"alpha": 0},
+        {"vector": "../x"},
+        {"colour": 1},
+    ):
+        r = c.post("/v1/completions", json={"model": "lora-a", "prompt": "x", "steering": bad})
+        assert r.status_code == 400 and r.json()["error"]["code"] == "steering", bad
+    assert (
+        c.post(
+            "/v1/completions", content=b"{nope", headers={"content-type": "application/json"}
+        ).status_code
+        == 400
+    )
+    assert len(up.seen) == n  # nothing invalid reached vLLM
+    # Upstream errors pass through with their status; streams pass through unchanged.
+    r = c.post("/v1/completions", json={"model": "explode", "prompt": "x"})
+    assert r.status_code == 404 and "does not exist" in r.text
+    with c.stream(
+        "POST", "/v1/completions", json={"model": "m", "prompt": "x", "stream": True}
+    ) as s:
+        body = b"".join(s.iter_raw())
+        assert s.headers["content-type"].startswith("text/event-stream")
+    assert body.count(b"data:") == 4 and body.endswith(b"data: [DONE]\n\n")
+    assert c.get("/v1/models").json()["data"][0]["id"] == "m"
+    text = c.get("/metrics").text
+    assert 'svd_sidecar_proxied_requests_total{endpoint="completions",steering="on"}' in text
+
+
+def test_openapi_schema_is_published(env: dict) -> None:
+    schema = env["client"].get("/openapi.json").json()
+    post = schema["paths"]["/v1/steering/vectors"]["post"]
+    assert set(post["requestBody"]["content"]) == {"multipart/form-data", "application/json"}
+    assert {"/v1/steering/vectors/{name}", "/healthz", "/readyz", "/v1/completions"} <= set(
+        schema["paths"]
+    )
