@@ -6,6 +6,7 @@ import argparse
 import json
 import os
 import sys
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -250,6 +251,83 @@ def _cmd_assets(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_registry(args: argparse.Namespace) -> int:
+    from .registry import Registry, RegistryError
+
+    reg = Registry(args.registry)
+    try:
+        if args.registry_command == "list":
+            rows = [e.model_dump() for e in reg.list()]
+            print(json.dumps(rows, indent=2))
+        elif args.registry_command == "add":
+            e = reg.add_file(args.file, name=args.name, replace=args.replace)
+            print(f"registered {e.key} ({e.content_hash[:19]}) in {reg.root}")
+        elif args.registry_command == "remove":
+            e = reg.remove(args.name)
+            print(f"removed {e.key}")
+        elif args.registry_command == "set":
+            changes = {}
+            if args.scale is not None:
+                changes["default_scale"] = args.scale
+            if args.mu is not None:
+                changes["mu_bar_override"] = args.mu
+            if args.alpha is not None:
+                changes["alpha_override"] = args.alpha
+            if args.enable or args.disable:
+                changes["enabled"] = bool(args.enable)
+            if not changes:
+                raise CLIError(
+                    "nothing to change: pass --scale, --mu, --alpha, --enable or --disable"
+                )
+            e = reg.update(args.name, **changes)
+            print(
+                f"updated {e.key}: effective mu {e.effective_mu:+.4g}, alpha {e.effective_alpha:g}"
+            )
+    except RegistryError as e:
+        raise CLIError(str(e)) from e
+    return 0
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    from .registry import Registry, default_registry_path
+    from .serve import LocalStack, StackConfig
+
+    loras = {}
+    for spec in args.lora or []:
+        name, sep, path = spec.partition("=")
+        if not sep or not Path(path).is_dir():
+            raise CLIError(f"--lora {spec!r}: use NAME=DIR with an existing adapter directory")
+        loras[name] = Path(path)
+    registry = Path(args.registry) if args.registry else default_registry_path()
+    for v in args.vector or []:
+        e = Registry(registry).add_file(v, replace=True)
+        print(f"registered {e.key}")
+    cfg = StackConfig(
+        model=args.model, loras=loras, registry=registry, host=args.host, vllm_port=args.port,
+        sidecar_port=args.sidecar_port, max_model_len=args.max_model_len,
+        extra_vllm_args=args.vllm_arg or [],
+    )  # fmt: skip
+    if args.api_key:
+        cfg.api_key = args.api_key
+    stack = LocalStack(cfg).start()
+    try:
+        print(f"starting vLLM on {stack.vllm_url} and the sidecar on {stack.sidecar_url} ...")
+        stack.wait_ready()
+        print(f"ready. vLLM: {stack.vllm_url}  sidecar: {stack.sidecar_url}  registry: {registry}")
+        print(
+            f"sidecar API key (mutations): {cfg.api_key}\n"
+            f"logs: {stack.log_dir}  (Ctrl-C stops both)"
+        )
+        while all(p.poll() is None for p in stack.procs.values()):
+            time.sleep(1)
+        print("a child process exited; stopping", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 0
+    finally:
+        stack.stop()
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
@@ -354,6 +432,41 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--generation", action="store_true", help="also greedy-generation accuracy")
     e.add_argument("--out", help="write the report here (JSON)")
     e.set_defaults(func=_cmd_eval)
+
+    r = sub.add_parser("registry", help="manage the steering-vector registry directly")
+    r.add_argument("--registry", help="registry directory (default: $SVD_VLLM_REGISTRY)")
+    rsub = r.add_subparsers(dest="registry_command", required=True)
+    rsub.add_parser("list", help="list vectors").set_defaults(func=_cmd_registry)
+    ra = rsub.add_parser("add", help="register an artifact file")
+    ra.add_argument("file", type=_existing_file)
+    ra.add_argument("--name")
+    ra.add_argument("--replace", action="store_true")
+    ra.set_defaults(func=_cmd_registry)
+    rr = rsub.add_parser("remove", help="remove a vector")
+    rr.add_argument("name")
+    rr.set_defaults(func=_cmd_registry)
+    rs = rsub.add_parser("set", help="change strength settings (bumps the version)")
+    rs.add_argument("name")
+    rs.add_argument("--scale", type=float, help="default scale")
+    rs.add_argument("--mu", type=float, help="mu_bar override")
+    rs.add_argument("--alpha", type=float, help="alpha override")
+    en = rs.add_mutually_exclusive_group()
+    en.add_argument("--enable", action="store_true")
+    en.add_argument("--disable", action="store_true")
+    rs.set_defaults(func=_cmd_registry)
+
+    sv = sub.add_parser("serve", help="start vLLM (plugin + LoRA adapters) and the sidecar locally")
+    sv.add_argument("--model", type=_existing_dir, required=True)
+    sv.add_argument("--lora", action="append", help="NAME=DIR (repeatable)")
+    sv.add_argument("--vector", action="append", help="artifact to register first (repeatable)")
+    sv.add_argument("--registry", help="registry directory (default: $SVD_VLLM_REGISTRY)")
+    sv.add_argument("--host", default="127.0.0.1")
+    sv.add_argument("--port", type=int, default=8000, help="vLLM port")
+    sv.add_argument("--sidecar-port", type=int, default=8100)
+    sv.add_argument("--max-model-len", type=int, default=2048)
+    sv.add_argument("--api-key", help="sidecar key for mutations (default: random, printed)")
+    sv.add_argument("--vllm-arg", action="append", help="extra argument for vLLM (repeatable)")
+    sv.set_defaults(func=_cmd_serve)
 
     d = sub.add_parser("demo", help="run the demo (see README)")
     d.add_argument("--workdir", help="where to cache what the demo builds")
