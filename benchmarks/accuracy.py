@@ -311,8 +311,16 @@ def main(argv: list[str] | None = None) -> int:
     }
     suffix = "-quick" if args.quick else ""
     base = args.out / f"accuracy-{args.model}{suffix}"
+    order = [s.adapter for s in (quick_suites() if args.quick else full_suites())]
+    if args.only and base.with_suffix(".json").exists():
+        # Partial run: keep the other suites' results from the last report.
+        previous = json.loads(base.with_suffix(".json").read_text())
+        report["suites"] = [s for s in previous["suites"] if s["adapter"] not in args.only]
     for suite in suites:
         report["suites"].append(run_suite(args.model, model_dir, suite))
+        report["suites"].sort(
+            key=lambda s: order.index(s["adapter"]) if s["adapter"] in order else 99
+        )
         report["seconds"] = time.time() - t0
         args.out.mkdir(parents=True, exist_ok=True)
         base.with_suffix(".json").write_text(json.dumps(report, indent=2))

@@ -329,9 +329,14 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
+    workdir = Path(args.workdir) if args.workdir else None
+    if args.tiny:
+        from .demo_tiny import run_tiny_demo
+
+        return run_tiny_demo(workdir)
     from .demo import run_demo
 
-    return run_demo(Path(args.workdir) if args.workdir else None)
+    return run_demo(workdir)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -470,6 +475,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     d = sub.add_parser("demo", help="run the demo (see README)")
     d.add_argument("--workdir", help="where to cache what the demo builds")
+    d.add_argument(
+        "--tiny", action="store_true", help="seconds-long offline demo on a tiny random model"
+    )
     d.set_defaults(func=_cmd_demo)
     return parser
 

@@ -1,0 +1,239 @@
+"""Serving overhead of the steering processor on this machine (CPU).
+
+Part 1: ``SVDLogitsProcessor.apply`` alone (V1 interface, float32 logits) for batch 1, 8, 64,
+256 and vocab 49152 (SmolLM2) / 152064 (Qwen2.5): median time and effective bytes/s
+(logits read + written, vectors read); plus the idle path (no steered row) and the cost with
+1 / 10 / 100 / 1000 vectors registered but one used (the per-step cost must not grow).
+Part 2: vLLM decode throughput on SmolLM2-135M with a LoRA, batch 32: plugin NOT installed
+(entry points hidden), installed but idle, all rows steered. Engines alternate, configs
+interleave inside an engine, medians over rounds, ratios to the no-plugin baseline.
+
+    python benchmarks/processor.py [--skip-vllm] [--rounds 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import torch
+
+RESULTS = Path(__file__).resolve().parent / "results"
+SUPPORT = Path(__file__).resolve().parent / "support"
+
+
+def _vector(name: str, vocab: int, seed: int = 0):  # type: ignore[no-untyped-def]
+    from svd_vllm.artifact import SteeringArtifact
+
+    g = torch.Generator().manual_seed(seed)
+    return SteeringArtifact.create(torch.randn(vocab, generator=g), name=name, base_model="bench", adapter="bench",
+                                   tokenizer_fingerprint="bench", mu_bar=-1.0, alpha=0.1)  # fmt: skip
+
+
+def _processor(registry_dir: Path, vocab: int, rows: int, n_vectors: int = 1, steered: bool = True):  # type: ignore[no-untyped-def]
+    from vllm import SamplingParams
+    from vllm.v1.sample.logits_processor import BatchUpdate
+
+    from svd_vllm.processor import SVDLogitsProcessor
+    from svd_vllm.registry import Registry
+
+    os.environ["SVD_VLLM_REGISTRY"] = str(registry_dir)
+    reg = Registry(registry_dir)
+    have = {e.name for e in reg.list()}
+    for i in range(n_vectors):
+        if f"v{i}" not in have:
+            reg.add(_vector(f"v{i}", vocab, seed=i))
+    cfg = SimpleNamespace(model_config=SimpleNamespace(get_vocab_size=lambda: vocab),
+                          scheduler_config=SimpleNamespace(max_num_seqs=max(rows, 8)))  # fmt: skip
+    p = SVDLogitsProcessor(cfg, "cpu", False)
+    extra = {"svd": 1, "svd_vector": "v0"} if steered else {"svd": 0}
+    added = [(i, SamplingParams(extra_args=dict(extra)), None, []) for i in range(rows)]
+    p.update_state(BatchUpdate(batch_size=rows, removed=[], added=added, moved=[]))
+    return p
+
+
+def time_apply(p, rows: int, vocab: int, reps: int) -> float:  # type: ignore[no-untyped-def]
+    g = torch.Generator().manual_seed(1)
+    base = torch.randn(rows, vocab, generator=g) * 3
+    bufs = [base.clone() for _ in range(3)]
+    for b in bufs:  # warm-up
+        p.apply(b)
+    times = []
+    for _ in range(reps):
+        z = base.clone()
+        t0 = time.perf_counter()
+        p.apply(z)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def part1(reps: int) -> dict[str, Any]:
+    out: dict[str, Any] = {"apply": [], "idle": [], "registered": []}
+    with tempfile.TemporaryDirectory() as tmp:
+        for vocab in (49152, 152064):
+            reg = Path(tmp) / f"reg{vocab}"
+            for rows in (1, 8, 64, 256):
+                p = _processor(reg, vocab, rows)
+                t = time_apply(p, rows, vocab, reps if rows < 256 else max(5, reps // 3))
+                nbytes = 2 * rows * vocab * 4 + vocab * 4
+                out["apply"].append(
+                    {"batch": rows, "vocab": vocab, "ms": 1e3 * t, "GB_s": nbytes / t / 1e9}
+                )
+                idle = _processor(reg, vocab, rows, steered=False)
+                ti = time_apply(idle, rows, vocab, reps)
+                out["idle"].append({"batch": rows, "vocab": vocab, "us": 1e6 * ti})
+                print(f"apply vocab={vocab:6d} batch={rows:3d}: {1e3 * t:8.3f} ms  "
+                      f"{nbytes / t / 1e9:5.2f} GB/s   idle {1e6 * ti:6.2f} us", flush=True)  # fmt: skip
+        reg = Path(tmp) / "scale"
+        for n in (1, 10, 100, 1000):
+            p = _processor(reg, 49152, 32, n_vectors=n)
+            t = time_apply(p, 32, 49152, reps)
+            out["registered"].append({"registered": n, "batch": 32, "vocab": 49152, "ms": 1e3 * t,
+                                      "device_table_MB": p.store.table.numel() * 4 / 1e6,
+                                      "host_vectors": len(p.store._by_key)})  # fmt: skip
+            print(f"registered={n:5d}: apply {1e3 * t:.3f} ms, device table "
+                  f"{p.store.table.numel() * 4 / 1e6:.2f} MB, host cache {len(p.store._by_key)} vectors", flush=True)  # fmt: skip
+    return out
+
+
+def _decode(spec: dict[str, Any], hide: bool, registry: Path) -> list[dict[str, Any]]:
+    with tempfile.TemporaryDirectory() as tmp:
+        sp, op = Path(tmp) / "spec.json", Path(tmp) / "out.json"
+        sp.write_text(json.dumps(spec))
+        env = {**os.environ, "SVD_VLLM_REGISTRY": str(registry), "VLLM_CPU_KVCACHE_SPACE": "4"}
+        if hide:
+            env["PYTHONPATH"] = (
+                str(SUPPORT / "hide_plugin") + os.pathsep + env.get("PYTHONPATH", "")
+            )
+        res = subprocess.run([sys.executable, str(SUPPORT / "decode_run.py"), str(sp), str(op)], env=env,
+                             capture_output=True, text=True, timeout=1800)  # fmt: skip
+        if res.returncode != 0:
+            raise RuntimeError(res.stderr[-4000:])
+        log = res.stdout + res.stderr
+        active = "steering processor active" in log
+        if hide == active:
+            raise RuntimeError(f"plugin {'visible' if active else 'missing'} when hide={hide}")
+        return json.loads(op.read_text())
+
+
+def part2(rounds: int, batch: int, max_tokens: int) -> dict[str, Any]:
+    from svd_vllm.assets import cache_dir, ensure_model
+    from svd_vllm.registry import Registry
+
+    model = ensure_model("smollm2-135m")
+    lora = cache_dir() / "adapters" / "smollm2-135m" / "cs-lora-strong"
+    if not (lora / "adapter_config.json").exists():
+        from svd_vllm.tiny import build_tiny_lora
+
+        lora = build_tiny_lora(
+            model,
+            cache_dir() / "adapters" / "smollm2-135m" / "bench-random-lora",
+            rank=8,
+            scale=0.01,
+        )
+    runs: list[dict[str, Any]] = []
+    with tempfile.TemporaryDirectory() as tmp:
+        registry = Path(tmp) / "registry"
+        Registry(registry).add(_vector("bench", 49152))
+        base = {
+            "model": str(model),
+            "lora": str(lora),
+            "batch": batch,
+            "max_tokens": max_tokens,
+            "rounds": 1,
+        }
+        for r in range(rounds):
+            for r_ in _decode({**base, "configs": ["plain"]}, True, registry):
+                runs.append({**r_, "config": "not-installed", "round": r})
+            for r_ in _decode({**base, "configs": ["plain", "steered"]}, False, registry):
+                runs.append(
+                    {**r_, "config": "idle" if r_["config"] == "plain" else "steered", "round": r}
+                )
+            print(
+                f"round {r}: "
+                + ", ".join(
+                    f"{x['config']} {x['tok_s']:.0f} tok/s" for x in runs if x["round"] == r
+                ),
+                flush=True,
+            )
+    med = {
+        c: statistics.median(x["tok_s"] for x in runs if x["config"] == c)
+        for c in ("not-installed", "idle", "steered")
+    }
+    return {
+        "batch": batch, "max_tokens": max_tokens, "rounds": rounds, "adapter": lora.name, "runs": runs,
+        "median_tok_s": med,
+        "ratio_to_not_installed": {c: med[c] / med["not-installed"] for c in med},
+        "overhead_pct": {c: 100 * (1 - med[c] / med["not-installed"]) for c in med},
+    }  # fmt: skip
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument("--reps", type=int, default=30)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--max-tokens", type=int, default=256)
+    ap.add_argument("--skip-vllm", action="store_true")
+    ap.add_argument("--out", type=Path, default=RESULTS / "processor-cpu.json")
+    args = ap.parse_args(argv)
+    report: dict[str, Any] = {
+        "created": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "device": f"CPU ({platform.machine()}, {os.cpu_count()} cores), torch {torch.__version__}, "
+                  f"{torch.get_num_threads()} threads",
+        "part1_apply": part1(args.reps),
+    }  # fmt: skip
+    if not args.skip_vllm:
+        report["part2_decode"] = part2(args.rounds, args.batch, args.max_tokens)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=2))
+    args.out.with_suffix(".md").write_text(markdown(report))
+    print(args.out.with_suffix(".md").read_text())
+    return 0
+
+
+def markdown(r: dict[str, Any]) -> str:
+    lines = ["# Steering processor overhead (CPU)", "", f"{r['created']}; {r['device']}.", "",
+             "## `apply` alone (V1 interface, float32 logits, all rows steered, one vector)", "",
+             "| vocab | batch | median ms | effective GB/s | idle apply (µs) |", "|---|---|---|---|---|"]  # fmt: skip
+    idle = {(x["vocab"], x["batch"]): x["us"] for x in r["part1_apply"]["idle"]}
+    for x in r["part1_apply"]["apply"]:
+        lines.append(
+            f"| {x['vocab']} | {x['batch']} | {x['ms']:.3f} | {x['GB_s']:.2f} | {idle[(x['vocab'], x['batch'])]:.1f} |"
+        )
+    lines += ["", "Effective bytes = logits read + written (2 x batch x vocab x 4) + one vector read.", "",
+              "## Registered vectors vs per-step cost (batch 32, vocab 49152, one vector in use)", "",
+              "| registered | apply ms | device table MB | host-cached vectors |", "|---|---|---|---|"]  # fmt: skip
+    for x in r["part1_apply"]["registered"]:
+        lines.append(
+            f"| {x['registered']} | {x['ms']:.3f} | {x['device_table_MB']:.2f} | {x['host_vectors']} |"
+        )
+    d = r.get("part2_decode")
+    if d:
+        lines += ["", f"## vLLM decode throughput, SmolLM2-135M + LoRA ({d['adapter']}), batch {d['batch']}, "
+                  f"{d['max_tokens']} tokens/request, {d['rounds']} rounds (median)", "",
+                  "| configuration | tokens/s | ratio to not installed | overhead |", "|---|---|---|---|"]  # fmt: skip
+        for c, v in d["median_tok_s"].items():
+            lines.append(
+                f"| {c} | {v:.0f} | {d['ratio_to_not_installed'][c]:.3f} | {d['overhead_pct'][c]:+.1f}% |"
+            )
+        lines += ["", "Goals: idle <= 1%, all rows steered <= 10% on this CPU."]
+    else:
+        lines += ["", "vLLM decode throughput: not run (--skip-vllm)."]
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    sys.exit(main())
