@@ -29,3 +29,10 @@ demo: setup
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache *.egg-info
+
+# CPU benchmarks (numbers go to benchmarks/results/); see each script's docstring.
+bench: setup
+	$(PY) benchmarks/kernel.py
+	$(PY) benchmarks/processor.py
+	$(PY) benchmarks/sidecar.py
+	$(PY) benchmarks/accuracy.py --quick
