@@ -84,9 +84,6 @@ def registration_latency(sc: SidecarProcess, client: httpx.Client, n: int) -> di
         ):
             pass
         reg_lat.append(time.perf_counter() - t0)
-        before = complete(sc.url, client, steering={"enabled": True, "vector": name}).json()[
-            "choices"
-        ][0]["text"]
         r = client.patch(
             f"{sc.url}/v1/steering/vectors/{name}",
             json={"default_scale": 0.0},
