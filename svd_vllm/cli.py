@@ -35,10 +35,9 @@ def _existing_file(value: str) -> Path:
 
 def _cmd_generate(args: argparse.Namespace) -> int:
     from . import artifact
-    from .reference import ReferenceDecoder
 
     vector = artifact.load(args.vector) if args.vector else None
-    dec = ReferenceDecoder(args.base, args.adapter, vector=vector)
+    dec = _decoder(args.base, args.adapter, vector)
     modes = MODES[:4] if args.mode == "all" else (args.mode,)
     if args.mode == "all":
         modes = tuple(m for m in modes if m != "svd-precomputed" or vector is not None)
@@ -81,10 +80,9 @@ def _cmd_generate(args: argparse.Namespace) -> int:
 
 def _cmd_score(args: argparse.Namespace) -> int:
     from . import artifact
-    from .reference import ReferenceDecoder
 
     vector = artifact.load(args.vector) if args.vector else None
-    dec = ReferenceDecoder(args.base, args.adapter, vector=vector)
+    dec = _decoder(args.base, args.adapter, vector)
     try:
         scores = dec.score(
             args.prompt, args.option, args.mode, mu=args.mu, alpha=args.alpha, scoring=args.scoring
@@ -154,6 +152,17 @@ def _cmd_warmstart(args: argparse.Namespace) -> int:
     return 0
 
 
+def _decoder(base: Path, adapter: Path | None, vector=None):  # type: ignore[no-untyped-def]
+    """Load the reference decoder; a mismatched adapter becomes a clear error."""
+    from .reference import ReferenceDecoder
+
+    try:
+        return ReferenceDecoder(base, adapter, vector=vector)
+    except (RuntimeError, ValueError, OSError) as e:
+        what = f"adapter {adapter} on base {base}" if adapter else f"base model {base}"
+        raise CLIError(f"cannot load {what}: {str(e).splitlines()[0][:300]}") from e
+
+
 def _check_adapter_tokenizer(base: Path, adapter: Path) -> None:
     """An adapter saved with its own tokenizer must match the base's vocabulary."""
     if (
@@ -174,7 +183,6 @@ def _check_adapter_tokenizer(base: Path, adapter: Path) -> None:
 def _cmd_extract(args: argparse.Namespace) -> int:
     from . import artifact
     from .extraction import CalibrationItem, extract_vector
-    from .reference import ReferenceDecoder
     from .tasks import load_items
 
     _check_adapter_tokenizer(args.base, args.adapter)
@@ -184,7 +192,7 @@ def _cmd_extract(args: argparse.Namespace) -> int:
             CalibrationItem(it.gold_prompt(), it.completion)
             for it in load_items(f, limit=args.limit)
         ]
-    dec = ReferenceDecoder(args.base, args.adapter)
+    dec = _decoder(args.base, args.adapter)
     name = args.name or Path(args.adapter).name
     try:
         art, report = extract_vector(dec, items, name=name, alpha=args.alpha, seed=args.seed)
@@ -208,11 +216,10 @@ def _cmd_extract(args: argparse.Namespace) -> int:
 def _cmd_eval(args: argparse.Namespace) -> int:
     from . import artifact
     from .evaluation import METHODS, evaluate_items, method_specs, task_summary
-    from .reference import ReferenceDecoder
     from .tasks import load_items
 
     vector = artifact.load(args.vector) if args.vector else None
-    dec = ReferenceDecoder(args.base, args.adapter)
+    dec = _decoder(args.base, args.adapter)
     specs = method_specs(vector, include=args.method or METHODS)
     report = {}
     for f in _task_files(args.task, args.split):

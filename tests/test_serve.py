@@ -1,0 +1,52 @@
+"""``svd-vllm serve`` / the demo's LocalStack: vLLM + sidecar up, one steered request, all stopped."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import httpx
+import pytest
+
+from svd_vllm import artifact
+from svd_vllm.reference import ReferenceDecoder
+from svd_vllm.serve import LocalStack, StackConfig
+
+pytestmark = pytest.mark.vllm
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def test_local_stack_serves_and_stops(serving_assets: dict, tmp_path: Path) -> None:
+    a = serving_assets
+    cfg = StackConfig(model=a["base"], loras={"lora1": a["loras"]["lora1"]}, registry=tmp_path / "registry",
+                      max_model_len=512, dtype="float32", log_dir=tmp_path / "logs", kv_cache_gib=1)  # fmt: skip
+    stack = LocalStack(cfg)
+    with stack:
+        stack.wait_ready(timeout=300)
+        auth = {"Authorization": f"Bearer {cfg.api_key}"}
+        data = artifact.to_bytes(a["vectors"]["lora1"])
+        r = httpx.post(
+            f"{stack.sidecar_url}/v1/steering/vectors",
+            files={"file": ("v", data)},
+            headers=auth,
+            timeout=30,
+        )
+        assert r.status_code == 201, r.text
+        body = {"model": "lora1", "prompt": "the color of sky is", "max_tokens": 6, "temperature": 0,
+                "return_token_ids": True, "steering": {"enabled": True}}  # fmt: skip
+        r = httpx.post(f"{stack.sidecar_url}/v1/completions", json=body, timeout=60)
+        assert r.status_code == 200, r.text
+        dec = ReferenceDecoder(a["base"], a["loras"]["lora1"], vector=a["vectors"]["lora1"])
+        assert (
+            r.json()["choices"][0]["token_ids"]
+            == dec.generate("the color of sky is", max_new_tokens=6).token_ids
+        )
+        pids = [p.pid for p in stack.procs.values()]
+    assert not any(_alive(pid) for pid in pids)
