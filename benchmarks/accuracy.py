@@ -61,7 +61,7 @@ def full_suites() -> list[Suite]:
               WarmStartConfig(lr=3e-4, max_length=256), 300, cs, 40, cs, 150,
               ("arc_easy", "arc_challenge"), 100),
         Suite("Commonsense (8 sets), LoRA lr 5e-5, 1 epoch (paper)", "cs-lora-paper", cs,
-              WarmStartConfig(lr=5e-5, max_length=256), 300, cs, 40, cs, 150),
+              WarmStartConfig(lr=5e-5, max_length=256), 150, cs, 40, cs, 100),
         Suite("TruthfulQA, LoRA lr 3e-4, 3 epochs", "tqa-lora-strong", ("truthfulqa",),
               WarmStartConfig(lr=3e-4, epochs=3), None, ("truthfulqa",), None, ("truthfulqa",), None),
         Suite("TruthfulQA, LoRA lr 5e-5, 1 epoch (paper)", "tqa-lora-paper", ("truthfulqa",),

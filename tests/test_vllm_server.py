@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 from collections.abc import Iterator
@@ -155,26 +156,32 @@ def test_hot_registration_replace_and_in_flight_pinning(
 
     # A long request starts with lora1@v1; mid-way lora1 is replaced by a different vector.
     d1 = ReferenceDecoder(a["base"], a["loras"]["lora1"], vector=a["vectors"]["lora1"])
-    long_prompt, n_long = "the color of sky is", 400
-    result: dict = {}
+    long_prompt, n_long = "the color of sky is", 480
+    result: dict = {"ids": []}
+    started = threading.Event()
 
     def long_request() -> None:
-        with httpx.Client() as c:
-            result["ids"] = ids(
-                srv.complete(c, model="lora1", prompt=long_prompt, max_tokens=n_long, min_tokens=n_long,
-                             vllm_xargs={"svd": 1})
-            )  # fmt: skip
-            result["done"] = time.monotonic()
+        body = {"model": "lora1", "prompt": long_prompt, "max_tokens": n_long, "min_tokens": n_long,
+                "temperature": 0, "stream": True, "return_token_ids": True, "vllm_xargs": {"svd": 1}}  # fmt: skip
+        with (
+            httpx.Client() as c,
+            c.stream("POST", f"{srv.base_url}/v1/completions", json=body, timeout=300) as r,
+        ):
+            for line in r.iter_lines():
+                if line.startswith("data: {"):
+                    result["ids"] += json.loads(line[6:])["choices"][0]["token_ids"]
+                    started.set()
+        result["done"] = time.monotonic()
 
     t = threading.Thread(target=long_request)
     t.start()
-    time.sleep(0.5)  # the long request is running
+    assert started.wait(60), "the long request never started"
     replacement = SteeringArtifact.create(
         a["vectors"]["other"].shift, name="lora1", base_model="tiny", adapter="lora1",
         tokenizer_fingerprint="t", mu_bar=-6.0, alpha=0.2,
     )  # fmt: skip
     registry.add(replacement, replace=True)
-    time.sleep(1.0)  # > the processor's poll interval
+    # Admission pins the new version at once (the engine catches up synchronously).
     new_prompt = "the color of grass is"
     new_ids = ids(
         srv.complete(client, model="lora1", prompt=new_prompt, max_tokens=8, vllm_xargs={"svd": 1})
