@@ -21,6 +21,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .identity import sha256_file
+
 __all__ = [
     "MODELS",
     "AssetError",
@@ -198,14 +200,6 @@ MODELS: dict[str, ModelSpec] = {
 }
 
 
-def _sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def fetch_gguf(spec: ModelSpec) -> Path:
     """The assembled, checked GGUF file of a model (cached)."""
     out = cache_dir() / "gguf" / spec.name / spec.gguf_name
@@ -221,7 +215,7 @@ def fetch_gguf(spec: ModelSpec) -> Path:
             with p.open("rb") as src:
                 shutil.copyfileobj(src, dst, 1 << 20)
             p.unlink()
-    if spec.sha256 is not None and _sha256_file(tmp) != spec.sha256:
+    if spec.sha256 is not None and sha256_file(tmp) != spec.sha256:
         tmp.unlink()
         raise AssetError(f"{spec.name}: the assembled GGUF's sha256 does not match the package's")
     tmp.replace(out)

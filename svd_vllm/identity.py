@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-__all__ = ["model_identity", "tokenizer_fingerprint"]
+__all__ = ["model_identity", "sha256_file", "tokenizer_fingerprint"]
 
 
 def tokenizer_fingerprint(tokenizer: Any) -> str:
@@ -21,7 +21,8 @@ def tokenizer_fingerprint(tokenizer: Any) -> str:
     return "sha256:" + hashlib.sha256(blob).hexdigest()
 
 
-def _hash_file(path: Path) -> str:
+def sha256_file(path: Path) -> str:
+    """Hex sha256 of a file, read in 1 MiB blocks."""
     h = hashlib.sha256()
     with path.open("rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
@@ -42,5 +43,5 @@ def model_identity(directory: str | Path | None) -> str:
     h = hashlib.sha256()
     for p in files:
         h.update(p.name.encode())
-        h.update(_hash_file(p).encode())
+        h.update(sha256_file(p).encode())
     return f"{d.resolve().name}@{h.hexdigest()[:16]}"
