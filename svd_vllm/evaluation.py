@@ -86,17 +86,18 @@ def _option_logprobs(
     return np.array(sums), np.array(counts)
 
 
-def _group_logits(dec: ReferenceDecoder, item: Item, options: list[dict[str, Any]]):  # type: ignore[no-untyped-def]
-    """Per option logits; options sharing a prompt share one prompt pass."""
-    out: list[Any] = [None] * len(options)
-    groups: dict[str, list[int]] = {}
-    for i, o in enumerate(options):
-        groups.setdefault(o.get("prompt") or item.prompt, []).append(i)
-    for prompt, idx in groups.items():
-        res = dec.continuation_logits(prompt, [options[i]["text"] for i in idx])
-        for i, r in zip(idx, res, strict=True):
-            out[i] = r
-    return out
+def _group_logits(dec: ReferenceDecoder, item: Item, *option_lists: list[dict[str, Any]]):  # type: ignore[no-untyped-def]
+    """Per option logits for each list; options sharing a prompt share one prompt pass, and an
+    option text that appears in several lists (TruthfulQA MC1 / MC2) is scored once."""
+    keys = [[(o.get("prompt") or item.prompt, o["text"]) for o in opts] for opts in option_lists]
+    groups: dict[str, list[str]] = {}
+    for prompt, text in dict.fromkeys(k for ks in keys for k in ks):
+        groups.setdefault(prompt, []).append(text)
+    cache: dict[tuple[str, str], Any] = {}
+    for prompt, texts in groups.items():
+        for text, r in zip(texts, dec.continuation_logits(prompt, texts), strict=True):
+            cache[(prompt, text)] = r
+    return [[cache[k] for k in ks] for ks in keys]
 
 
 _NORM = re.compile(r"[^a-z0-9 ]+")
@@ -137,8 +138,10 @@ def evaluate_items(
     scores: dict[str, dict[str, list[float]]] = {s.name: {} for s in specs}
     t0 = time.time()
     for n, item in enumerate(tqdm(items, desc=desc, unit="item", disable=not progress)):
-        per_opt = _group_logits(dec, item, item.options)
-        per_mc2 = _group_logits(dec, item, item.options_mc2) if item.options_mc2 else None
+        if item.options_mc2:
+            per_opt, per_mc2 = _group_logits(dec, item, item.options, item.options_mc2)
+        else:
+            (per_opt,), per_mc2 = _group_logits(dec, item, item.options), None
         for s in specs:
             sums, counts = _option_logprobs(per_opt, s)
             m = scores[s.name]
