@@ -159,6 +159,9 @@ class SVDLogitsProcessor(V1LogitsProcessor, V2LogitsProcessor):
             )
         self.device = device
         self.vocab_size = int(vllm_config.model_config.get_vocab_size())
+        # Keyed by the config object's id; holding the config keeps that id from being reused
+        # by another engine's config while this instance lives.
+        self._vllm_config = vllm_config
         key = id(vllm_config)
         other = self._engines.get(key)
         self.inert = other is not None and other() is not None
