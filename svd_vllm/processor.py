@@ -248,16 +248,16 @@ class SVDLogitsProcessor(V1LogitsProcessor, V2LogitsProcessor):
         self._batch_size = batch_update.batch_size
         self._dirty = True
 
-    def _prepare(self, rows: np.ndarray) -> tuple[torch.Tensor, ...]:
-        slots = self.state.table_slot[rows]
-        used, row_slot = np.unique(slots, return_inverse=True)
+    def _prepare(self, rows: np.ndarray, index: np.ndarray) -> tuple[torch.Tensor, ...]:
+        """Device tensors for logits ``rows``, state at ``index`` (rows in V1, slots in V2)."""
+        used, row_slot = np.unique(self.state.table_slot[index], return_inverse=True)
         dev = self.device
         return (
             torch.from_numpy(rows).to(dev, non_blocking=True),
             torch.from_numpy(used).to(dev, non_blocking=True),
             torch.from_numpy(row_slot.astype(np.int64)).to(dev, non_blocking=True),
-            torch.from_numpy(self.state.mu[rows]).to(dev, non_blocking=True),
-            torch.from_numpy(self.state.log_alpha[rows]).to(dev, non_blocking=True),
+            torch.from_numpy(self.state.mu[index]).to(dev, non_blocking=True),
+            torch.from_numpy(self.state.log_alpha[index]).to(dev, non_blocking=True),
         )
 
     def _steer(
@@ -287,7 +287,7 @@ class SVDLogitsProcessor(V1LogitsProcessor, V2LogitsProcessor):
             n = min(self._batch_size or logits.shape[0], logits.shape[0])
             rows = np.flatnonzero(self.state.table_slot[:n] >= 0)
             self._prepared_rows = rows
-            self._prepared = self._prepare(rows) if rows.size else None
+            self._prepared = self._prepare(rows, rows) if rows.size else None
             self._dirty = False
         if self._prepared is None or self._prepared_rows is None:
             return logits
@@ -310,17 +310,7 @@ class SVDLogitsProcessor(V1LogitsProcessor, V2LogitsProcessor):
         if not steered.any():
             return logits
         rows = np.flatnonzero(steered)
-        slots_of_rows = row_slots[rows]
-        table_slots = self.state.table_slot[slots_of_rows]
-        used, row_slot = np.unique(table_slots, return_inverse=True)
-        dev = self.device
-        prepared = (
-            torch.from_numpy(rows).to(dev, non_blocking=True),
-            torch.from_numpy(used).to(dev, non_blocking=True),
-            torch.from_numpy(row_slot.astype(np.int64)).to(dev, non_blocking=True),
-            torch.from_numpy(self.state.mu[slots_of_rows]).to(dev, non_blocking=True),
-            torch.from_numpy(self.state.log_alpha[slots_of_rows]).to(dev, non_blocking=True),
-        )
+        prepared = self._prepare(rows, row_slots[rows])
         return self._steer(logits, rows, prepared)
 
     def __del__(self) -> None:
