@@ -30,9 +30,7 @@ demo: setup
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache *.egg-info
 
-# CPU benchmarks (numbers go to benchmarks/results/); see each script's docstring.
+# CPU benchmarks (numbers go to benchmarks/results/, wall times to bench-times.md); see
+# benchmarks/run_all.py. The full accuracy studies are run by hand (hours on 2 cores).
 bench: setup
-	$(PY) benchmarks/kernel.py
-	$(PY) benchmarks/processor.py
-	$(PY) benchmarks/sidecar.py
-	$(PY) benchmarks/accuracy.py --quick
+	$(PY) benchmarks/run_all.py

@@ -5,7 +5,8 @@ Times the processor's kernel (``steer_table_rows_``: softmax, one [n,V]x[V,k] pr
 alternative (``steer_precomputed_rows``) for batch 1..512, vocab 32k..256k, fp32 / bf16
 logits (bf16 rows are converted to float32 and back, as the processor does). Bandwidth is
 the minimum traffic (logits read + written, one vector read) over the time: the kernel's
-distance to the memory-bandwidth bound. Runs on CUDA when available (CUDA events), else CPU.
+distance to the memory-bandwidth bound, shown against the device's measured copy bandwidth
+(and ``--peak-gbs``, the datasheet figure, when given: 3350 for an H100 SXM). Runs on CUDA when available (CUDA events), else CPU.
 
     python benchmarks/kernel.py [--quick] [--device cuda|cpu]
 """
@@ -77,6 +78,21 @@ def run_case(
             "us": 1e6 * t, "GB_s": nbytes / t / 1e9, "bytes": nbytes}  # fmt: skip
 
 
+def copy_bandwidth(device: torch.device, mbytes: int = 256, reps: int = 10) -> float:
+    """Achievable memory bandwidth here: a large device-to-device copy, GB/s (read + write)."""
+    src = torch.ones(mbytes * 2**20 // 4, dtype=torch.float32, device=device)
+    dst = torch.empty_like(src)
+    dst.copy_(src)
+    _sync(device)
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        dst.copy_(src)
+        _sync(device)
+        times.append(time.perf_counter() - t0)
+    return 2 * src.numel() * 4 / statistics.median(times) / 1e9
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -99,9 +115,11 @@ def main(argv: list[str] | None = None) -> int:
         batches, vocabs = (
             ([1, 8, 64], [32000, 152064])
             if args.quick
-            else ([1, 8, 64, 256], [32000, 49152, 152064, 262144])
+            else ([1, 8, 64, 256, 512], [32000, 49152, 152064, 262144])
         )
         reps = args.reps or 10
+    copy_gbs = copy_bandwidth(device)
+    print(f"device copy bandwidth: {copy_gbs:.1f} GB/s", flush=True)
     rows = []
     for kernel in ("sparse", "dense"):
         for dtype in (torch.float32, torch.bfloat16):
@@ -116,7 +134,8 @@ def main(argv: list[str] | None = None) -> int:
     slug = "gpu-" + name.lower().replace(" ", "-") if device.type == "cuda" else "cpu"
     out = args.out or RESULTS / f"kernel-{slug}.json"
     report = {"device": name, "created": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-              "torch": torch.__version__, "peak_GB_s": args.peak_gbs, "rows": rows}  # fmt: skip
+              "torch": torch.__version__, "peak_GB_s": args.peak_gbs,
+              "copy_GB_s": copy_gbs, "rows": rows}  # fmt: skip
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2))
     plot(report, out.with_suffix(".png"))
@@ -141,6 +160,9 @@ def plot(report: dict[str, Any], path: Path) -> None:
         ax.axhline(
             report["peak_GB_s"] / 1.5, color="gray", ls=":", lw=1, label="bound / 1.5 (goal)"
         )
+    if report.get("copy_GB_s"):
+        ax.axhline(report["copy_GB_s"], color="#2ca02c", ls="--", lw=1,
+                   label=f"measured copy bandwidth ({report['copy_GB_s']:.0f} GB/s)")  # fmt: skip
     ax.set_xscale("log")
     ax.set_xlabel("minimum bytes moved per call (MB)")
     ax.set_ylabel("achieved GB/s")

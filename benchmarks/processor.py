@@ -62,6 +62,39 @@ def _processor(registry_dir: Path, vocab: int, rows: int, n_vectors: int = 1, st
     return p
 
 
+def _probe_rss(registry_dir: Path) -> float:
+    """RSS growth (MB) of a fresh process that starts the processor on this registry and steers.
+
+    A separate process per registry size, so what one size allocated cannot hide another's.
+    """
+    res = subprocess.run([sys.executable, __file__, "--probe-rss", str(registry_dir)],
+                         capture_output=True, text=True, timeout=600)  # fmt: skip
+    if res.returncode != 0:
+        raise RuntimeError(res.stderr[-3000:])
+    return float(res.stdout.strip().splitlines()[-1])
+
+
+def _rss_mb() -> float:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def probe_rss(registry_dir: Path) -> float:
+    import vllm.v1.sample.logits_processor  # noqa: F401  (import cost outside the measure)
+
+    before = _rss_mb()
+    p = _processor(registry_dir, 49152, 32, n_vectors=0)
+    z = torch.randn(32, 49152)
+    for _ in range(5):
+        p.apply(z.clone())
+    grown = _rss_mb() - before
+    p.store.close()
+    return grown
+
+
 def time_apply(p, rows: int, vocab: int, reps: int) -> float:  # type: ignore[no-untyped-def]
     g = torch.Generator().manual_seed(1)
     base = torch.randn(rows, vocab, generator=g) * 3
@@ -94,19 +127,28 @@ def part1(reps: int) -> dict[str, Any]:
                 out["idle"].append({"batch": rows, "vocab": vocab, "us": 1e6 * ti})
                 print(f"apply vocab={vocab:6d} batch={rows:3d}: {1e3 * t:8.3f} ms  "
                       f"{nbytes / t / 1e9:5.2f} GB/s   idle {1e6 * ti:6.2f} us", flush=True)  # fmt: skip
-        reg = Path(tmp) / "scale"
-        procs = {n: _processor(reg, 49152, 32, n_vectors=n) for n in (1, 10, 100, 1000)}
+        # One registry per size (a store watches its registry: a shared one would grow under it).
+        procs = {
+            n: _processor(Path(tmp) / f"scale{n}", 49152, 32, n_vectors=n)
+            for n in (1, 10, 100, 1000)
+        }
+        rss = {n: _probe_rss(Path(tmp) / f"scale{n}") for n in procs}
         samples: dict[int, list[float]] = {n: [] for n in procs}
         for _ in range(5):  # interleaved rounds: machine noise hits every size alike
             for n, p in procs.items():
                 samples[n].append(time_apply(p, 32, 49152, max(5, reps // 3)))
         for n, p in procs.items():
             t = statistics.median(samples[n])
+            host = p.store.host_cached()
             out["registered"].append({"registered": n, "batch": 32, "vocab": 49152, "ms": 1e3 * t,
                                       "device_table_MB": p.store.table.numel() * 4 / 1e6,
-                                      "host_vectors": len(p.store._by_key)})  # fmt: skip
+                                      "host_vectors": host, "host_MB": host * 49152 * 4 / 1e6,
+                                      "host_capacity": p.store.host_capacity,
+                                      "process_rss_growth_MB": rss[n]})  # fmt: skip
             print(f"registered={n:5d}: apply {1e3 * t:.3f} ms, device table "
-                  f"{p.store.table.numel() * 4 / 1e6:.2f} MB, host cache {len(p.store._by_key)} vectors", flush=True)  # fmt: skip
+                  f"{p.store.table.numel() * 4 / 1e6:.2f} MB, host cache {host} vectors "
+                  f"({host * 49152 * 4 / 1e6:.1f} MB, capacity {p.store.host_capacity}), "
+                  f"process RSS growth {rss[n]:.1f} MB", flush=True)  # fmt: skip
     return out
 
 
@@ -191,8 +233,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--max-tokens", type=int, default=256)
     ap.add_argument("--skip-vllm", action="store_true")
+    ap.add_argument("--probe-rss", type=Path, help=argparse.SUPPRESS)
     ap.add_argument("--out", type=Path, default=RESULTS / "processor-cpu.json")
     args = ap.parse_args(argv)
+    if args.probe_rss:
+        print(f"{probe_rss(args.probe_rss):.2f}")
+        return 0
     report: dict[str, Any] = {
         "created": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         "device": f"CPU ({platform.machine()}, {os.cpu_count()} cores), torch {torch.__version__}, "
@@ -201,6 +247,14 @@ def main(argv: list[str] | None = None) -> int:
     }  # fmt: skip
     if not args.skip_vllm:
         report["part2_decode"] = part2(args.rounds, args.batch, args.max_tokens)
+    elif args.out.exists():
+        # Keep the last measured decode run (say when it was measured) rather than drop it;
+        # benchmarks/serving.py is the fuller end-to-end measurement.
+        previous = json.loads(args.out.read_text())
+        if "part2_decode" in previous:
+            report["part2_decode"] = previous["part2_decode"] | {
+                "measured": previous["part2_decode"].get("measured", previous.get("created"))
+            }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2))
     args.out.with_suffix(".md").write_text(markdown(report))
@@ -219,15 +273,19 @@ def markdown(r: dict[str, Any]) -> str:
         )
     lines += ["", "Effective bytes = logits read + written (2 x batch x vocab x 4) + one vector read.", "",
               "## Registered vectors vs per-step cost (batch 32, vocab 49152, one vector in use)", "",
-              "| registered | apply ms | device table MB | host-cached vectors |", "|---|---|---|---|"]  # fmt: skip
+              "| registered | apply ms | device table MB | host-cached vectors (capacity) | host MB | process RSS growth MB |",
+              "|---|---|---|---|---|---|"]  # fmt: skip
     for x in r["part1_apply"]["registered"]:
         lines.append(
-            f"| {x['registered']} | {x['ms']:.3f} | {x['device_table_MB']:.2f} | {x['host_vectors']} |"
+            f"| {x['registered']} | {x['ms']:.3f} | {x['device_table_MB']:.2f} | "
+            f"{x['host_vectors']} ({x.get('host_capacity', '—')}) | {x.get('host_MB', float('nan')):.1f} | "
+            f"{x.get('process_rss_growth_MB', float('nan')):.1f} |"
         )
     d = r.get("part2_decode")
     if d:
         lines += ["", f"## vLLM decode throughput, SmolLM2-135M + LoRA ({d['adapter']}), batch {d['batch']}, "
-                  f"{d['max_tokens']} tokens/request, {d['rounds']} rounds (median)", "",
+                  f"{d['max_tokens']} tokens/request, {d['rounds']} rounds (median)"
+                  + (f", measured {d['measured']} (not re-run with --skip-vllm)" if d.get("measured") else ""), "",
                   "| configuration | tokens/s | ratio to not installed | overhead |", "|---|---|---|---|"]  # fmt: skip
         for c, v in d["median_tok_s"].items():
             lines.append(

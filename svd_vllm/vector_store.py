@@ -3,20 +3,23 @@
 * ``ManifestWatcher`` -- the registry manifest, re-read only when ``os.stat`` says it changed.
   Cheap enough to consult on every request (the frontend validates against it).
 * ``VectorStore`` -- the engine side. A daemon thread polls the manifest (default every
-  0.2 s) and loads new or changed vectors into host memory OFF the decode path, verifying
-  each file's content hash; a bad file is refused with a log line and the name keeps its
-  previous good version. Rows acquire a slot in a device table (one copy per version,
+  0.2 s) and reads new or changed vectors OFF the decode path, verifying each file's content
+  hash; a bad file is refused with a log line and the name keeps its previous good version.
+  Host memory holds at most ``SVD_VLLM_HOST_CACHE`` (default 64) versions, LRU.
+  Rows acquire a slot in a device table (one copy per version,
   reference counted, kept as a small cache), so ``apply`` gathers ``table[slot]`` with no
   per-row Python work, and memory grows with the vectors in use, not the vectors registered.
 """
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import os
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -76,8 +79,46 @@ class LoadedVector:
         return self.entry.key
 
 
+def release_free_memory() -> None:
+    """Return freed heap pages to the OS (glibc ``malloc_trim``; a no-op elsewhere).
+
+    Verifying many new files at once allocates and frees one tensor per file; the vectors the
+    host cache keeps were allocated last, so without a trim the process would keep the whole
+    verification pass's peak as resident memory.
+    """
+    global _malloc_trim
+    if _malloc_trim is None:
+        try:
+            _malloc_trim = ctypes.CDLL("libc.so.6").malloc_trim
+        except (OSError, AttributeError):
+            _malloc_trim = False
+    if _malloc_trim:
+        _malloc_trim(0)
+
+
+_malloc_trim: Any = None
+
+
+def default_host_capacity() -> int:
+    """``SVD_VLLM_HOST_CACHE``: how many vector versions the engine keeps in host memory."""
+    raw = os.environ.get("SVD_VLLM_HOST_CACHE", "64")
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ValueError(f"SVD_VLLM_HOST_CACHE={raw!r} is not an integer") from None
+    if value < 1:
+        raise ValueError(f"SVD_VLLM_HOST_CACHE={raw!r} must be >= 1")
+    return value
+
+
 class VectorStore:
-    """Host cache of registry vectors kept fresh by a background thread, plus a device table."""
+    """Registry entries kept fresh by a background thread, a bounded host cache, a device table.
+
+    Memory does not grow with the number of registered vectors: the store keeps every current
+    entry (metadata only), at most ``host_capacity`` tensors in host memory (LRU; a vector that
+    was evicted is read again, hash-verified, the next time a request asks for it), and in the
+    device table only the vectors rows use (plus a few idle slots).
+    """
 
     def __init__(
         self,
@@ -86,20 +127,25 @@ class VectorStore:
         vocab_size: int,
         *,
         poll_interval: float = 0.2,
-        host_capacity: int = 256,
+        host_capacity: int | None = None,
         start_thread: bool = True,
     ) -> None:
         self.registry = registry
         self.device = torch.device(device)
         self.vocab_size = vocab_size
         self.poll_interval = poll_interval
-        self.host_capacity = host_capacity
+        self.host_capacity = default_host_capacity() if host_capacity is None else host_capacity
+        if self.host_capacity < 1:
+            raise ValueError("host_capacity must be >= 1")
         self.watcher = ManifestWatcher(registry)
         self._pin = self.device.type == "cuda"
-        # name -> newest good version; key -> any recently loaded version (LRU).
-        self._current: dict[str, LoadedVector] = {}
-        self._by_key: OrderedDict[str, LoadedVector] = OrderedDict()
+        # name -> newest good entry; key -> entry of an older version still pinnable (bounded);
+        # key -> host tensor (LRU, at most host_capacity).
+        self._current: dict[str, VectorEntry] = {}
+        self._old: OrderedDict[str, VectorEntry] = OrderedDict()
+        self._host: OrderedDict[str, torch.Tensor] = OrderedDict()
         self._bad: dict[str, str] = {}  # file -> content hash we refused (log once)
+        self.loads = 0  # files read (verification and re-reads after eviction)
         self._lock = threading.Lock()
         self._refresh_lock = threading.Lock()
         # Device table: slot -> key, refcounts, LRU of free-but-cached slots.
@@ -118,7 +164,8 @@ class VectorStore:
             self._thread.start()
 
     # -- host side: loading ----------------------------------------------------------------
-    def _load_entry(self, entry: VectorEntry) -> LoadedVector | None:
+    def _read(self, entry: VectorEntry) -> torch.Tensor | None:
+        """The entry's shift read from disk and verified, or None (logged once per file)."""
         if entry.vocab_size != self.vocab_size:
             if self._bad.get(entry.file) != entry.content_hash:
                 logger.error(
@@ -134,8 +181,15 @@ class VectorStore:
                 logger.error("svd-vllm: refusing vector %s: %s", entry.key, e)
                 self._bad[entry.file] = entry.content_hash
             return None
-        shift = art.shift.pin_memory() if self._pin else art.shift
-        return LoadedVector(entry=entry, shift=shift)
+        self.loads += 1
+        return art.shift.pin_memory() if self._pin else art.shift
+
+    def _cache(self, key: str, shift: torch.Tensor) -> None:
+        """Put a tensor in the host LRU (caller holds ``_lock``)."""
+        self._host[key] = shift
+        self._host.move_to_end(key)
+        while len(self._host) > self.host_capacity:
+            self._host.popitem(last=False)
 
     def refresh(self) -> bool:
         """Load what changed in the manifest. Returns True if the current set changed.
@@ -150,37 +204,47 @@ class VectorStore:
         manifest, changed = self.watcher.current()
         if not changed:
             return False
-        new_current: dict[str, LoadedVector] = {}
-        loaded: list[LoadedVector] = []
+        new_current: dict[str, VectorEntry] = {}
+        fresh: list[tuple[VectorEntry, torch.Tensor | None]] = []
+        reads = 0
         for name, entry in manifest.vectors.items():
             have = self._current.get(name)
-            if have is not None and have.entry == entry:
+            if have is not None and have == entry:
                 new_current[name] = have
                 continue
-            cached = self._by_key.get(entry.key)
-            if cached is not None and cached.entry == entry:
-                new_current[name] = cached
+            if have is not None and have.content_hash == entry.content_hash:
+                # Settings changed, same file content: no need to read it again.
+                with self._lock:
+                    shift = self._host.get(have.key)
+                new_current[name] = entry
+                fresh.append((entry, shift))
                 continue
-            if have is not None and have.entry.content_hash == entry.content_hash:
-                # Settings changed, same file content: reuse the tensor.
-                lv = LoadedVector(entry=entry, shift=have.shift)
-            else:
-                lv = self._load_entry(entry)
-            if lv is None:
+            shift = self._read(entry)  # verify every new file once, off the decode path
+            reads += 1
+            if shift is None:
                 if have is not None:
                     new_current[name] = have  # the previous good version keeps serving
                 continue
-            new_current[name] = lv
-            loaded.append(lv)
+            new_current[name] = entry
+            fresh.append((entry, shift))
         with self._lock:
-            for lv in loaded:
-                self._by_key[lv.key] = lv
+            for name, entry in self._current.items():
+                if new_current.get(name) != entry:
+                    self._old[entry.key] = entry  # still pinnable by in-flight requests
+            for entry, shift in fresh:
+                self._old.pop(entry.key, None)
+                if shift is not None:
+                    self._cache(entry.key, shift)
+            while len(self._old) > 4 * self.host_capacity:
+                self._old.popitem(last=False)
             self._current = new_current
-            while len(self._by_key) > max(self.host_capacity, len(new_current)):
-                self._by_key.popitem(last=False)
             self.generation += 1
-        if loaded:
-            logger.info("svd-vllm: loaded %s", ", ".join(lv.key for lv in loaded))
+        if reads > self.host_capacity:
+            release_free_memory()  # the verification pass freed more than the cache keeps
+        if fresh:
+            keys = [e.key for e, _ in fresh]
+            shown = ", ".join(keys[:8]) + (f" and {len(keys) - 8} more" if len(keys) > 8 else "")
+            logger.info("svd-vllm: loaded %s", shown)
         return True
 
     def _run(self) -> None:
@@ -196,13 +260,39 @@ class VectorStore:
             self._thread.join(timeout=2)
 
     def resolve(self, name: str, pinned: str | None = None) -> LoadedVector | None:
-        """The version a new row should use: the pinned one if still known, else the newest."""
+        """The version a new row should use: the pinned one if still known, else the newest.
+
+        A version in the host cache costs a dict lookup; one evicted from it (more vectors in
+        use than ``host_capacity``) is read again and verified here.
+        """
         with self._lock:
+            entry = None
             if pinned is not None:
-                lv = self._by_key.get(pinned)
-                if lv is not None and lv.entry.name == name:
-                    return lv
-            return self._current.get(name)
+                entry = self._old.get(pinned)
+                cur = self._current.get(name)
+                if entry is None and cur is not None and cur.key == pinned:
+                    entry = cur
+                if entry is not None and entry.name != name:
+                    entry = None
+            if entry is None:
+                entry = self._current.get(name)
+            if entry is None:
+                return None
+            shift = self._host.get(entry.key)
+            if shift is not None:
+                self._host.move_to_end(entry.key)
+                return LoadedVector(entry=entry, shift=shift)
+        shift = self._read(entry)
+        if shift is None:
+            return None
+        with self._lock:
+            self._cache(entry.key, shift)
+        return LoadedVector(entry=entry, shift=shift)
+
+    def host_cached(self) -> int:
+        """Vector versions held in host memory (bounded by ``host_capacity``)."""
+        with self._lock:
+            return len(self._host)
 
     def names(self) -> list[str]:
         with self._lock:

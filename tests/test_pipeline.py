@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from svd_vllm import artifact
-from svd_vllm.assets import AssetError, read_wheel_member
+from svd_vllm.assets import AssetError, gguf_add_bos, read_wheel_member
 from svd_vllm.cli import main as cli_main
 from svd_vllm.evaluation import (
     MethodSpec,
@@ -58,6 +58,23 @@ def test_wheel_members_are_checked_against_record(tmp_path: Path) -> None:
     (tmp_path / "junk.whl").write_bytes(b"not a zip")
     with pytest.raises(AssetError, match="not a wheel"):
         read_wheel_member(tmp_path / "junk.whl", "x", tmp_path / "j.bin")
+
+
+@pytest.mark.parametrize("flag", [True, False, None])
+def test_gguf_add_bos_flag_is_read(tmp_path: Path, flag: bool | None) -> None:
+    # Gemma's GGUF says add_bos_token=True, and transformers drops it on conversion: the
+    # converter reads the flag itself (without <bos> Gemma-3 degenerates).
+    gguf = pytest.importorskip("gguf")
+    path = tmp_path / "m.gguf"
+    w = gguf.GGUFWriter(str(path), "llama")
+    if flag is not None:
+        w.add_add_bos_token(flag)
+    w.add_tensor("t", np.zeros(4, dtype=np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    assert gguf_add_bos(path) is flag
 
 
 def test_task_conversion_and_splits() -> None:

@@ -206,3 +206,38 @@ def test_store_slots_are_reference_counted_and_bounded(tmp_path: Path) -> None:
         store.release(store.acquire(lv))
     assert store.table.shape[0] == cap
     assert torch.equal(store.table[s0], lvs[0].shift)  # the in-use slot was never evicted
+
+
+def test_store_host_memory_is_bounded_and_evicted_vectors_are_read_again(tmp_path: Path) -> None:
+    reg = Registry(tmp_path)
+    for i in range(10):
+        reg.add(vec(f"v{i}", seed=i))
+    store = VectorStore(reg, "cpu", 16, start_thread=False, host_capacity=3)
+    assert store.names() == sorted(f"v{i}" for i in range(10))  # every entry is served
+    assert store.host_cached() == 3 and store.loads == 10  # each file verified once
+    for i in range(10):  # every vector still resolves to its own data
+        lv = store.resolve(f"v{i}")
+        assert lv is not None and torch.equal(lv.shift, vec(f"v{i}", seed=i).shift)
+        assert store.host_cached() <= 3
+    assert store.loads > 10  # the evicted ones were read again
+    # A hot vector stays cached: no further reads.
+    store.resolve("v9")
+    before = store.loads
+    for _ in range(5):
+        store.resolve("v9")
+    assert store.loads == before
+    # An evicted vector whose file went bad after registration is not served (no crash).
+    path = tmp_path / reg.manifest().vectors["v0"].file
+    path.write_bytes(b"\x00" * 64)
+    assert store.resolve("v0") is None
+    assert store.resolve("v1") is not None
+
+
+def test_store_host_capacity_from_the_environment(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("SVD_VLLM_HOST_CACHE", "5")
+    assert VectorStore(Registry(tmp_path), "cpu", 16, start_thread=False).host_capacity == 5
+    monkeypatch.setenv("SVD_VLLM_HOST_CACHE", "zero")
+    with pytest.raises(ValueError, match="SVD_VLLM_HOST_CACHE"):
+        VectorStore(Registry(tmp_path), "cpu", 16, start_thread=False)
