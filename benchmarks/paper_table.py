@@ -15,6 +15,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from svd_vllm.evaluation import format_ci
+
 RESULTS = Path(__file__).resolve().parent / "results"
 MODELS = {"smollm2-135m": "SmolLM2-135M-Instruct", "gemma3-270m": "Gemma-3-270M (base)"}
 SHORT = {"boolq": "BoolQ", "piqa": "PIQA", "siqa": "SIQA", "hellaswag": "HellaS.",
@@ -26,12 +28,6 @@ PAPER = {
     "acc": "paper: +0.55 to +1.82 (8-set average; e.g. Qwen2.5-7B LoRA 75.45 → 77.06)",
     "mc": "paper: −1.1 to +5.4 (MC average; most of it in MC2, MC1 drops in 5 of 12 settings)",
 }
-
-
-def _ci(d: dict[str, float] | None) -> str:
-    if not d:
-        return "—"
-    return f"{100 * d['diff']:+.1f} [{100 * d['lo']:+.1f}, {100 * d['hi']:+.1f}]"
 
 
 def suite_table(model: str, s: dict[str, Any]) -> list[str]:
@@ -50,7 +46,7 @@ def suite_table(model: str, s: dict[str, Any]) -> list[str]:
     for method, label in ROWS.items():
         vals = [100 * s["tasks"][t][method][m]["score"] for t in tasks for m in metrics]
         gain = s["average_gain_vs_peft"].get(method, {})
-        ci = " / ".join(_ci(gain.get(m)) for m in metrics) if gain else ""
+        ci = " / ".join(format_ci(gain.get(m)) for m in metrics) if gain else ""
         lines.append(f"| {label} | " + " | ".join(f"{v:.1f}" for v in vals) +
                      f" | {sum(vals) / len(vals):.1f} | {ci} |")  # fmt: skip
     return [*lines, ""]

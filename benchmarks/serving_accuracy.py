@@ -47,7 +47,12 @@ sys.path.insert(0, str(ROOT))
 from benchmarks.accuracy import ensure_adapter, ensure_vector, full_suites  # noqa: E402
 from svd_vllm.assets import ensure_model  # noqa: E402
 from svd_vllm.demo import with_choices  # noqa: E402
-from svd_vllm.evaluation import generation_correct, max_new_tokens, paired_bootstrap  # noqa: E402
+from svd_vllm.evaluation import (  # noqa: E402
+    format_ci,
+    generation_correct,
+    max_new_tokens,
+    paired_bootstrap,
+)
 from svd_vllm.reference import ReferenceDecoder  # noqa: E402
 from svd_vllm.registry import Registry  # noqa: E402
 from svd_vllm.steering import svd_logits  # noqa: E402
@@ -217,10 +222,6 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _ci(d: dict[str, float]) -> str:
-    return f"{100 * d['diff']:+.1f} [{100 * d['lo']:+.1f}, {100 * d['hi']:+.1f}]"
-
-
 def markdown(r: dict[str, Any]) -> str:
     tol = r["tolerance"]
     lines = ["# Accuracy through the vLLM serving path vs the reference decoder", "",
@@ -237,7 +238,7 @@ def markdown(r: dict[str, Any]) -> str:
         for m in METHODS:
             x = res[m]
             lines.append(f"| {t} | {res['n']} | {m} | {100 * x['identical']:.0f}% | {100 * x['acc_reference']:.1f} | "
-                         f"{100 * x['acc_vllm']:.1f} | {_ci(x['vllm_minus_reference'])} |")  # fmt: skip
+                         f"{100 * x['acc_vllm']:.1f} | {format_ci(x['vllm_minus_reference'])} |")  # fmt: skip
     lines += [
         "",
         "Steering on each path: gain over PEFT (paired, 95% CI) and how many continuations steering "
@@ -249,7 +250,7 @@ def markdown(r: dict[str, Any]) -> str:
     for t, res in r["tasks"].items():
         for m in STEERED:
             x = res[m]
-            lines.append(f"| {t} | {m} | {_ci(x['gain_reference'])} | {_ci(x['gain_vllm'])} | "
+            lines.append(f"| {t} | {m} | {format_ci(x['gain_reference'])} | {format_ci(x['gain_vllm'])} | "
                          f"{x['changed_reference']}/{res['n']} | {x['changed_vllm']}/{res['n']} |")  # fmt: skip
     div = [(t, m, d) for t, res in r["tasks"].items() for m in METHODS for d in res[m]["diverged"]]
     lines += ["", f"## Continuations that differ ({len(div)})", ""]

@@ -30,7 +30,14 @@ from .reference import ReferenceDecoder
 from .steering import svd_logits
 from .tasks import Item
 
-__all__ = ["METHODS", "MethodSpec", "evaluate_items", "paired_bootstrap", "task_summary"]
+__all__ = [
+    "METHODS",
+    "MethodSpec",
+    "evaluate_items",
+    "format_ci",
+    "paired_bootstrap",
+    "task_summary",
+]
 
 METHODS = ("base", "peft", "peft+svd-exact", "peft+svd-precomputed", "peft+logit-bias")
 
@@ -167,6 +174,13 @@ def evaluate_items(
     for s in specs:
         scores[s.name]["_seconds"] = [time.time() - t0]
     return scores
+
+
+def format_ci(d: dict[str, float] | None) -> str:
+    """A paired difference with its CI, in points: ``+1.0 [+0.1, +2.0]`` (``—`` if absent)."""
+    if not d:
+        return "—"
+    return f"{100 * d['diff']:+.1f} [{100 * d['lo']:+.1f}, {100 * d['hi']:+.1f}]"
 
 
 def paired_bootstrap(
