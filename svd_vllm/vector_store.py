@@ -14,12 +14,13 @@
 from __future__ import annotations
 
 import ctypes
+import functools
 import logging
 import os
 import threading
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 
@@ -79,6 +80,14 @@ class LoadedVector:
         return self.entry.key
 
 
+@functools.cache
+def _malloc_trim() -> Callable[[int], int] | None:
+    try:
+        return ctypes.CDLL("libc.so.6").malloc_trim
+    except (OSError, AttributeError):
+        return None
+
+
 def release_free_memory() -> None:
     """Return freed heap pages to the OS (glibc ``malloc_trim``; a no-op elsewhere).
 
@@ -86,17 +95,9 @@ def release_free_memory() -> None:
     host cache keeps were allocated last, so without a trim the process would keep the whole
     verification pass's peak as resident memory.
     """
-    global _malloc_trim
-    if _malloc_trim is None:
-        try:
-            _malloc_trim = ctypes.CDLL("libc.so.6").malloc_trim
-        except (OSError, AttributeError):
-            _malloc_trim = False
-    if _malloc_trim:
-        _malloc_trim(0)
-
-
-_malloc_trim: Any = None
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
 
 
 def default_host_capacity() -> int:

@@ -3,22 +3,14 @@
 from __future__ import annotations
 
 import os
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 from typing import Any
 
 import httpx
 
+from svd_vllm.serve import ChildProcess, free_port, vllm_command
 
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+__all__ = ["VLLMServer", "free_port", "vllm_env"]
 
 
 def vllm_env(registry: Path, **extra: str) -> dict[str, str]:
@@ -50,58 +42,22 @@ class VLLMServer:
         self.port = free_port()
         self.base_url = f"http://127.0.0.1:{self.port}"
         self.log_path = log_path
-        cmd = [
-            sys.executable, "-m", "vllm.entrypoints.openai.api_server",
-            "--model", str(model), "--host", "127.0.0.1", "--port", str(self.port),
-            "--dtype", "float32", "--max-model-len", "512", "--enforce-eager",
-            "--max-num-seqs", "16", "--enable-lora", "--max-lora-rank", "8",
-            "--max-loras", str(max(1, len(loras))),
-        ]  # fmt: skip
-        if loras:
-            cmd += ["--lora-modules", *[f"{k}={v}" for k, v in loras.items()]]
-        cmd += extra_args or []
-        self._log = open(log_path, "wb")
-        self.proc = subprocess.Popen(
-            cmd,
-            stdout=self._log,
-            stderr=subprocess.STDOUT,
-            env={**vllm_env(registry), **(env or {})},
-            start_new_session=True,
-        )
+        cmd = vllm_command(
+            model, host="127.0.0.1", port=self.port, loras=loras, max_model_len=512,
+            dtype="float32", extra=["--enforce-eager", "--max-num-seqs", "16", *(extra_args or [])],
+        )  # fmt: skip
+        self.child = ChildProcess("vLLM", cmd, {**vllm_env(registry), **(env or {})}, log_path)
+        self.proc = self.child.proc
 
     def wait_ready(self, timeout: float = 240.0) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"vLLM exited with {self.proc.returncode}:\n{self.log_tail()}")
-            try:
-                if httpx.get(f"{self.base_url}/health", timeout=2).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.5)
-        raise TimeoutError(f"vLLM did not become healthy in {timeout}s:\n{self.log_tail()}")
+        self.child.wait_http(f"{self.base_url}/health", timeout)
 
     def log_tail(self, n: int = 60) -> str:
-        try:
-            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-n:])
-        except OSError:
-            return ""
+        return "\n".join(self.child.log_tail(1 << 20).splitlines()[-n:])
 
     def stop(self) -> None:
         """SIGTERM the server's process group (its PID leads it), then SIGKILL if needed."""
-        if self.proc.poll() is None:
-            try:
-                os.killpg(self.proc.pid, signal.SIGTERM)
-                self.proc.wait(timeout=30)
-            except (ProcessLookupError, subprocess.TimeoutExpired):
-                pass
-        try:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        self.proc.wait(timeout=10)
-        self._log.close()
+        self.child.stop()
 
     def complete(self, client: httpx.Client, **body: Any) -> httpx.Response:
         body.setdefault("temperature", 0)
