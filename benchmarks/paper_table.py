@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from svd_vllm.evaluation import format_ci
+from svd_vllm.offline.evaluation import format_ci
 
 RESULTS = Path(__file__).resolve().parent / "results"
 MODELS = {"smollm2-135m": "SmolLM2-135M-Instruct", "gemma3-270m": "Gemma-3-270M (base)"}

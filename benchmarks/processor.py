@@ -33,7 +33,7 @@ SUPPORT = Path(__file__).resolve().parent / "support"
 
 
 def _vector(name: str, vocab: int, seed: int = 0):  # type: ignore[no-untyped-def]
-    from svd_vllm.artifact import SteeringArtifact
+    from svd_vllm.core.artifact import SteeringArtifact
 
     g = torch.Generator().manual_seed(seed)
     return SteeringArtifact.create(torch.randn(vocab, generator=g), name=name, base_model="bench", adapter="bench",
@@ -44,8 +44,8 @@ def _processor(registry_dir: Path, vocab: int, rows: int, n_vectors: int = 1, st
     from vllm import SamplingParams
     from vllm.v1.sample.logits_processor import BatchUpdate
 
-    from svd_vllm.processor import SVDLogitsProcessor
     from svd_vllm.registry import Registry
+    from svd_vllm.vllm.processor import SVDLogitsProcessor
 
     os.environ["SVD_VLLM_REGISTRY"] = str(registry_dir)
     reg = Registry(registry_dir)
@@ -173,13 +173,13 @@ def _decode(spec: dict[str, Any], hide: bool, registry: Path) -> list[dict[str, 
 
 
 def part2(rounds: int, batch: int, max_tokens: int) -> dict[str, Any]:
-    from svd_vllm.assets import cache_dir, ensure_model
+    from svd_vllm.offline.assets import cache_dir, ensure_model
     from svd_vllm.registry import Registry
 
     model = ensure_model("smollm2-135m")
     lora = cache_dir() / "adapters" / "smollm2-135m" / "cs-lora-strong"
     if not (lora / "adapter_config.json").exists():
-        from svd_vllm.tiny import build_tiny_lora
+        from svd_vllm.tools.tiny import build_tiny_lora
 
         lora = build_tiny_lora(
             model,

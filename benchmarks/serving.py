@@ -44,11 +44,11 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from svd_vllm import artifact  # noqa: E402
-from svd_vllm.artifact import SteeringArtifact  # noqa: E402
-from svd_vllm.assets import cache_dir, ensure_model  # noqa: E402
+from svd_vllm.core import artifact  # noqa: E402
+from svd_vllm.core.artifact import SteeringArtifact  # noqa: E402
+from svd_vllm.offline.assets import cache_dir, ensure_model  # noqa: E402
 from svd_vllm.registry import Registry  # noqa: E402
-from svd_vllm.tiny import build_tiny_lora  # noqa: E402
+from svd_vllm.tools.tiny import build_tiny_lora  # noqa: E402
 from tests.support.sidecar_proc import SidecarProcess  # noqa: E402
 from tests.support.vllm_server import VLLMServer  # noqa: E402
 

@@ -45,18 +45,18 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.accuracy import ensure_adapter, ensure_vector, full_suites  # noqa: E402
-from svd_vllm.assets import ensure_model  # noqa: E402
-from svd_vllm.demo import with_choices  # noqa: E402
-from svd_vllm.evaluation import (  # noqa: E402
+from svd_vllm.core.steering import svd_logits  # noqa: E402
+from svd_vllm.offline.assets import ensure_model  # noqa: E402
+from svd_vllm.offline.evaluation import (  # noqa: E402
     format_ci,
     generation_correct,
     max_new_tokens,
     paired_bootstrap,
 )
-from svd_vllm.reference import ReferenceDecoder  # noqa: E402
+from svd_vllm.offline.reference import ReferenceDecoder  # noqa: E402
+from svd_vllm.offline.tasks import build_tasks, load_items, tasks_dir  # noqa: E402
 from svd_vllm.registry import Registry  # noqa: E402
-from svd_vllm.steering import svd_logits  # noqa: E402
-from svd_vllm.tasks import build_tasks, load_items, tasks_dir  # noqa: E402
+from svd_vllm.tools.demo import with_choices  # noqa: E402
 from tests.support.vllm_server import VLLMServer  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"

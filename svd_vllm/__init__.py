@@ -11,11 +11,13 @@ Public API (stable names):
 * calibration: ``extract_vector``, ``CalibrationItem``
 """
 
-from .artifact import ArtifactError, ArtifactMeta, CalibrationStats, SteeringArtifact
-from .artifact import load as load_artifact
-from .artifact import save as save_artifact
-from .artifact import validate as validate_artifact
-from .steering import (
+from typing import Any
+
+from .core.artifact import ArtifactError, ArtifactMeta, CalibrationStats, SteeringArtifact
+from .core.artifact import load as load_artifact
+from .core.artifact import save as save_artifact
+from .core.artifact import validate as validate_artifact
+from .core.steering import (
     aggregate_mu,
     confidence_mask,
     exact_delta,
@@ -55,13 +57,15 @@ __all__ = [
 ]
 
 
-def __getattr__(name: str):  # lazy: transformers/peft are heavy and the plugin does not need them
+def __getattr__(
+    name: str,
+) -> Any:  # lazy: transformers/peft are heavy and the plugin does not need them
     if name == "ReferenceDecoder":
-        from .reference import ReferenceDecoder
+        from .offline.reference import ReferenceDecoder
 
         return ReferenceDecoder
     if name in ("extract_vector", "CalibrationItem"):
-        from . import extraction
+        from .offline import extraction
 
         return getattr(extraction, name)
     raise AttributeError(f"module 'svd_vllm' has no attribute {name!r}")

@@ -11,10 +11,20 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
+@pytest.fixture(autouse=True)
+def _isolated(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch):
+    """No test reads a user's registry, and none leaves admission state behind."""
+    from svd_vllm.vllm import admission
+
+    monkeypatch.setenv("SVD_VLLM_REGISTRY", str(tmp_path_factory.mktemp("registry")))
+    yield
+    admission.reset_state()
+
+
 @pytest.fixture(scope="session")
 def tiny_dirs(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     """(base model dir, non-zero LoRA dir) for the tiny Llama."""
-    from svd_vllm.tiny import build_tiny_lora, build_tiny_model
+    from svd_vllm.tools.tiny import build_tiny_lora, build_tiny_model
 
     root = tmp_path_factory.mktemp("tiny")
     base = build_tiny_model(root / "base", seed=0)
@@ -27,12 +37,12 @@ def serving_assets(tmp_path_factory: pytest.TempPathFactory, tiny_dirs: tuple[Pa
     """Tiny base, two LoRAs, three steering vectors (lora1, lora2, other) in a fresh registry."""
     import torch
 
-    from svd_vllm import artifact
-    from svd_vllm.artifact import SteeringArtifact
-    from svd_vllm.reference import ReferenceDecoder
+    from svd_vllm.core import artifact
+    from svd_vllm.core.artifact import SteeringArtifact
+    from svd_vllm.core.steering import log_ratio
+    from svd_vllm.offline.reference import ReferenceDecoder
     from svd_vllm.registry import Registry
-    from svd_vllm.steering import log_ratio
-    from svd_vllm.tiny import build_tiny_lora
+    from svd_vllm.tools.tiny import build_tiny_lora
 
     root = tmp_path_factory.mktemp("serving")
     base, lora1 = tiny_dirs

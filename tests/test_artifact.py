@@ -10,8 +10,8 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from svd_vllm import artifact
-from svd_vllm.artifact import ArtifactError, CalibrationStats, SteeringArtifact
+from svd_vllm.core import artifact
+from svd_vllm.core.artifact import ArtifactError, CalibrationStats, SteeringArtifact
 
 
 def make(name: str = "vec", vocab: int = 32, **kw) -> SteeringArtifact:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from svd_vllm.serve import ChildProcess, free_port, vllm_command
+from svd_vllm.tools.serve import ChildProcess, free_port, vllm_command
 
 
 def _group_alive(pgid: int) -> bool:

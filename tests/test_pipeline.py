@@ -12,10 +12,9 @@ import numpy as np
 import pytest
 import torch
 
-from svd_vllm import artifact
-from svd_vllm.assets import AssetError, gguf_add_bos, read_wheel_member
-from svd_vllm.cli import main as cli_main
-from svd_vllm.evaluation import (
+from svd_vllm.core import artifact
+from svd_vllm.offline.assets import AssetError, gguf_add_bos, read_wheel_member
+from svd_vllm.offline.evaluation import (
     MethodSpec,
     average_gain_ci,
     evaluate_items,
@@ -23,9 +22,10 @@ from svd_vllm.evaluation import (
     paired_bootstrap,
     task_summary,
 )
-from svd_vllm.reference import ReferenceDecoder
-from svd_vllm.tasks import _convert, _split, load_items
-from svd_vllm.warmstart import WarmStartConfig, train_adapter
+from svd_vllm.offline.reference import ReferenceDecoder
+from svd_vllm.offline.tasks import _convert, _split, load_items
+from svd_vllm.offline.warmstart import WarmStartConfig, train_adapter
+from svd_vllm.tools.cli import main as cli_main
 
 
 def _wheel(
@@ -215,18 +215,23 @@ def test_evaluate_items_and_cli_extract_eval(
                      "--out", str(vec), "--name", "toy", "--report", str(tmp_path / "r.json")]) == 0  # fmt: skip
     art = artifact.load(vec)
     assert art.meta.name == "toy" and torch.isfinite(art.shift).all()
-    assert "precomputed-prob" in json.loads((tmp_path / "r.json").read_text())["directions"]
+    directions = json.loads((tmp_path / "r.json").read_text())["directions"]
+    # The file carries the strength the report chose for its shift variant.
+    assert directions["precomputed-" + art.meta.shift_weighting]["mu_bar"] == pytest.approx(
+        art.meta.mu_bar
+    )
     capsys.readouterr()
     assert cli_main(["eval", "--base", str(base), "--adapter", str(lora), "--vector", str(vec),
                      "--task", str(d / "test.jsonl"), "--limit", "3", "--out", str(tmp_path / "e.json")]) == 0  # fmt: skip
     report = json.loads((tmp_path / "e.json").read_text())["toy"]
-    assert set(report) == {
-        "base",
-        "peft",
-        "peft+svd-exact",
-        "peft+svd-precomputed",
-        "peft+logit-bias",
-    }
+    # The CLI's scores are those of the library on the same items: base and PEFT directly,
+    # and the precomputed vector at the file's strength.
+    direct = evaluate_items(dec, load_items(d / "test.jsonl", limit=3),
+                            [MethodSpec("base", "base"), MethodSpec("peft", "adapter"),
+                             MethodSpec("svd", "svd-precomputed", art.meta.mu_bar, art.meta.alpha, art.shift)],
+                            generation=False, progress=False)  # fmt: skip
+    for method, name in (("base", "base"), ("peft", "peft"), ("peft+svd-precomputed", "svd")):
+        assert report[method]["acc"]["score"] == pytest.approx(float(np.mean(direct[name]["acc"])))
     assert (
         report["peft+svd-precomputed"]["acc"]["n"] == 3
         and "vs_peft" in report["peft+svd-precomputed"]["acc"]

@@ -15,12 +15,18 @@ from vllm.v1.sample.logits_processor import LogitsProcessor as V1
 from vllm.v1.worker.gpu.sample.logits_processor import LogitsContext
 from vllm.v1.worker.gpu.sample.logits_processor import LogitsProcessor as V2
 
-from svd_vllm import processor as proc_mod
-from svd_vllm.artifact import SteeringArtifact
-from svd_vllm.processor import SVDLogitsProcessor, validate_steering_params
+from svd_vllm.core.artifact import SteeringArtifact
+from svd_vllm.core.steering import confidence_mask, precomputed_delta, steer
 from svd_vllm.registry import Registry
-from svd_vllm.request_args import LORA_KEY, PIN_KEY, parse_request_args
-from svd_vllm.steering import confidence_mask, precomputed_delta, steer
+from svd_vllm.vllm.admission import (
+    LORA_KEY,
+    PIN_KEY,
+    parse_request_args,
+    set_served_vocab_size,
+    set_stamping,
+    validate_steering_params,
+)
+from svd_vllm.vllm.processor import SVDLogitsProcessor
 
 V = 64
 
@@ -37,7 +43,7 @@ def vec(name: str, seed: int, mu: float, alpha: float = 0.1, vocab: int = V) -> 
 def registry(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Registry:
     monkeypatch.setenv("SVD_VLLM_REGISTRY", str(tmp_path / "reg"))
     monkeypatch.delenv("SVD_VLLM_DEFAULT", raising=False)
-    monkeypatch.setattr(proc_mod, "SERVED_VOCAB_SIZE", None)
+    set_stamping(True)  # as in a server, where the plugin stamps; the conftest resets it
     reg = Registry()
     reg.add(vec("a", 1, -4.0))
     reg.add(vec("b", 2, -9.0, alpha=0.3))
@@ -64,9 +70,21 @@ def logits(n: int, seed: int = 0) -> torch.Tensor:
     return torch.randn(n, V, generator=g) * 2
 
 
-def test_one_class_passes_both_interfaces() -> None:
-    assert issubclass(SVDLogitsProcessor, V1) and issubclass(SVDLogitsProcessor, V2)
-    assert not SVDLogitsProcessor.__abstractmethods__
+def test_the_entry_point_class_loads_and_builds_on_both_runners(registry: Registry) -> None:
+    from vllm.v1.sample.logits_processor import _load_custom_logitsprocs
+    from vllm.v1.worker.gpu.sample.logits_processor.loader import _load_v2_logitsprocs
+
+    # vLLM's own loaders: the installed entry point and the same class by name.
+    fqcn = "svd_vllm.vllm.processor:SVDLogitsProcessor"
+    assert _load_custom_logitsprocs([fqcn]) == [SVDLogitsProcessor, SVDLogitsProcessor]
+    assert _load_v2_logitsprocs([fqcn]) == [SVDLogitsProcessor, SVDLogitsProcessor]
+    # Each runner's constructor call gives that runner's adapter, which steers.
+    v1 = SVDLogitsProcessor(config(), "cpu", False)
+    v2 = SVDLogitsProcessor(config(), SimpleNamespace(device=torch.device("cpu"), max_num_reqs=8))
+    assert isinstance(v1, V1) and not isinstance(v1, V2) and v1.runner == "v1"
+    assert isinstance(v2, V2) and not isinstance(v2, V1) and v2.runner == "v2"
+    with pytest.raises(TypeError, match="expected"):
+        SVDLogitsProcessor(config())
 
 
 def test_v1_mixed_batch_moves_and_removals(registry: Registry) -> None:
@@ -111,7 +129,7 @@ def test_v1_mixed_batch_moves_and_removals(registry: Registry) -> None:
     # Everything finishes: apply is a no-op and all table slots are released.
     p.update_state(BatchUpdate(batch_size=0, removed=[0, 1, 2, 3], added=[], moved=[]))
     z3 = logits(2)
-    assert p.apply(z3) is z3 and p.state.count == 0 and p.store.slots_in_use() == 0
+    assert p.apply(z3) is z3 and p.steering.state.count == 0 and p.store.slots_in_use() == 0
 
 
 def test_v1_all_rows_steered_in_place_and_bf16(registry: Registry) -> None:
@@ -287,7 +305,7 @@ def test_validate_params_accepts_good_requests_and_checks_vocab(
     registry.update("a", enabled=False)
     with pytest.raises(ValueError, match="'a' is disabled"):
         validate_steering_params({"svd": 1, "svd_vector": "a"})
-    monkeypatch.setattr(proc_mod, "SERVED_VOCAB_SIZE", 128)
+    set_served_vocab_size(128)  # the conftest resets it after every test
     with pytest.raises(ValueError, match="vocab_size 64 but the served model has 128"):
         validate_steering_params({"svd": 1, "svd_vector": "b"})
 

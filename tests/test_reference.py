@@ -8,11 +8,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from svd_vllm import artifact
-from svd_vllm.artifact import SteeringArtifact
-from svd_vllm.cli import main as cli_main
-from svd_vllm.reference import ReferenceDecoder, sample_next
-from svd_vllm.steering import log_ratio
+from svd_vllm.core import artifact
+from svd_vllm.core.artifact import SteeringArtifact
+from svd_vllm.core.steering import log_ratio
+from svd_vllm.offline.reference import ReferenceDecoder, sample_next
+from svd_vllm.tools.cli import main as cli_main
 
 PROMPTS = ["the color of sky is", "what is the color of snow ? answer :", "one two three"]
 
@@ -111,7 +111,7 @@ def test_kv_cache_generation_equals_full_recompute(decoder: ReferenceDecoder) ->
         prompt, "svd-exact", mu=-5.0, alpha=0.1, max_new_tokens=8, stop_at_eos=False
     )
     ids = decoder.encode(prompt)
-    from svd_vllm.steering import svd_logits
+    from svd_vllm.core.steering import svd_logits
 
     slow = []
     for _ in range(8):
@@ -127,7 +127,13 @@ def test_sampling_is_seeded(decoder: ReferenceDecoder) -> None:
     kw = dict(mu=-3.0, alpha=0.05, max_new_tokens=10, temperature=1.0, top_p=0.9, top_k=50)
     a = decoder.generate(PROMPTS[0], "svd-exact", seed=7, **kw)
     b = decoder.generate(PROMPTS[0], "svd-exact", seed=7, **kw)
-    assert a.token_ids == b.token_ids
+    assert a.token_ids == b.token_ids  # same seed, same draw
+    draws = {
+        tuple(decoder.generate(PROMPTS[0], "svd-exact", seed=s, **kw).token_ids) for s in range(8)
+    }
+    assert len(draws) > 1  # the seed is used
+    greedy = decoder.generate(PROMPTS[0], "svd-exact", seed=7, **{**kw, "temperature": 0.0})
+    assert draws != {tuple(greedy.token_ids)}  # the temperature is used: sampling is not greedy
 
 
 def test_sample_next_respects_top_k_and_top_p() -> None:

@@ -8,14 +8,15 @@ import os
 import signal
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
 
-from svd_vllm import artifact
-from svd_vllm.artifact import SteeringArtifact
+from svd_vllm.core import artifact
+from svd_vllm.core.artifact import SteeringArtifact
 from svd_vllm.registry import Registry, RegistryError
-from svd_vllm.vector_store import ManifestWatcher, VectorStore
+from svd_vllm.registry.vector_store import ManifestWatcher, VectorStore
 
 
 def vec(name: str = "v", vocab: int = 16, seed: int = 0, mu: float = -1.0) -> SteeringArtifact:
@@ -87,7 +88,7 @@ def _hammer(root: str, worker: int, n: int) -> None:
     reg = Registry(root)
     for i in range(n):
         reg.add(vec(f"w{worker}", seed=i), replace=True)
-        reg.update("shared", default_scale=float(worker * 100 + i))
+        reg.update("shared", default_scale=worker + i / 100)
 
 
 def test_concurrent_writers_lose_no_update(tmp_path: Path) -> None:
@@ -106,28 +107,50 @@ def test_concurrent_writers_lose_no_update(tmp_path: Path) -> None:
     assert m.vectors["shared"].version == 1 + 40  # every update got its own version
 
 
-def _writer_loop(root: str) -> None:
+def _writer_paused_at(root: str, replace_call: int, paused: Any) -> None:
+    """Keep replacing 'victim'; freeze just before the ``replace_call``-th atomic rename.
+
+    Runs in a child process: patching ``os.replace`` here touches no other process.
+    """
+    real_replace = os.replace
+    calls = 0
+
+    def replace(src: Any, dst: Any) -> None:
+        nonlocal calls
+        calls += 1
+        if calls == replace_call:
+            paused.set()
+            time.sleep(120)  # the parent kills us here, with the temp file written
+        real_replace(src, dst)
+
+    os.replace = replace
     reg = Registry(root)
-    i = 0
-    while True:
+    for i in range(1, 100):
         reg.add(vec("victim", vocab=200_000, seed=i), replace=True)
-        i += 1
 
 
-def test_killed_writer_leaves_a_consistent_registry(tmp_path: Path) -> None:
+# rename 1: the new artifact file; rename 2: the manifest naming it; rename 3: the next file.
+@pytest.mark.parametrize(("replace_call", "version_after"), [(1, 1), (2, 1), (3, 2)])
+def test_writer_killed_mid_write_leaves_a_consistent_registry(
+    tmp_path: Path, replace_call: int, version_after: int
+) -> None:
     reg = Registry(tmp_path)
     reg.add(vec("victim", vocab=200_000))
-    ctx = mp.get_context("fork")
-    for delay in (0.05, 0.13, 0.27, 0.41, 0.6):
-        p = ctx.Process(target=_writer_loop, args=(str(tmp_path),))
-        p.start()
-        time.sleep(delay)
-        os.kill(p.pid, signal.SIGKILL)
-        p.join()
-        entry = reg.get("victim")
-        art = reg.load(entry)  # the manifest names a complete, valid file
-        assert art.meta.content_hash == entry.content_hash
-    # The lock is free again after the killed writers.
+    ctx = mp.get_context("spawn")  # a forked child of a torch process can deadlock in torch
+    paused = ctx.Event()
+    p = ctx.Process(target=_writer_paused_at, args=(str(tmp_path), replace_call, paused))
+    p.start()
+    assert paused.wait(60), "the writer never reached the rename"
+    os.kill(p.pid, signal.SIGKILL)
+    p.join()
+    torn = list(tmp_path.rglob(".*.tmp"))
+    assert len(torn) == 1  # the kill landed mid-write: its temp file is still there
+    entry = reg.get("victim")
+    assert entry.version == version_after  # the manifest moved only if its rename happened
+    art = reg.load(entry)  # and it names a complete, valid file
+    assert art.meta.content_hash == entry.content_hash
+    assert reg.cleanup() == 1 and not list(tmp_path.rglob(".*.tmp"))
+    # The lock is free again after the killed writer.
     assert reg.add(vec("after")).version == 1
 
 

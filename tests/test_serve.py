@@ -8,9 +8,9 @@ from pathlib import Path
 import httpx
 import pytest
 
-from svd_vllm import artifact
-from svd_vllm.reference import ReferenceDecoder
-from svd_vllm.serve import LocalStack, StackConfig
+from svd_vllm.core import artifact
+from svd_vllm.offline.reference import ReferenceDecoder
+from svd_vllm.tools.serve import LocalStack, StackConfig
 
 pytestmark = pytest.mark.vllm
 

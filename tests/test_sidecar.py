@@ -13,8 +13,8 @@ from fastapi.testclient import TestClient
 from safetensors.torch import save_file
 from svd_sidecar import SidecarSettings, create_app
 
-from svd_vllm import artifact
-from svd_vllm.artifact import SteeringArtifact
+from svd_vllm.core import artifact
+from svd_vllm.core.artifact import SteeringArtifact
 
 KEY = "k" * 24
 AUTH = {"Authorization": f"Bearer {KEY}"}
@@ -239,7 +239,8 @@ def test_every_rejection_reason_writes_nothing(env: dict) -> None:
         == 404
     )
     assert c.delete("/v1/steering/vectors/nope", headers=AUTH).status_code == 404
-    assert c.get("/v1/steering/vectors/bad%2Fname").status_code in (400, 404)
+    assert c.get("/v1/steering/vectors/bad%2Fname").status_code == 404  # no such route
+    assert c.get("/v1/steering/vectors/-bad").status_code == 400  # not a vector name
     assert manifest_bytes(env) == before
     text = c.get("/metrics").text
     for reason in ("parse", "vocab", "dtype", "non_finite", "metadata", "hash", "size", "name"):

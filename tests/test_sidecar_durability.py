@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
-import random
+import contextlib
 import threading
 import time
+from collections.abc import Callable
+from pathlib import Path
 
 import httpx
 import pytest
 import torch
 
-from svd_vllm import artifact
-from svd_vllm.artifact import SteeringArtifact
+from svd_vllm.core import artifact
+from svd_vllm.core.artifact import SteeringArtifact
 from svd_vllm.registry import Registry
 from tests.support.sidecar_proc import SidecarProcess
 
@@ -43,64 +45,91 @@ def slow_body(data: bytes, boundary: str, delay: float):  # type: ignore[no-unty
     yield f"\r\n--{boundary}--\r\n".encode()
 
 
-@pytest.mark.parametrize("round_", range(5))
+def _spooled(reg_dir: Path) -> list[Path]:
+    return list((reg_dir / ".uploads").glob("upload-*"))
+
+
+def _kill_when(sc: SidecarProcess, reg_dir: Path, ready: Callable[[int], bool]) -> bool:
+    """SIGKILL the sidecar as soon as its spooled upload's size satisfies ``ready``."""
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        for f in _spooled(reg_dir):
+            with contextlib.suppress(OSError):
+                if ready(f.stat().st_size):
+                    sc.kill()
+                    return True
+        time.sleep(0.001)
+    sc.kill()
+    return False
+
+
+# Each round has its own registry. "body": killed while the upload streams in;
+# "processing": killed after the whole body arrived, while it is verified and registered.
+@pytest.mark.parametrize("seed", [1, 2])
+@pytest.mark.parametrize("phase", ["body", "processing"])
 def test_kill_during_upload_keeps_registry_consistent(
-    tmp_path_factory: pytest.TempPathFactory, round_: int
+    tmp_path: Path, phase: str, seed: int
 ) -> None:
-    root = tmp_path_factory.getbasetemp() / "durability"
-    root.mkdir(exist_ok=True)
-    reg_dir = root / "registry"
+    reg_dir = tmp_path / "registry"
     env = {"SVD_SIDECAR_API_KEY": KEY, "SVD_SIDECAR_REGISTRY": str(reg_dir), "SVD_SIDECAR_VOCAB_SIZE": str(VOCAB),
            "SVD_SIDECAR_VLLM_URL": "http://127.0.0.1:9"}  # fmt: skip
-    sc = SidecarProcess(env, root / "sidecar.log").start()
+    sc = SidecarProcess(env, tmp_path / "sidecar.log").start()
     registry = Registry(reg_dir)
+    auth = {"Authorization": f"Bearer {KEY}"}
+    boundary = "svdboundary"
+    new = art_bytes(seed)
     try:
-        auth = {"Authorization": f"Bearer {KEY}"}
-        if round_ == 0:
-            r = httpx.post(
-                f"{sc.url}/v1/steering/vectors",
-                files={"file": ("b", art_bytes(0))},
-                headers=auth,
-                timeout=60,
-            )
-            assert r.status_code == 201, r.text
+        r = httpx.post(f"{sc.url}/v1/steering/vectors", files={"file": ("b", art_bytes(0))},
+                       headers=auth, timeout=60)  # fmt: skip
+        assert r.status_code == 201, r.text
         before = registry.get("big")
-        rng = random.Random(round_)
-        boundary = "svdboundary"
-        # Even rounds: kill mid-body. Odd rounds: send it all, kill while it is being processed.
-        delay = 0.05 if round_ % 2 == 0 else 0.0
-        kill_after = rng.uniform(0.1, 0.5) if round_ % 2 == 0 else rng.uniform(0.0, 0.15)
-        outcome: dict = {}
+        landed = False
+        for _ in range(5):  # the processing window is short: retry until the kill lands in it
+            outcome: dict = {}
 
-        def send() -> None:
-            try:
-                outcome["r"] = httpx.post(
-                    f"{sc.url}/v1/steering/vectors?replace=true",
-                    content=slow_body(art_bytes(round_ + 1), boundary, delay),
-                    headers={**auth, "content-type": f"multipart/form-data; boundary={boundary}"},
-                    timeout=60,
-                )
-            except httpx.HTTPError as e:
-                outcome["error"] = e
+            def send(outcome: dict = outcome) -> None:
+                try:
+                    outcome["r"] = httpx.post(
+                        f"{sc.url}/v1/steering/vectors?replace=true",
+                        content=slow_body(new, boundary, 0.05 if phase == "body" else 0.0),
+                        headers={
+                            **auth,
+                            "content-type": f"multipart/form-data; boundary={boundary}",
+                        },
+                        timeout=60,
+                    )
+                except httpx.HTTPError as e:
+                    outcome["error"] = e
 
-        t = threading.Thread(target=send)
-        t.start()
-        time.sleep(kill_after)
-        sc.kill()
-        t.join(30)
+            t = threading.Thread(target=send)
+            t.start()
+            if phase == "body":
+                seen = _kill_when(sc, reg_dir, lambda size: 0 < size < len(new) // 2)
+            else:
+                seen = _kill_when(sc, reg_dir, lambda size: size >= len(new))
+            t.join(30)
+            # Landed mid-write: the client got no answer and the upload is still spooled.
+            landed = seen and "r" not in outcome and bool(_spooled(reg_dir))
+            if landed:
+                break
+            sc.start()
+        assert landed, "the kill never landed during the upload"
         # The registry is consistent: the manifest's entry is loadable and matches its hash;
         # it is the old version or (if the write completed before the kill) the new one.
         after = registry.get("big")
         loaded = registry.load(after)
         assert loaded.meta.content_hash == after.content_hash
-        assert after.version in (before.version, before.version + 1)
-        if after.version == before.version:
-            assert after == before
+        if phase == "body":
+            assert after == before  # the body never arrived: nothing may have changed
+        else:
+            assert after.version in (before.version, before.version + 1)
+            if after.version == before.version:
+                assert after == before
         # A restarted sidecar serves the same state and cleans the aborted upload.
         sc.start()
         listed = httpx.get(f"{sc.url}/v1/steering/vectors", timeout=10).json()
         assert [(v["name"], v["version"]) for v in listed] == [("big", after.version)]
-        assert not list((reg_dir / ".uploads").glob("upload-*"))
+        assert not _spooled(reg_dir)
         assert not list(reg_dir.glob("*.tmp")) and not list(reg_dir.glob(".manifest.json.*"))
     finally:
         sc.stop()

@@ -9,8 +9,8 @@ from collections.abc import Iterator
 import httpx
 import pytest
 
-from svd_vllm import artifact
-from svd_vllm.reference import ReferenceDecoder
+from svd_vllm.core import artifact
+from svd_vllm.offline.reference import ReferenceDecoder
 from svd_vllm.registry import Registry
 from tests.support.sidecar_proc import SidecarProcess
 from tests.support.vllm_server import VLLMServer

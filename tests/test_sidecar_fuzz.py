@@ -9,8 +9,8 @@ import schemathesis
 from hypothesis import HealthCheck, settings
 from svd_sidecar import SidecarSettings, create_app
 
-from svd_vllm import artifact
-from svd_vllm.artifact import SteeringArtifact
+from svd_vllm.core import artifact
+from svd_vllm.core.artifact import SteeringArtifact
 
 KEY = "f" * 32
 _root = Path(tempfile.mkdtemp(prefix="svd-fuzz-"))

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from svd_vllm.steering import (
+from svd_vllm.core.steering import (
     LOG_PROB_FLOOR,
     aggregate_mu,
     confidence_mask,

@@ -12,8 +12,8 @@ import httpx
 import pytest
 import torch
 
-from svd_vllm.artifact import SteeringArtifact
-from svd_vllm.reference import ReferenceDecoder
+from svd_vllm.core.artifact import SteeringArtifact
+from svd_vllm.offline.reference import ReferenceDecoder
 from svd_vllm.registry import Registry
 from tests.support.vllm_server import VLLMServer
 

@@ -15,13 +15,15 @@ def main(argv: list[str] | None = None) -> int:
     import uvicorn
     from pydantic import ValidationError
 
+    from svd_vllm.core.validation import pydantic_message
+
     from .app import create_app
     from .settings import SidecarSettings
 
     try:
         settings = SidecarSettings()
     except ValidationError as e:
-        print(f"svd-sidecar: {e.errors()[0]['msg']}", file=sys.stderr)
+        print(f"svd-sidecar: {pydantic_message(e, root='settings')}", file=sys.stderr)
         return 2
     uvicorn.run(create_app(settings), host=args.host, port=args.port, log_level=args.log_level)
     return 0

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
-from svd_vllm.artifact import NAME_PATTERN
-from svd_vllm.registry import VectorEntry
-from svd_vllm.request_args import MAX_ABS_SCALE
+from svd_vllm.core.artifact import NAME_PATTERN
+from svd_vllm.core.validation import MAX_ABS_SCALE, finite
+from svd_vllm.registry import SettingsPatch, VectorEntry
 
 __all__ = [
     "ErrorBody",
@@ -21,10 +20,8 @@ __all__ = [
 ]
 
 
-def _finite(v: float | None) -> float | None:
-    if v is not None and not math.isfinite(v):
-        raise ValueError("must be finite")
-    return v
+def _finite(v: float | None, info: ValidationInfo) -> float | None:
+    return None if v is None else finite(v, str(info.field_name))
 
 
 class ErrorDetail(BaseModel):
@@ -80,20 +77,11 @@ class RegisterByPath(BaseModel):
     name: str | None = Field(None, pattern=NAME_PATTERN, description="default: the artifact's name")
     default_scale: float | None = Field(None, ge=-MAX_ABS_SCALE, le=MAX_ABS_SCALE)
 
-    _f = field_validator("default_scale")(lambda cls, v: _finite(v))
+    _f = field_validator("default_scale")(lambda cls, v, info: _finite(v, info))
 
 
-class VectorPatch(BaseModel):
+class VectorPatch(SettingsPatch):
     """Strength settings; each accepted change bumps the vector's version."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    default_scale: float | None = Field(None, ge=-MAX_ABS_SCALE, le=MAX_ABS_SCALE)
-    mu_bar: float | None = Field(None, ge=-1e6, le=1e6, description="override; null clears it")
-    alpha: float | None = Field(None, gt=0.0, le=1.0, description="override; null clears it")
-    enabled: bool | None = None
-
-    _f = field_validator("default_scale", "mu_bar")(lambda cls, v: _finite(v))
 
 
 class SteeringOptions(BaseModel):
@@ -106,4 +94,4 @@ class SteeringOptions(BaseModel):
     vector: str | None = Field(None, pattern=NAME_PATTERN)
     alpha: float | None = Field(None, gt=0.0, le=1.0)
 
-    _f = field_validator("scale")(lambda cls, v: _finite(v))
+    _f = field_validator("scale")(lambda cls, v, info: _finite(v, info))

@@ -6,7 +6,7 @@ import os
 import sys
 from pathlib import Path
 
-from svd_vllm.serve import ChildProcess, free_port
+from svd_vllm.tools.serve import ChildProcess, free_port
 
 
 class SidecarProcess:

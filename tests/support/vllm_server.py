@@ -8,7 +8,7 @@ from typing import Any
 
 import httpx
 
-from svd_vllm.serve import ChildProcess, free_port, vllm_command
+from svd_vllm.tools.serve import ChildProcess, free_port, vllm_command
 
 __all__ = ["VLLMServer", "free_port", "vllm_env"]
 

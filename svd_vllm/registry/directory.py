@@ -19,18 +19,18 @@ import contextlib
 import datetime as _dt
 import fcntl
 import json
-import math
 import os
 import re
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
-from . import artifact as _artifact
-from .artifact import NAME_PATTERN, ArtifactError, SteeringArtifact, atomic_write_bytes
+from ..core import artifact as _artifact
+from ..core.artifact import NAME_PATTERN, ArtifactError, SteeringArtifact, atomic_write_bytes
+from ..core.validation import MAX_ABS_SCALE, check_scale, finite
 
 __all__ = [
     "DEFAULT_REGISTRY",
@@ -38,8 +38,11 @@ __all__ = [
     "Manifest",
     "Registry",
     "RegistryError",
+    "SettingsPatch",
     "VectorEntry",
+    "check_name",
     "default_registry_path",
+    "servable",
 ]
 
 MANIFEST_FORMAT = 1
@@ -62,7 +65,8 @@ class RegistryError(ValueError):
     """A registry operation that cannot be done; nothing was written."""
 
     def __init__(self, message: str, *, code: str = "invalid") -> None:
-        self.code = code  # "not_found" | "conflict" | "invalid"
+        # "not_found" | "conflict" | "invalid"; ``servable`` and ``SettingsPatch`` add theirs
+        self.code = code
         super().__init__(message)
 
 
@@ -89,20 +93,29 @@ class VectorEntry(BaseModel):
 
     @field_validator("mu_bar", "mu_bar_override", "default_scale")
     @classmethod
-    def _finite(cls, v: float | None) -> float | None:
-        if v is not None and not math.isfinite(v):
-            raise ValueError("must be finite")
-        return v
+    def _finite(cls, v: float | None, info: ValidationInfo) -> float | None:
+        return None if v is None else finite(v, str(info.field_name))
+
+    def strength(self, scale: float | None = None) -> float:
+        """The ``mu`` a request steers with: the override or the calibrated strength, times the
+        request's ``scale`` (default: this vector's ``default_scale``). The one rule for it."""
+        mu = self.mu_bar if self.mu_bar_override is None else self.mu_bar_override
+        return mu * (self.default_scale if scale is None else scale)
+
+    def mask_alpha(self, alpha: float | None = None) -> float:
+        """The confidence-mask threshold: the request's, else the override, else calibrated."""
+        if alpha is not None:
+            return alpha
+        return self.alpha if self.alpha_override is None else self.alpha_override
 
     @property
     def effective_mu(self) -> float:
-        """The strength a request with scale 1 gets: override or calibrated, times default scale."""
-        mu = self.mu_bar if self.mu_bar_override is None else self.mu_bar_override
-        return mu * self.default_scale
+        """The strength a request that sets no scale gets."""
+        return self.strength()
 
     @property
     def effective_alpha(self) -> float:
-        return self.alpha if self.alpha_override is None else self.alpha_override
+        return self.mask_alpha()
 
     @property
     def key(self) -> str:
@@ -119,6 +132,59 @@ class Manifest(BaseModel):
     last_version: dict[str, int] = Field(
         default_factory=dict, description="highest version ever issued per name"
     )
+
+
+def servable(entry: VectorEntry | None, name: str) -> VectorEntry:
+    """``entry`` if a request may steer with it: it exists and is enabled.
+
+    The one rule for "this vector can serve", used by vLLM admission, the engine and the
+    sidecar. ``RegistryError`` codes: ``unknown_vector``, ``disabled_vector``.
+    """
+    if entry is None:
+        raise RegistryError(f"no steering vector named {name!r}", code="unknown_vector")
+    if not entry.enabled:
+        raise RegistryError(f"steering vector {name!r} is disabled", code="disabled_vector")
+    return entry
+
+
+class SettingsPatch(BaseModel):
+    """A change to a vector's serving settings (the sidecar's PATCH body, ``registry set``).
+
+    Unset fields are left alone; ``mu_bar`` / ``alpha`` set to null clear the override.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    default_scale: float | None = Field(None, ge=-MAX_ABS_SCALE, le=MAX_ABS_SCALE)
+    mu_bar: float | None = Field(None, ge=-1e6, le=1e6, description="override; null clears it")
+    alpha: float | None = Field(None, gt=0.0, le=1.0, description="override; null clears it")
+    enabled: bool | None = None
+
+    @field_validator("default_scale", "mu_bar")
+    @classmethod
+    def _finite(cls, v: float | None, info: ValidationInfo) -> float | None:
+        return None if v is None else finite(v, str(info.field_name))
+
+    def changes(self) -> dict[str, Any]:
+        """The ``VectorEntry`` fields this patch sets; ``RegistryError`` if it sets none."""
+        fields = self.model_fields_set
+        if not fields:
+            raise RegistryError("nothing to change", code="empty_patch")
+        for required in ("default_scale", "enabled"):
+            if required in fields and getattr(self, required) is None:
+                raise RegistryError(f"{required} cannot be null", code="validation")
+        out: dict[str, Any] = {}
+        for field, target in self._TARGETS.items():
+            if field in fields:
+                out[target] = getattr(self, field)
+        return out
+
+    _TARGETS: ClassVar[dict[str, str]] = {
+        "default_scale": "default_scale",
+        "mu_bar": "mu_bar_override",
+        "alpha": "alpha_override",
+        "enabled": "enabled",
+    }
 
 
 def check_name(name: str) -> str:
@@ -164,13 +230,17 @@ class Registry:
             raise RegistryError(f"no vector named {name!r}", code="not_found")
         return entry
 
-    def load(self, entry: VectorEntry | str, *, expected_vocab_size: int | None = None):
+    def load(
+        self, entry: VectorEntry | str, *, expected_vocab_size: int | None = None
+    ) -> SteeringArtifact:
         """The artifact of an entry, verified against the manifest's content hash."""
         if isinstance(entry, str):
             entry = self.get(entry)
         art = _artifact.load(self.root / entry.file, expected_vocab_size=expected_vocab_size)
         if art.meta.content_hash != entry.content_hash:
-            raise ArtifactError(self.root / entry.file, "content hash differs from the manifest")
+            raise ArtifactError(
+                self.root / entry.file, "content hash differs from the manifest", code="hash"
+            )
         return art
 
     # -- writing (locked) ----------------------------------------------------------------
@@ -208,6 +278,11 @@ class Registry:
                 f"vector vocab_size {art.meta.vocab_size} does not match the served model's "
                 f"{expected_vocab_size}"
             )
+        if default_scale is not None:
+            try:
+                check_scale(default_scale, "default_scale")
+            except ValueError as e:
+                raise RegistryError(str(e)) from e
         data = _artifact.to_bytes(art)
         with self._locked() as m:
             old = m.vectors.get(name)
@@ -258,12 +333,20 @@ class Registry:
 
     _SETTINGS = ("mu_bar_override", "alpha_override", "default_scale", "enabled")
 
-    def update(self, name: str, **changes: Any) -> VectorEntry:
-        """Change serving settings (``mu_bar_override``, ``alpha_override``, ``default_scale``,
-        ``enabled``); bumps the version so new requests pick the change up."""
+    def update(self, name: str, patch: SettingsPatch | None = None, **changes: Any) -> VectorEntry:
+        """Change serving settings, from a ``SettingsPatch`` or as entry fields
+        (``mu_bar_override``, ``alpha_override``, ``default_scale``, ``enabled``); bumps the
+        version so new requests pick the change up."""
+        if patch is not None:
+            changes = {**patch.changes(), **changes}
         unknown = set(changes) - set(self._SETTINGS)
         if unknown:
             raise RegistryError(f"unknown settings {sorted(unknown)}; use {list(self._SETTINGS)}")
+        if changes.get("default_scale") is not None:
+            try:
+                check_scale(changes["default_scale"], "default_scale")
+            except ValueError as e:
+                raise RegistryError(f"invalid settings for {name!r}: {e}") from e
         with self._locked() as m:
             old = m.vectors.get(name)
             if old is None:
@@ -321,4 +404,4 @@ class Registry:
 
     def describe(self) -> dict[str, Any]:
         m = self.manifest()
-        return json.loads(m.model_dump_json())
+        return dict(json.loads(m.model_dump_json()))

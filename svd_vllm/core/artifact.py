@@ -11,17 +11,18 @@ from __future__ import annotations
 import datetime as _dt
 import hashlib
 import json
-import math
 import os
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save as st_save
+
+from .validation import finite, pydantic_message
 
 __all__ = [
     "ARTIFACT_FORMAT",
@@ -30,6 +31,7 @@ __all__ = [
     "NAME_PATTERN",
     "ArtifactError",
     "ArtifactMeta",
+    "ArtifactProblem",
     "CalibrationStats",
     "SteeringArtifact",
     "atomic_write_bytes",
@@ -49,19 +51,38 @@ _SHIFT_KEY = "shift"
 _META_KEY = "svd_vllm"
 
 
-class ArtifactError(ValueError):
-    """A steering artifact that cannot be used; the message names the file and the problem."""
+ArtifactProblem = Literal[
+    "not_found",
+    "size",
+    "parse",
+    "shape",
+    "dtype",
+    "non_finite",
+    "vocab",
+    "metadata",
+    "format",
+    "hash",
+]
 
-    def __init__(self, source: str | os.PathLike[str], problem: str) -> None:
+
+class ArtifactError(ValueError):
+    """A steering artifact that cannot be used; the message names the file and the problem.
+
+    ``code`` says which kind of problem it is, so callers (the sidecar's HTTP errors) never
+    have to read the message.
+    """
+
+    def __init__(
+        self, source: str | os.PathLike[str], problem: str, *, code: ArtifactProblem
+    ) -> None:
         self.source = str(source)
         self.problem = problem
+        self.code: ArtifactProblem = code
         super().__init__(f"{self.source}: {problem}")
 
 
 def _finite(v: float | None, field: str) -> float | None:
-    if v is not None and not math.isfinite(v):
-        raise ValueError(f"{field} must be finite, got {v}")
-    return v
+    return None if v is None else finite(v, field)
 
 
 class CalibrationStats(BaseModel):
@@ -167,22 +188,28 @@ class SteeringArtifact:
 
 def _check_shift(shift: torch.Tensor, meta: ArtifactMeta, source: str | os.PathLike[str]) -> None:
     if shift.dtype != torch.float32:
-        raise ArtifactError(source, f"tensor 'shift' has dtype {shift.dtype}; expected float32")
+        raise ArtifactError(
+            source, f"tensor 'shift' has dtype {shift.dtype}; expected float32", code="dtype"
+        )
     if shift.dim() != 1:
         raise ArtifactError(
-            source, f"tensor 'shift' has shape {tuple(shift.shape)}; expected [vocab_size]"
+            source,
+            f"tensor 'shift' has shape {tuple(shift.shape)}; expected [vocab_size]",
+            code="shape",
         )
     if shift.shape[0] != meta.vocab_size:
         raise ArtifactError(
             source,
             f"tensor 'shift' has {shift.shape[0]} entries but metadata says "
             f"vocab_size={meta.vocab_size}",
+            code="shape",
         )
     bad = (~torch.isfinite(shift)).nonzero()
     if bad.numel():
         raise ArtifactError(
             source,
             f"tensor 'shift' has {bad.numel()} non-finite values (first at index {int(bad[0, 0])})",
+            code="non_finite",
         )
 
 
@@ -221,7 +248,9 @@ def save(artifact: SteeringArtifact, path: str | os.PathLike[str]) -> Path:
     """Validate and write atomically (temp file, fsync, rename). Returns the path."""
     expected = content_hash(artifact.shift, artifact.meta)
     if artifact.meta.content_hash != expected:
-        raise ArtifactError(path, "content_hash does not match the content; build it with create()")
+        raise ArtifactError(
+            path, "content_hash does not match the content; build it with create()", code="hash"
+        )
     _check_shift(artifact.shift, artifact.meta, path)
     atomic_write_bytes(path, to_bytes(artifact))
     return Path(path)
@@ -236,51 +265,60 @@ def load(
     """Read and fully validate an artifact; any problem raises ``ArtifactError`` naming it."""
     p = Path(path)
     if not p.is_file():
-        raise ArtifactError(p, "no such file")
+        raise ArtifactError(p, "no such file", code="not_found")
     size = p.stat().st_size
     if size > max_bytes:
-        raise ArtifactError(p, f"file is {size} bytes, over the {max_bytes}-byte limit")
+        raise ArtifactError(
+            p, f"file is {size} bytes, over the {max_bytes}-byte limit", code="size"
+        )
     try:
         with safe_open(str(p), framework="pt") as f:
             header = f.metadata() or {}
             keys = set(f.keys())
             if keys != {_SHIFT_KEY}:
-                raise ArtifactError(p, f"expected exactly one tensor 'shift', found {sorted(keys)}")
+                raise ArtifactError(
+                    p, f"expected exactly one tensor 'shift', found {sorted(keys)}", code="shape"
+                )
             shift = f.get_tensor(_SHIFT_KEY)
     except SafetensorError as e:
-        raise ArtifactError(p, f"not a readable safetensors file ({e})") from e
+        raise ArtifactError(p, f"not a readable safetensors file ({e})", code="parse") from e
     except ArtifactError:
         raise
     except Exception as e:  # malformed headers surface as assorted errors
-        raise ArtifactError(p, f"not a readable safetensors file ({type(e).__name__}: {e})") from e
+        raise ArtifactError(
+            p, f"not a readable safetensors file ({type(e).__name__}: {e})", code="parse"
+        ) from e
     if header.get("format") != ARTIFACT_FORMAT:
         raise ArtifactError(
-            p, f"metadata 'format' is {header.get('format')!r}; expected {ARTIFACT_FORMAT!r}"
+            p,
+            f"metadata 'format' is {header.get('format')!r}; expected {ARTIFACT_FORMAT!r}",
+            code="format",
         )
     if header.get("format_version") != str(FORMAT_VERSION):
         raise ArtifactError(
             p,
             f"format_version {header.get('format_version')!r} is not supported "
             f"(this build reads {FORMAT_VERSION})",
+            code="format",
         )
     raw = header.get(_META_KEY)
     if raw is None:
-        raise ArtifactError(p, f"metadata key {_META_KEY!r} is missing")
+        raise ArtifactError(p, f"metadata key {_META_KEY!r} is missing", code="metadata")
     try:
         meta = ArtifactMeta.model_validate_json(raw)
     except ValidationError as e:
-        problems = "; ".join(
-            f"{'.'.join(str(x) for x in err['loc']) or 'metadata'}: {err['msg']}"
-            for err in e.errors()
-        )
-        raise ArtifactError(p, f"invalid metadata: {problems}") from e
+        problems = pydantic_message(e, root="metadata")
+        raise ArtifactError(p, f"invalid metadata: {problems}", code="metadata") from e
     _check_shift(shift, meta, p)
     if meta.content_hash != content_hash(shift, meta):
-        raise ArtifactError(p, "content hash mismatch: the file is corrupted or was edited")
+        raise ArtifactError(
+            p, "content hash mismatch: the file is corrupted or was edited", code="hash"
+        )
     if expected_vocab_size is not None and meta.vocab_size != expected_vocab_size:
         raise ArtifactError(
             p,
             f"vocab_size {meta.vocab_size} does not match the model's {expected_vocab_size}",
+            code="vocab",
         )
     return SteeringArtifact(shift=shift.contiguous(), meta=meta)
 

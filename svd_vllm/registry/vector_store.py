@@ -24,8 +24,8 @@ from dataclasses import dataclass
 
 import torch
 
-from .artifact import ArtifactError
-from .registry import Manifest, Registry, RegistryError, VectorEntry
+from ..core.artifact import ArtifactError
+from .directory import Manifest, Registry, RegistryError, VectorEntry
 
 __all__ = ["LoadedVector", "ManifestWatcher", "VectorStore"]
 
@@ -183,7 +183,8 @@ class VectorStore:
                 self._bad[entry.file] = entry.content_hash
             return None
         self.loads += 1
-        return art.shift.pin_memory() if self._pin else art.shift
+        shift: torch.Tensor = art.shift.pin_memory() if self._pin else art.shift
+        return shift
 
     def _cache(self, key: str, shift: torch.Tensor) -> None:
         """Put a tensor in the host LRU (caller holds ``_lock``)."""

@@ -21,11 +21,11 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from .artifact import CalibrationStats, SteeringArtifact
+from ..core.artifact import CalibrationStats, SteeringArtifact
+from ..core.identity import model_identity, tokenizer_fingerprint
+from ..core.steering import confidence_mask, exact_delta, log_ratio, precomputed_delta
 from .calibration import DirectionStats, EstimatorResult, calibrate
-from .identity import model_identity, tokenizer_fingerprint
 from .reference import ReferenceDecoder
-from .steering import confidence_mask, exact_delta, log_ratio, precomputed_delta
 
 __all__ = ["CalibrationItem", "ExtractionReport", "ShiftAccumulator", "extract_vector"]
 
@@ -135,6 +135,7 @@ def extract_vector(
     bar = tqdm(total=2 * total, desc="extract", unit="tok", disable=not progress)
     for i, (ids, n_ctx, labels) in enumerate(encoded):
         z_a, z_b = dec.logits(ids)
+        assert z_a is not None  # extract_vector refused a decoder without an adapter
         sl = slice(n_ctx - 1, len(ids) - 1)
         za, zb = z_a[sl], z_b[sl]
         if not (torch.isfinite(za).all() and torch.isfinite(zb).all()):

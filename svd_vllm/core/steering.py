@@ -1,7 +1,7 @@
 """The numerical heart of Steering Vector Decoding (Hu et al., NeurIPS 2025).
 
 Every function works on a batch of rows (``[..., V]`` logits), computes in float32,
-and returns the input dtype where it returns logits. See ``shared/docs/method.md``:
+and returns the input dtype where it returns logits. See ``docs/method.md``:
 
 * ``exact_delta``        -- the paper's per-step direction from adapter AND base logits.
 * ``precomputed_delta``  -- the same with a per-adapter vector standing in for ``r``.
@@ -144,7 +144,7 @@ def confidence_mask(z_adapter: torch.Tensor, alpha: RowParam) -> torch.Tensor:
     if isinstance(a, float):
         if not 0.0 <= a <= 1.0:
             raise ValueError(f"alpha must be in [0, 1], got {a}")
-        log_a = math.log(a) if a > 0 else -math.inf
+        log_a: float | torch.Tensor = math.log(a) if a > 0 else -math.inf
     else:
         if bool(((a < 0) | (a > 1) | torch.isnan(a)).any()):
             raise ValueError("every alpha must be in [0, 1]")

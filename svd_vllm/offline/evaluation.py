@@ -26,8 +26,8 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from ..core.steering import Mode, svd_logits
 from .reference import ReferenceDecoder
-from .steering import svd_logits
 from .tasks import Item
 
 __all__ = [
@@ -45,7 +45,7 @@ METHODS = ("base", "peft", "peft+svd-exact", "peft+svd-precomputed", "peft+logit
 @dataclass(frozen=True)
 class MethodSpec:
     name: str
-    mode: str  # steering.svd_logits mode
+    mode: Mode  # steering.svd_logits mode
     mu: float = 0.0
     alpha: float = 0.1
     shift: torch.Tensor | None = None
@@ -163,7 +163,7 @@ def evaluate_items(
                 m.setdefault("mc2", []).append(float(w[true].sum() / w.sum()))
             if generation and (gen_limit is None or n < gen_limit):
                 res = dec.generate(
-                    item.prompt, s.mode,  # type: ignore[arg-type]
+                    item.prompt, s.mode,
                     mu=None if s.mode in ("base", "adapter") else s.mu,
                     alpha=None if s.mode in ("base", "adapter") else s.alpha,
                     max_new_tokens=max_new_tokens(dec, item), shift=s.shift,

@@ -2,7 +2,7 @@
 
 It is the oracle for every test and the paper-faithful number in every benchmark, so it
 favours clarity over speed: one sequence at a time, float32 logits, the steering math from
-``svd_vllm.steering``. ``svd-exact`` gets the base distribution from the same backbone with
+``svd_vllm.core.steering``. ``svd-exact`` gets the base distribution from the same backbone with
 the adapter disabled at every step (two forward passes per token), as the paper does.
 """
 
@@ -12,11 +12,12 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 
-from .artifact import SteeringArtifact
-from .steering import MODES, Mode, svd_logits
+from ..core.artifact import SteeringArtifact
+from ..core.steering import MODES, Mode, svd_logits
 
 __all__ = ["GenerationResult", "OptionScore", "ReferenceDecoder", "sample_next"]
 
@@ -89,7 +90,7 @@ class ReferenceDecoder:
         self.adapter_dir = Path(adapter_dir) if adapter_dir is not None else None
         self.device = torch.device(device)
         self.tokenizer = AutoTokenizer.from_pretrained(self.base_dir)
-        model = AutoModelForCausalLM.from_pretrained(self.base_dir, dtype=dtype)
+        model: Any = AutoModelForCausalLM.from_pretrained(self.base_dir, dtype=dtype)
         self.is_prompt_learning = False
         if self.adapter_dir is not None:
             from peft import PeftModel
@@ -163,9 +164,9 @@ class ReferenceDecoder:
     # -- forward passes ------------------------------------------------------------------
     @torch.no_grad()
     def _forward(
-        self, ids: torch.Tensor, *, adapter: bool, cache=None
-    ) -> tuple[torch.Tensor, object]:
-        kwargs = {"input_ids": ids.unsqueeze(0).to(self.device)}
+        self, ids: torch.Tensor, *, adapter: bool, cache: Any = None
+    ) -> tuple[torch.Tensor, Any]:
+        kwargs: dict[str, Any] = {"input_ids": ids.unsqueeze(0).to(self.device)}
         if cache is not None:
             kwargs.update(past_key_values=cache, use_cache=True)
         elif not self.is_prompt_learning:
@@ -291,14 +292,16 @@ class ReferenceDecoder:
         eos = self.tokenizer.eos_token_id
         shift = shift.to(self.device) if shift is not None else self._shift()
         use_cache = not self.is_prompt_learning
-        cache_a = cache_b = None
+        cache_a: Any = None
+        cache_b: Any = None
         pending = torch.tensor(ids, dtype=torch.long)
         full = list(ids)
         out: list[int] = []
         finished_by = "length"
         for _ in range(max_new_tokens):
             feed = pending if use_cache else torch.tensor(full, dtype=torch.long)
-            z_a = z_b = None
+            z_a: torch.Tensor | None = None
+            z_b: torch.Tensor | None = None
             if need_adapter:
                 la, cache_a = self._forward(
                     feed, adapter=True, cache=cache_a if use_cache else None
@@ -310,8 +313,10 @@ class ReferenceDecoder:
                 )
                 z_b = lb[-1]
             if mode == "base":
+                assert z_b is not None
                 z = z_b
             else:
+                assert z_a is not None  # every mode but "base" needs the adapter's logits
                 z = svd_logits(mode, z_a, z_base=z_b, shift=shift, mu=mu_v, alpha=alpha_v)
             nxt = sample_next(z, temperature=temperature, top_k=top_k, top_p=top_p, generator=gen)
             out.append(nxt)
@@ -322,7 +327,7 @@ class ReferenceDecoder:
                 break
         return GenerationResult(
             token_ids=out,
-            text=self.tokenizer.decode(out, skip_special_tokens=True),
+            text=str(self.tokenizer.decode(out, skip_special_tokens=True)),
             mode=mode,
             mu=None if mode in ("base", "adapter") else mu_v,
             alpha=None if mode in ("base", "adapter") else alpha_v,

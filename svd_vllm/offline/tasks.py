@@ -128,7 +128,7 @@ def _convert(task: str, row: dict[str, Any], index: int) -> dict[str, Any] | Non
         if row["answerKey"] not in labels:
             return None
         q = row.get("question") or row.get("question_stem")
-        prompt = f"Question: {_clean(q)}\nAnswer: {ANSWER}"
+        prompt = f"Question: {_clean(q or '')}\nAnswer: {ANSWER}"
         return _mc(str(row["id"]), task, prompt, list(ch["text"]), labels.index(row["answerKey"]))
     if task == "boolq":
         prompt = f"{_clean(row['passage'])}\nQuestion: {_clean(row['question'])}?\nAnswer: {ANSWER}"
@@ -169,7 +169,8 @@ def _read_arrow(data: bytes) -> list[dict[str, Any]]:
         table = pa.ipc.open_stream(buf).read_all()
     except pa.ArrowInvalid:
         table = pa.ipc.open_file(buf).read_all()
-    return table.to_pylist()
+    rows: list[dict[str, Any]] = table.to_pylist()
+    return rows
 
 
 def _commonsense_rows(task: str) -> Iterator[dict[str, Any]]:

@@ -10,7 +10,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from .steering import MODES
+from ..core.steering import MODES
 
 __all__ = ["main"]
 
@@ -34,7 +34,7 @@ def _existing_file(value: str) -> Path:
 
 
 def _cmd_generate(args: argparse.Namespace) -> int:
-    from . import artifact
+    from ..core import artifact
 
     vector = artifact.load(args.vector) if args.vector else None
     dec = _decoder(args.base, args.adapter, vector)
@@ -79,7 +79,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
 
 
 def _cmd_score(args: argparse.Namespace) -> int:
-    from . import artifact
+    from ..core import artifact
 
     vector = artifact.load(args.vector) if args.vector else None
     dec = _decoder(args.base, args.adapter, vector)
@@ -98,7 +98,7 @@ def _cmd_score(args: argparse.Namespace) -> int:
 
 
 def _cmd_vector_show(args: argparse.Namespace) -> int:
-    from . import artifact
+    from ..core import artifact
 
     art = artifact.load(args.file, expected_vocab_size=args.vocab_size)
     info = art.meta.model_dump(mode="json")
@@ -119,7 +119,7 @@ def _cmd_tiny(args: argparse.Namespace) -> int:
 
 def _task_files(values: list[str], split: str) -> list[Path]:
     """``--task`` values: a JSONL path, or a task name resolved in the task cache."""
-    from .tasks import tasks_dir
+    from ..offline.tasks import tasks_dir
 
     out = []
     for v in values:
@@ -133,8 +133,8 @@ def _task_files(values: list[str], split: str) -> list[Path]:
 
 
 def _cmd_warmstart(args: argparse.Namespace) -> int:
-    from .tasks import load_items
-    from .warmstart import WarmStartConfig, train_adapter
+    from ..offline.tasks import load_items
+    from ..offline.warmstart import WarmStartConfig, train_adapter
 
     examples = []
     for f in _task_files(args.task, "train"):
@@ -154,7 +154,7 @@ def _cmd_warmstart(args: argparse.Namespace) -> int:
 
 def _decoder(base: Path, adapter: Path | None, vector=None):  # type: ignore[no-untyped-def]
     """Load the reference decoder; a mismatched adapter becomes a clear error."""
-    from .reference import ReferenceDecoder
+    from ..offline.reference import ReferenceDecoder
 
     try:
         return ReferenceDecoder(base, adapter, vector=vector)
@@ -172,7 +172,7 @@ def _check_adapter_tokenizer(base: Path, adapter: Path) -> None:
         return
     from transformers import AutoTokenizer
 
-    from .identity import tokenizer_fingerprint
+    from ..core.identity import tokenizer_fingerprint
 
     fb = tokenizer_fingerprint(AutoTokenizer.from_pretrained(base))
     fa = tokenizer_fingerprint(AutoTokenizer.from_pretrained(adapter))
@@ -181,9 +181,9 @@ def _check_adapter_tokenizer(base: Path, adapter: Path) -> None:
 
 
 def _cmd_extract(args: argparse.Namespace) -> int:
-    from . import artifact
-    from .extraction import CalibrationItem, extract_vector
-    from .tasks import load_items
+    from ..core import artifact
+    from ..offline.extraction import CalibrationItem, extract_vector
+    from ..offline.tasks import load_items
 
     _check_adapter_tokenizer(args.base, args.adapter)
     items = []
@@ -214,9 +214,9 @@ def _cmd_extract(args: argparse.Namespace) -> int:
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
-    from . import artifact
-    from .evaluation import METHODS, evaluate_items, method_specs, task_summary
-    from .tasks import load_items
+    from ..core import artifact
+    from ..offline.evaluation import METHODS, evaluate_items, method_specs, task_summary
+    from ..offline.tasks import load_items
 
     vector = artifact.load(args.vector) if args.vector else None
     dec = _decoder(args.base, args.adapter)
@@ -243,8 +243,8 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
 
 def _cmd_assets(args: argparse.Namespace) -> int:
-    from .assets import AssetError, ensure_model
-    from .tasks import TASKS, build_tasks
+    from ..offline.assets import AssetError, ensure_model
+    from ..offline.tasks import TASKS, build_tasks
 
     try:
         if args.what == "models":
@@ -259,7 +259,10 @@ def _cmd_assets(args: argparse.Namespace) -> int:
 
 
 def _cmd_registry(args: argparse.Namespace) -> int:
-    from .registry import Registry, RegistryError
+    from pydantic import ValidationError
+
+    from ..core.validation import pydantic_message
+    from ..registry import Registry, RegistryError, SettingsPatch
 
     reg = Registry(args.registry)
     try:
@@ -273,20 +276,22 @@ def _cmd_registry(args: argparse.Namespace) -> int:
             e = reg.remove(args.name)
             print(f"removed {e.key}")
         elif args.registry_command == "set":
-            changes = {}
-            if args.scale is not None:
-                changes["default_scale"] = args.scale
-            if args.mu is not None:
-                changes["mu_bar_override"] = args.mu
-            if args.alpha is not None:
-                changes["alpha_override"] = args.alpha
-            if args.enable or args.disable:
-                changes["enabled"] = bool(args.enable)
-            if not changes:
+            given = {
+                "default_scale": args.scale,
+                "mu_bar": args.mu,
+                "alpha": args.alpha,
+                "enabled": bool(args.enable) if args.enable or args.disable else None,
+            }
+            given = {k: v for k, v in given.items() if v is not None}
+            if not given:
                 raise CLIError(
                     "nothing to change: pass --scale, --mu, --alpha, --enable or --disable"
                 )
-            e = reg.update(args.name, **changes)
+            try:
+                patch = SettingsPatch(**given)
+            except ValidationError as err:
+                raise CLIError(f"invalid settings: {pydantic_message(err)}") from err
+            e = reg.update(args.name, patch)
             print(
                 f"updated {e.key}: effective mu {e.effective_mu:+.4g}, alpha {e.effective_alpha:g}"
             )
@@ -296,7 +301,7 @@ def _cmd_registry(args: argparse.Namespace) -> int:
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
-    from .registry import Registry, default_registry_path
+    from ..registry import Registry, default_registry_path
     from .serve import LocalStack, StackConfig
 
     loras = {}
@@ -492,7 +497,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     args = build_parser().parse_args(argv)
-    from .artifact import ArtifactError
+    from ..core.artifact import ArtifactError
 
     try:
         return int(args.func(args) or 0)

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .steering import GN_EPS, aggregate_mu, gauss_newton_terms, pooled_mu
+from ..core.steering import GN_EPS, aggregate_mu, gauss_newton_terms, pooled_mu
 
 __all__ = [
     "ESTIMATORS",

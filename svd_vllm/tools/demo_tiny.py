@@ -10,10 +10,11 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from . import artifact
-from .assets import cache_dir
-from .extraction import CalibrationItem, extract_vector
-from .reference import ReferenceDecoder
+from ..core import artifact
+from ..core.steering import Mode
+from ..offline.assets import cache_dir
+from ..offline.extraction import CalibrationItem, extract_vector
+from ..offline.reference import ReferenceDecoder
 
 __all__ = ["run_tiny_demo"]
 
@@ -66,7 +67,7 @@ def run_tiny_demo(workdir: Path | None = None) -> int:
         f"precomputed {nll['precomputed_' + m.estimator]:.3f}"
     )
     print("[4/4] greedy decoding of held-out prompts, side by side")
-    modes = ("base", "adapter", "svd-exact", "svd-precomputed")
+    modes: tuple[Mode, ...] = ("base", "adapter", "svd-exact", "svd-precomputed")
     for p in TEST_PROMPTS:
         print(f"\n  prompt: {p!r}")
         for mode in modes:

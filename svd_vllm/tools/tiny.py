@@ -1,13 +1,14 @@
 """A tiny Llama model, word-level tokenizer and LoRA that vLLM's CPU backend also loads.
 
-Tests and the offline demo build these themselves (nothing is downloaded). Shapes follow
-``shared/docs/vllm.md``: hidden 64 with 2 heads gives head_dim 32, which CPU attention accepts.
+Tests and the offline demo build these themselves (nothing is downloaded). vLLM's CPU attention
+needs head_dim in {32, 64, 80, ...}: hidden 64 with 2 heads gives head_dim 32.
 """
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any, cast
 
 import torch
 
@@ -63,7 +64,7 @@ TINY_WORDS: tuple[str, ...] = (
 SPECIALS = ("<unk>", "<s>", "</s>", "<pad>")
 
 
-def build_tiny_tokenizer(out_dir: str | Path, vocab_size: int = 256):  # -> PreTrainedTokenizerFast
+def build_tiny_tokenizer(out_dir: str | Path, vocab_size: int = 256) -> Any:
     """A whitespace word-level tokenizer of exactly ``vocab_size`` entries, saved to ``out_dir``."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
@@ -125,7 +126,7 @@ def build_tiny_model(
     # Larger output weights than the default init give peaked, informative distributions.
     with torch.no_grad():
         model.lm_head.weight.mul_(8.0)
-    model.to(dtype).save_pretrained(out)
+    cast(Any, model).to(dtype).save_pretrained(out)
     return out
 
 
@@ -156,7 +157,7 @@ def build_tiny_lora(
             if "lora_B" in name:
                 param.copy_(torch.randn(param.shape, generator=g) * scale)
     out = Path(out_dir)
-    model.save_pretrained(out)
+    model.save_pretrained(str(out))
     # Record where it came from, for humans.
     (out / "svd_vllm_origin.json").write_text(
         json.dumps({"kind": "tiny-random-lora", "seed": seed})

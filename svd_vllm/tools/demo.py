@@ -19,10 +19,10 @@ from typing import Any
 import httpx
 import numpy as np
 
-from . import artifact
-from .assets import cache_dir, ensure_model
-from .evaluation import generation_correct, paired_bootstrap
-from .tasks import Item, build_tasks, load_items, tasks_dir
+from ..core import artifact
+from ..offline.assets import cache_dir, ensure_model
+from ..offline.evaluation import generation_correct, paired_bootstrap
+from ..offline.tasks import Item, build_tasks, load_items, tasks_dir
 
 __all__ = ["run_demo"]
 
@@ -85,10 +85,10 @@ def _plot(rows: list[dict[str, Any]], path: Path) -> None:
 
 
 def run_demo(workdir: Path | None = None) -> int:
-    from .extraction import CalibrationItem, extract_vector
-    from .reference import ReferenceDecoder
+    from ..offline.extraction import CalibrationItem, extract_vector
+    from ..offline.reference import ReferenceDecoder
+    from ..offline.warmstart import WarmStartConfig, train_adapter
     from .serve import LocalStack, StackConfig
-    from .warmstart import WarmStartConfig, train_adapter
 
     t0 = time.time()
     root = (workdir or cache_dir()) / "demo"
@@ -158,7 +158,7 @@ def run_demo(workdir: Path | None = None) -> int:
             print(f"      {name:9s} accuracy {100 * np.mean(results[name]):5.1f}%")
         print(f"      {3 * len(test)} requests in {time.time() - t_eval:.0f}s")
     _step(7, "results (stopped vLLM and the sidecar)")
-    rows = []
+    rows: list[dict[str, Any]] = []
     for name, vals in results.items():
         ci = paired_bootstrap(vals, results["LoRA"]) if name != "LoRA" else None
         boot = paired_bootstrap(vals, np.zeros(len(vals)))
@@ -174,14 +174,14 @@ def run_demo(workdir: Path | None = None) -> int:
             }
         )
     print(f"\n  {'method':10s} {'n':>4s} {'accuracy':>9s}   difference to LoRA [95% CI]")
-    for r in rows:
-        d = r["vs_lora"]
+    for row in rows:
+        d = row["vs_lora"]
         diff = (
             ""
             if d is None
             else f"{100 * d['diff']:+.1f} [{100 * d['lo']:+.1f}, {100 * d['hi']:+.1f}] points"
         )
-        print(f"  {r['method']:10s} {r['n']:4d} {100 * r['acc']:8.1f}%   {diff}")
+        print(f"  {row['method']:10s} {row['n']:4d} {100 * row['acc']:8.1f}%   {diff}")
     out = {"rows": rows, "vector": m.model_dump(mode="json"), "seconds": time.time() - t0}
     (root / "demo-results.json").write_text(json.dumps(out, indent=2))
     _plot(rows, root / "demo.png")

@@ -20,8 +20,9 @@ import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, cast
 
-from .identity import sha256_file
+from ..core.identity import sha256_file
 
 __all__ = [
     "MODELS",
@@ -263,11 +264,11 @@ def convert_gguf(gguf: Path, out_dir: Path, *, dtype: str = "bfloat16") -> Path:
     if add_bos is not None and bool(getattr(tok, "add_bos_token", False)) != add_bos:
         # transformers drops the GGUF's add_bos flag for some tokenizers (Gemma): without
         # <bos> Gemma degenerates ("The capital of France is France. The The ...").
-        tok.add_bos_token = add_bos
+        cast(Any, tok).add_bos_token = add_bos  # a read-only property in the type stubs
         if hasattr(tok, "update_post_processor"):
             tok.update_post_processor()
     tok.save_pretrained(tmp)
-    # Loadable by transformers 4.x too (see shared/docs/assets.md).
+    # Also loadable by transformers 4.x (older keys kept alongside the new ones).
     cfg_path = tmp / "config.json"
     cfg_json = json.loads(cfg_path.read_text())
     rope = cfg_json.get("rope_parameters") or {}

@@ -1,0 +1,1 @@
+"""One router per resource: steering vectors, the OpenAI-compatible front, health and metrics."""

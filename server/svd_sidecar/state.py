@@ -1,0 +1,62 @@
+"""The sidecar's per-app state: settings, the registry, metrics and the HTTP client to vLLM."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from pathlib import Path
+
+import httpx
+
+from svd_vllm.registry import Registry
+
+from .errors import ApiError
+from .metrics import SidecarMetrics
+from .settings import SidecarSettings
+
+__all__ = ["SidecarState"]
+
+
+class SidecarState:
+    """One per app (tests build many apps in one process; nothing here is global)."""
+
+    def __init__(
+        self, settings: SidecarSettings, transport: httpx.AsyncBaseTransport | None = None
+    ) -> None:
+        self.settings = settings
+        self.registry = Registry(settings.registry)
+        self.metrics = SidecarMetrics()
+        self.client: httpx.AsyncClient | None = None
+        self.transport = transport
+        self._vocab: int | None = settings.vocab_size
+
+    def http(self) -> httpx.AsyncClient:
+        """The client to vLLM (made by the lifespan; lazily if the app runs without one)."""
+        if self.client is None:
+            self.client = httpx.AsyncClient(
+                timeout=httpx.Timeout(self.settings.proxy_timeout, connect=10),
+                transport=self.transport,
+            )
+        return self.client
+
+    async def vocab_size(self) -> int:
+        """The served model's logits width: setting, model dir, or the model vLLM serves."""
+        if self._vocab is not None:
+            return self._vocab
+        model_dir = self.settings.model_dir
+        if model_dir is None:
+            with contextlib.suppress(httpx.HTTPError, ValueError, KeyError, IndexError):
+                r = await self.http().get(f"{self.settings.vllm_url}/v1/models", timeout=5)
+                roots = [m.get("root") or m["id"] for m in r.json()["data"] if not m.get("parent")]
+                model_dir = Path(roots[0]) if roots else None
+        if model_dir is not None and (model_dir / "config.json").exists():
+            cfg = json.loads((model_dir / "config.json").read_text())
+            vocab = cfg.get("vocab_size") or (cfg.get("text_config") or {}).get("vocab_size")
+            if isinstance(vocab, int) and vocab > 0:
+                self._vocab = vocab
+                return vocab
+        raise ApiError(
+            503, "vocab_unknown",
+            "cannot determine the served model's vocab size: set SVD_SIDECAR_VOCAB_SIZE or "
+            "SVD_SIDECAR_MODEL_DIR, or start vLLM",
+        )  # fmt: skip

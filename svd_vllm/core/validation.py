@@ -1,0 +1,60 @@
+"""Rules for values that users send, shared by every entry point (CLI, sidecar, vLLM admission).
+
+One place decides what a finite number, an admissible scale or alpha, and a readable pydantic
+error look like, so the engine, the sidecar and the registry can never disagree about them.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Mapping, Sequence
+from typing import Any, Protocol
+
+__all__ = [
+    "MAX_ABS_SCALE",
+    "check_alpha",
+    "check_scale",
+    "finite",
+    "pydantic_message",
+]
+
+#: Bound on ``|scale|`` (per request, a vector's default scale); ``SVD_VLLM_MAX_SCALE`` overrides.
+MAX_ABS_SCALE = float(os.environ.get("SVD_VLLM_MAX_SCALE", "100"))
+
+
+def finite(value: float, what: str) -> float:
+    """``value`` if it is a finite number; ``ValueError`` naming ``what`` otherwise."""
+    if not math.isfinite(value):
+        raise ValueError(f"{what} must be finite, got {value!r}")
+    return value
+
+
+def check_scale(value: float, what: str) -> float:
+    """A finite strength multiplier within ``+-MAX_ABS_SCALE``."""
+    finite(value, what)
+    if abs(value) > MAX_ABS_SCALE:
+        raise ValueError(f"{what} must be within +-{MAX_ABS_SCALE:g}, got {value:g}")
+    return value
+
+
+def check_alpha(value: float, what: str) -> float:
+    """A confidence-mask threshold in (0, 1]."""
+    finite(value, what)
+    if not 0.0 < value <= 1.0:
+        raise ValueError(f"{what} must be in (0, 1], got {value:g}")
+    return value
+
+
+class _HasErrors(Protocol):
+    def errors(self) -> Sequence[Mapping[str, Any]]: ...
+
+
+def pydantic_message(e: _HasErrors, root: str = "body") -> str:
+    """``field.path: message`` per problem, ``; ``-joined (``root`` names a top-level problem).
+
+    Takes pydantic's ``ValidationError`` and FastAPI's ``RequestValidationError`` alike.
+    """
+    return "; ".join(
+        f"{'.'.join(str(x) for x in err['loc']) or root}: {err['msg']}" for err in e.errors()
+    )

@@ -1,0 +1,1 @@
+"""User-facing tools: the ``svd-vllm`` CLI, ``svd-vllm serve`` (vLLM + sidecar) and the demos."""

@@ -1,0 +1,242 @@
+"""Admission (vLLM frontend process): per-request steering arguments, their checks, the pin.
+
+Steering arguments arrive in ``SamplingParams.extra_args``.
+
+Clients send them in the OpenAI request body as ``vllm_xargs`` (flat scalars; JSON ``true``
+arrives as ``1``):
+
+* ``svd``        -- 1 on / 0 off; absent = the server default (``SVD_VLLM_DEFAULT=off|on``).
+                    An explicit 0 always wins.
+* ``svd_vector`` -- vector name; default = the request's LoRA adapter name.
+* ``svd_scale``  -- multiplier on the vector's strength (default: the vector's default scale).
+* ``svd_alpha``  -- confidence-mask threshold override in (0, 1].
+
+The LoRA name is stamped by the ``vllm.general_plugins`` hook under ``LORA_KEY``, and the
+vector version current at admission under ``PIN_KEY``. This module owns the frontend's view of
+the registry (a watched manifest) and the served model's vocab size that admission checks
+against; it does not import vLLM, so the sidecar shares its keys and rules.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from ..core.validation import MAX_ABS_SCALE, check_alpha, check_scale, finite
+from ..registry import Registry, RegistryError, servable
+from ..registry.vector_store import ManifestWatcher
+
+__all__ = [
+    "ALPHA_KEY",
+    "ENABLE_KEY",
+    "INTERNAL_KEYS",
+    "LORA_KEY",
+    "MAX_ABS_SCALE",
+    "PIN_KEY",
+    "SCALE_KEY",
+    "VECTOR_KEY",
+    "SteeringRequest",
+    "admission_pin",
+    "default_on",
+    "parse_request_args",
+    "reset_state",
+    "served_vocab_size",
+    "set_served_vocab_size",
+    "set_stamping",
+    "validate_steering_params",
+]
+
+ENABLE_KEY = "svd"
+VECTOR_KEY = "svd_vector"
+SCALE_KEY = "svd_scale"
+ALPHA_KEY = "svd_alpha"
+#: Stamped by the adapter-identity hook: the request's LoRA adapter name.
+LORA_KEY = "svd_lora_name"
+#: Stamped by the engine on first admission: the exact vector version the request uses.
+PIN_KEY = "svd_pinned"
+#: The keys only the plugin may write; client-sent values are dropped at admission.
+INTERNAL_KEYS = (LORA_KEY, PIN_KEY)
+
+_TRUE = {"1", "true", "on", "yes"}
+_FALSE = {"0", "false", "off", "no"}
+
+
+def default_on() -> bool:
+    """The server-wide default from ``SVD_VLLM_DEFAULT`` (``off`` unless set to ``on``)."""
+    value = os.environ.get("SVD_VLLM_DEFAULT", "off").strip().lower()
+    if value in _TRUE:
+        return True
+    if value in _FALSE or value == "":
+        return False
+    raise ValueError(f"SVD_VLLM_DEFAULT must be 'on' or 'off', got {value!r}")
+
+
+@dataclass(frozen=True)
+class SteeringRequest:
+    """What one request asks for, before the registry is consulted."""
+
+    enabled: bool  # steer if a vector resolves
+    explicit: bool  # the client set ``svd`` itself
+    vector: str | None  # the vector to use (explicit name, else the LoRA name)
+    vector_explicit: bool  # the client named the vector
+    scale: float | None
+    alpha: float | None
+    pinned: str | None  # "name@version" fixed at first admission
+
+
+def _as_bool(value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, int | float) and value in (0, 1):
+        return bool(value)
+    if isinstance(value, str) and value.strip().lower() in _TRUE | _FALSE:
+        return value.strip().lower() in _TRUE
+    raise ValueError(f"vllm_xargs.{ENABLE_KEY} must be 1 or 0 (or true/false), got {value!r}")
+
+
+def _as_float(value: Any, key: str) -> float:
+    if isinstance(value, bool):
+        raise ValueError(f"vllm_xargs.{key} must be a number, got {value!r}")
+    try:
+        out = float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"vllm_xargs.{key} must be a number, got {value!r}") from None
+    return finite(out, f"vllm_xargs.{key}")
+
+
+def parse_request_args(
+    extra_args: Mapping[str, Any] | None, *, server_default: bool | None = None
+) -> SteeringRequest:
+    """Parse and check the steering arguments; ``ValueError`` names the offending field."""
+    args = extra_args or {}
+    on = default_on() if server_default is None else server_default
+    explicit = ENABLE_KEY in args and args[ENABLE_KEY] is not None
+    enabled = _as_bool(args[ENABLE_KEY]) if explicit else on
+    vector = args.get(VECTOR_KEY)
+    vector_explicit = vector is not None
+    if vector_explicit and (not isinstance(vector, str) or not vector):
+        raise ValueError(f"vllm_xargs.{VECTOR_KEY} must be a vector name, got {vector!r}")
+    if vector is None:
+        lora = args.get(LORA_KEY)
+        vector = lora if isinstance(lora, str) and lora else None
+    scale = args.get(SCALE_KEY)
+    if scale is not None:
+        scale = check_scale(_as_float(scale, SCALE_KEY), f"vllm_xargs.{SCALE_KEY}")
+    alpha = args.get(ALPHA_KEY)
+    if alpha is not None:
+        alpha = check_alpha(_as_float(alpha, ALPHA_KEY), f"vllm_xargs.{ALPHA_KEY}")
+    pinned = args.get(PIN_KEY)
+    return SteeringRequest(
+        enabled=enabled,
+        explicit=explicit,
+        vector=vector,
+        vector_explicit=vector_explicit,
+        scale=scale,
+        alpha=alpha,
+        pinned=pinned if isinstance(pinned, str) else None,
+    )
+
+
+# -- the frontend's view of the registry and the served model ---------------------------------
+class _AdmissionState:
+    """What admission checks against: one manifest watcher per registry, the served vocab."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.watchers: dict[str, ManifestWatcher] = {}
+        self.vocab_size: int | None = None
+        self.stamping = False  # the plugin's wrapper is installed in this process
+
+    def watcher(self) -> ManifestWatcher:
+        registry = Registry()
+        key = str(registry.root)
+        with self.lock:
+            w = self.watchers.get(key)
+            if w is None:
+                w = self.watchers[key] = ManifestWatcher(registry)
+            return w
+
+
+_state = _AdmissionState()
+
+
+def served_vocab_size() -> int | None:
+    """The served model's logits width, once the plugin has seen the engine's model config."""
+    return _state.vocab_size
+
+
+def set_served_vocab_size(vocab_size: int | None) -> None:
+    """Record (or, with ``None``, forget) the served model's logits width."""
+    _state.vocab_size = vocab_size
+
+
+def set_stamping(active: bool) -> None:
+    """Record whether the plugin stamps adapter names and pins in this process."""
+    _state.stamping = active
+
+
+def reset_state() -> None:
+    """Forget the served vocab size, the stamping flag and every watcher (tests, restarts)."""
+    with _state.lock:
+        _state.vocab_size = None
+        _state.stamping = False
+        _state.watchers.clear()
+
+
+def validate_steering_params(extra_args: Mapping[str, Any] | None) -> None:
+    """Admission check (HTTP 400 on ``ValueError``): arguments, vector existence, vocab size.
+
+    Without the plugin's stamping (``VLLM_PLUGINS`` may leave it out), values under the internal
+    keys can only have come from the client: they are refused, never trusted.
+    """
+    if not _state.stamping:
+        sent = sorted(k for k in INTERNAL_KEYS if k in (extra_args or {}))
+        if sent:
+            raise ValueError(
+                f"vllm_xargs.{sent[0]} is written by svd-vllm's vLLM plugin only (it is not "
+                "active in this server: see VLLM_PLUGINS); clients may not send it"
+            )
+    req = parse_request_args(extra_args)
+    wants = req.vector_explicit or (req.explicit and req.enabled)
+    if not wants:
+        return
+    if req.vector is None:
+        why = "uses no LoRA adapter"
+        if not _state.stamping:
+            why = "its LoRA adapter is unknown (svd-vllm's vLLM plugin is not active: VLLM_PLUGINS)"
+        raise ValueError(
+            f"vllm_xargs.{ENABLE_KEY}=1 but the request names no {VECTOR_KEY} and {why}"
+        )
+    field = VECTOR_KEY if req.vector_explicit else ENABLE_KEY
+    entry = _state.watcher().entry(req.vector)
+    try:
+        if entry is None or req.enabled:  # naming a vector with svd=0 needs it to exist only
+            entry = servable(entry, req.vector)
+    except RegistryError as e:
+        what = (
+            ""
+            if req.vector_explicit or e.code != "unknown_vector"
+            else (" for this request's LoRA adapter")
+        )
+        raise ValueError(f"vllm_xargs.{field}: {e}{what}") from None
+    served = _state.vocab_size
+    if served is not None and entry.vocab_size != served:
+        raise ValueError(
+            f"vllm_xargs.{field}: steering vector {req.vector!r} has vocab_size "
+            f"{entry.vocab_size} but the served model has {served}"
+        )
+
+
+def admission_pin(extra_args: Mapping[str, Any]) -> str | None:
+    """``name@version`` of the vector a request would use now (``None`` if none / invalid)."""
+    try:
+        req = parse_request_args(extra_args)
+    except ValueError:
+        return None  # validate_steering_params reports it
+    if not req.enabled or req.vector is None:
+        return None
+    entry = _state.watcher().entry(req.vector)
+    return entry.key if entry is not None else None

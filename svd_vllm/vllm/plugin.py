@@ -1,0 +1,90 @@
+"""``vllm.general_plugins`` hook: tell steering which LoRA adapter a request uses.
+
+No logits-processor interface sees the LoRA request, so this wraps
+``InputProcessor.process_inputs`` (private API; ``compat`` checks it on every vLLM it loads on)
+to stamp the adapter's name into a NEW ``extra_args`` dict of a shallow copy of the request's
+params, before vLLM validates them, so ``validate_params`` and the processor both see it. It
+also pins the vector version current at admission (``name@version``), so the engine steers
+with exactly the version that was validated, even if it is replaced while the request runs.
+Client-sent values under either key are dropped (the stamps are trusted). It records the served
+model's vocab size for admission checks too.
+
+On a vLLM whose interfaces differ from what the plugin needs, loading it raises
+``UnsupportedVLLMError``, which stops the engine with the version and the supported range.
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+import inspect
+import logging
+from typing import Any
+
+from . import admission, compat
+from .admission import INTERNAL_KEYS, LORA_KEY, PIN_KEY
+
+__all__ = ["UnsupportedVLLMError", "register"]
+
+logger = logging.getLogger("vllm.svd_vllm")
+
+
+class UnsupportedVLLMError(RuntimeError):
+    """The installed vLLM lacks an interface svd-vllm needs."""
+
+
+def check_vllm() -> None:
+    """Raise ``UnsupportedVLLMError`` unless the imported vLLM has every interface needed."""
+    import vllm
+
+    problems = compat.installed_problems()
+    if problems:
+        raise UnsupportedVLLMError(
+            f"svd-vllm cannot run on vLLM {vllm.__version__} (supported: "
+            f"vllm{compat.SUPPORTED_VLLM}, see docs/compatibility.md): {'; '.join(problems)}. "
+            "Install a supported vLLM, or uninstall svd-vllm."
+        )
+    if not compat.in_range(vllm.__version__):
+        logger.warning(
+            "svd-vllm: vLLM %s is outside the verified range %s; every interface the plugin "
+            "uses is present, so it runs",
+            vllm.__version__, compat.SUPPORTED_VLLM,
+        )  # fmt: skip
+
+
+def register() -> None:
+    """Entry point: check the vLLM, then patch ``InputProcessor.process_inputs`` once."""
+    check_vllm()
+    from vllm import SamplingParams
+    from vllm.v1.engine.input_processor import InputProcessor
+
+    if getattr(InputProcessor.process_inputs, "_svd_vllm_wrapped", False):
+        admission.set_stamping(True)
+        return
+    original = InputProcessor.process_inputs
+    signature = inspect.signature(original)
+
+    @functools.wraps(original)
+    def process_inputs(self: Any, *args: Any, **kwargs: Any) -> Any:
+        bound = signature.bind(self, *args, **kwargs)
+        params = bound.arguments.get("params")
+        if isinstance(params, SamplingParams):
+            if admission.served_vocab_size() is None:
+                admission.set_served_vocab_size(int(self.model_config.get_vocab_size()))
+            lora = bound.arguments.get("lora_request")
+            extra = dict(params.extra_args or {})
+            for key in INTERNAL_KEYS:
+                extra.pop(key, None)
+            if lora is not None:
+                extra[LORA_KEY] = lora.lora_name
+            pin = admission.admission_pin(extra)
+            if pin is not None:
+                extra[PIN_KEY] = pin
+            stamped = copy.copy(params)  # the caller's params object is never mutated
+            stamped.extra_args = extra or None
+            bound.arguments["params"] = stamped
+        return original(*bound.args, **bound.kwargs)
+
+    process_inputs._svd_vllm_wrapped = True  # type: ignore[attr-defined]
+    InputProcessor.process_inputs = process_inputs
+    admission.set_stamping(True)
