@@ -174,7 +174,7 @@ def test_registry_settings_apply_and_versions_are_pinned(registry: Registry) -> 
     p = SVDLogitsProcessor(config(), "cpu", False)
     params = sp(svd=1, svd_vector="a")
     p.update_state(BatchUpdate(batch_size=1, removed=[], added=[(0, params, None, [])], moved=[]))
-    assert params.extra_args[PIN_KEY] == "a@1"
+    assert params.extra_args[PIN_KEY] == registry.get("a").key and registry.get("a").version == 1
     old = registry.load("a")
     registry.add(vec("a", 99, -1.0), replace=True)
     registry.update("a", default_scale=2.0)

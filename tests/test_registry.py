@@ -176,6 +176,7 @@ def test_store_loads_refuses_bad_files_and_keeps_the_good_version(tmp_path: Path
     assert store.names() == ["a"]  # the wrong-vocab vector is refused
     good = store.resolve("a")
     assert good is not None and good.entry.version == 1
+    first_key = good.key
     # Drop a corrupted artifact in as version 2 of "a".
     m = reg.manifest()
     bad_rel = "vectors/a/v2-corrupt.safetensors"
@@ -192,7 +193,7 @@ def test_store_loads_refuses_bad_files_and_keeps_the_good_version(tmp_path: Path
     assert store.resolve("a").entry.version == 3
     assert torch.equal(store.resolve("a").shift, vec("a", seed=7).shift)
     # A pinned old version stays resolvable for in-flight requests.
-    assert store.resolve("a", pinned="a@1").entry.version == 1
+    assert store.resolve("a", pinned=first_key).entry.version == 1
 
 
 def test_store_thread_picks_up_changes_within_a_second(tmp_path: Path) -> None:
@@ -264,3 +265,25 @@ def test_store_host_capacity_from_the_environment(
     monkeypatch.setenv("SVD_VLLM_HOST_CACHE", "zero")
     with pytest.raises(ValueError, match="SVD_VLLM_HOST_CACHE"):
         VectorStore(Registry(tmp_path), "cpu", 16, start_thread=False)
+
+
+def test_a_recreated_registry_never_serves_the_old_bytes(tmp_path: Path) -> None:
+    """Versions restart when the registry is deleted: the engine must not reuse name@1's slot."""
+    import shutil
+
+    reg = Registry(tmp_path / "reg")
+    reg.add(vec("sv", seed=1))
+    store = VectorStore(reg, "cpu", 16, start_thread=False)
+    old = store.resolve("sv")
+    assert old is not None
+    slot = store.acquire(old)  # a request steered with it
+    store.release(slot)
+    shutil.rmtree(tmp_path / "reg")  # the operator wipes the registry ...
+    store.refresh()
+    again = reg.add(vec("sv", seed=2))  # ... and registers other content under the same name
+    assert again.version == old.entry.version  # the version number is reused
+    store.refresh()
+    new = store.resolve("sv")
+    assert new is not None and new.key != old.key
+    assert torch.equal(new.shift, vec("sv", seed=2).shift)
+    assert torch.equal(store.table[store.acquire(new)], vec("sv", seed=2).shift)

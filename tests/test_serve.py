@@ -50,3 +50,51 @@ def test_local_stack_serves_and_stops(serving_assets: dict, tmp_path: Path) -> N
         )
         pids = [p.pid for p in stack.procs.values()]
     assert not any(_alive(pid) for pid in pids)
+
+
+def test_serve_stops_its_children_on_sigterm(serving_assets: dict, tmp_path: Path) -> None:
+    """docker stop / systemd / k8s send SIGTERM: vLLM and the sidecar must go with ``serve``.
+
+    No ``--max-model-len``: the tiny model has 512 positions, so the old forced 2048 made vLLM
+    refuse to start; vLLM now derives it from the model.
+    """
+    import re
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    a = serving_assets
+    cmd = [sys.executable, "-m", "svd_vllm.tools.cli", "serve", "--model", str(a["base"]),
+           "--lora", f"lora1={a['loras']['lora1']}", "--registry", str(tmp_path / "registry"), "--port", "0", "--sidecar-port", "0"]  # fmt: skip
+    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"}
+    proc = subprocess.Popen(
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env
+    )
+    pids: list[int] = []
+    try:
+        deadline = time.monotonic() + 300
+        out = []
+        assert proc.stdout is not None
+        while time.monotonic() < deadline:
+            line = proc.stdout.readline()
+            if not line:
+                break
+            out.append(line)
+            if line.startswith("children:"):
+                pids = [int(p) for p in re.findall(r"pid (\d+)", line)]
+                break
+        assert len(pids) == 2, "".join(out)[-3000:]
+        assert all(_alive(p) for p in pids)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=60) == 0
+        deadline = time.monotonic() + 30
+        while any(_alive(p) for p in pids) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not any(_alive(p) for p in pids)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        for p in pids:
+            if _alive(p):
+                os.killpg(p, signal.SIGKILL)

@@ -274,6 +274,7 @@ def test_health_ready_metrics(env: dict, tmp_path: Path) -> None:
     r = c.get("/readyz")
     assert r.status_code == 200 and r.json()["checks"] == {
         "registry": "writable",
+        "manifest": "readable",
         "vllm": "reachable",
     }
     down = create_app(

@@ -35,12 +35,15 @@ def art_bytes(seed: int) -> bytes:
     )
 
 
-def slow_body(data: bytes, boundary: str, delay: float):  # type: ignore[no-untyped-def]
+def slow_body(data: bytes, boundary: str, delay: float, half_sent: threading.Event | None = None):  # type: ignore[no-untyped-def]
+    """A multipart body sent in 256 KiB pieces; ``half_sent`` is set once half the file is out."""
     head = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"big.safetensors\"\r\n"
             "Content-Type: application/octet-stream\r\n\r\n").encode()  # fmt: skip
     yield head
     for i in range(0, len(data), 256 * 1024):
         yield data[i : i + 256 * 1024]
+        if half_sent is not None and i + 256 * 1024 >= len(data) // 2:
+            half_sent.set()
         time.sleep(delay)
     yield f"\r\n--{boundary}--\r\n".encode()
 
@@ -63,8 +66,9 @@ def _kill_when(sc: SidecarProcess, reg_dir: Path, ready: Callable[[int], bool]) 
     return False
 
 
-# Each round has its own registry. "body": killed while the upload streams in;
-# "processing": killed after the whole body arrived, while it is verified and registered.
+# Each round has its own registry. "body": killed when half the body has been sent (so the
+# server cannot have all of it); "processing": killed once the whole upload is spooled, while it
+# is verified and registered (a short window: retried until the kill lands in it).
 @pytest.mark.parametrize("seed", [1, 2])
 @pytest.mark.parametrize("phase", ["body", "processing"])
 def test_kill_during_upload_keeps_registry_consistent(
@@ -82,16 +86,19 @@ def test_kill_during_upload_keeps_registry_consistent(
         r = httpx.post(f"{sc.url}/v1/steering/vectors", files={"file": ("b", art_bytes(0))},
                        headers=auth, timeout=60)  # fmt: skip
         assert r.status_code == 201, r.text
-        before = registry.get("big")
         landed = False
-        for _ in range(5):  # the processing window is short: retry until the kill lands in it
+        for _ in range(5):
+            before = registry.get("big")  # an attempt that missed may have registered it
             outcome: dict = {}
+            half_sent = threading.Event()
 
-            def send(outcome: dict = outcome) -> None:
+            def send(outcome: dict = outcome, half_sent: threading.Event = half_sent) -> None:
                 try:
                     outcome["r"] = httpx.post(
                         f"{sc.url}/v1/steering/vectors?replace=true",
-                        content=slow_body(new, boundary, 0.05 if phase == "body" else 0.0),
+                        content=slow_body(
+                            new, boundary, 0.05 if phase == "body" else 0.0, half_sent
+                        ),
                         headers={
                             **auth,
                             "content-type": f"multipart/form-data; boundary={boundary}",
@@ -104,12 +111,15 @@ def test_kill_during_upload_keeps_registry_consistent(
             t = threading.Thread(target=send)
             t.start()
             if phase == "body":
-                seen = _kill_when(sc, reg_dir, lambda size: 0 < size < len(new) // 2)
+                seen = half_sent.wait(30)
+                sc.kill()
+                t.join(30)
+                landed = seen and "r" not in outcome  # killed mid-body, before any answer
             else:
                 seen = _kill_when(sc, reg_dir, lambda size: size >= len(new))
-            t.join(30)
-            # Landed mid-write: the client got no answer and the upload is still spooled.
-            landed = seen and "r" not in outcome and bool(_spooled(reg_dir))
+                t.join(30)
+                # Landed mid-write: the client got no answer and the upload is still spooled.
+                landed = seen and "r" not in outcome and bool(_spooled(reg_dir))
             if landed:
                 break
             sc.start()

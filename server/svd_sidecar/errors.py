@@ -6,6 +6,8 @@ handlers here turn them into responses and count each refusal by its code.
 
 from __future__ import annotations
 
+import errno
+
 from fastapi import FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
@@ -32,7 +34,7 @@ ERROR_RESPONSES: dict[int | str, dict[str, object]] = {
     401: {"model": ErrorBody},
     404: {"model": ErrorBody},
 }
-_REGISTRY_STATUS = {"not_found": 404, "conflict": 409}
+_REGISTRY_STATUS = {"not_found": 404, "conflict": 409, "unreadable": 503}
 
 
 class ApiError(HTTPException):
@@ -44,7 +46,8 @@ class ApiError(HTTPException):
 
 
 def registry_status(e: RegistryError) -> int:
-    """The HTTP status of a registry refusal: 404 unknown name, 409 conflict, else 400."""
+    """The HTTP status of a registry refusal: 404 unknown name, 409 conflict, 503 when the
+    manifest cannot be read (the registry, not the request, is at fault), else 400."""
     return _REGISTRY_STATUS.get(e.code, 400)
 
 
@@ -67,6 +70,12 @@ def install_handlers(app: FastAPI, metrics: SidecarMetrics) -> None:
     @app.exception_handler(ArtifactError)
     async def _artifact_error(_: Request, exc: ArtifactError) -> JSONResponse:
         return refuse(400, exc.code, f"invalid artifact: {exc.problem}")
+
+    @app.exception_handler(OSError)
+    async def _os_error(_: Request, exc: OSError) -> JSONResponse:
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            return refuse(507, "storage_full", "the registry's disk is full; nothing was changed")
+        return refuse(503, "storage", f"the registry cannot be written: {exc.strerror or exc}")
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:

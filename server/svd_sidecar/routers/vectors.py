@@ -196,7 +196,7 @@ async def _spool_upload(upload: Any, registry: Path, limit: int) -> Path:
 def _allowed_path(raw: str, settings: SidecarSettings) -> Path:
     try:
         p = Path(raw).expanduser().resolve(strict=True)
-    except (OSError, RuntimeError) as e:
+    except (OSError, RuntimeError, ValueError) as e:  # ValueError: an embedded NUL byte
         raise ApiError(400, "path", f"{raw}: no such file") from e
     roots = [r.expanduser().resolve() for r in settings.allowed_roots]
     if not any(p.is_relative_to(r) for r in roots):
