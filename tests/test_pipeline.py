@@ -165,6 +165,29 @@ def _toy_items(tmp_path: Path) -> Path:
     return d
 
 
+@pytest.mark.parametrize("native", [False, True])
+def test_warm_start_autocasts_to_bf16_only_on_native_bf16_cpus(
+    tiny_dirs: tuple[Path, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, native: bool
+) -> None:
+    """On AVX2-only CPUs bf16 matmuls are ~40x slower: the default must be float32 there."""
+    from svd_vllm.offline import precision
+
+    seen: list[bool] = []
+    real = torch.autocast
+
+    def recording(device_type: str, *args, enabled: bool = True, **kw):  # type: ignore[no-untyped-def]
+        seen.append(enabled)
+        return real(device_type, *args, enabled=enabled, **kw)
+
+    monkeypatch.setattr(precision, "cpu_has_native_bf16", lambda: native)
+    monkeypatch.setattr(torch, "autocast", recording)
+    examples = [("the color of sky is", " blue")] * 4
+    train_adapter(
+        tiny_dirs[0], examples, tmp_path / "ws", WarmStartConfig(batch_size=4), progress=False
+    )
+    assert seen == [native]  # one batch, autocast on exactly where bf16 is native
+
+
 def test_warm_start_learns_and_loads(tiny_dirs: tuple[Path, Path], tmp_path: Path) -> None:
     base, _ = tiny_dirs
     d = _toy_items(tmp_path)

@@ -4,7 +4,8 @@ Paper defaults (its Table 7): lr 5e-5, 1 epoch, max length 512; LoRA r=8, alpha=
 dropout 0.1 on q_proj,v_proj (q,k,v,o for Llama/Qwen); IA3 on q,k,v,o,up,down; 20 virtual
 tokens for prompt tuning; P-tuning with a 2-layer, 128-wide prompt encoder (PEFT's
 ``PromptEncoderConfig``). The loss is on completion tokens only. Batches are padded on the
-right; the order is shuffled by ``seed``; AdamW with linear decay; bf16 autocast on CPU.
+right; the order is shuffled by ``seed``; AdamW with linear decay; bf16 autocast on CPUs that
+have native bf16 (``precision.use_cpu_bf16``), float32 elsewhere.
 The paper's batch size is 1; CPU throughput wants more, so ``batch_size`` defaults to 8.
 """
 
@@ -20,6 +21,8 @@ from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
+
+from .precision import use_cpu_bf16
 
 __all__ = ["METHODS", "WarmStartConfig", "WarmStartResult", "peft_config", "train_adapter"]
 
@@ -40,7 +43,7 @@ class WarmStartConfig:
     target_modules: list[str] | None = None  # None: paper's choice for the architecture
     virtual_tokens: int = 20
     max_examples: int | None = None
-    bf16: bool = True
+    bf16: bool | None = None  # None: bf16 autocast only where the CPU has native bf16
     weight_decay: float = 0.0
 
 
@@ -167,6 +170,7 @@ def train_adapter(
     losses: list[float] = []
     tokens = 0
     t0 = time.time()
+    bf16 = use_cpu_bf16(cfg.bf16)
     bar = tqdm(batches, desc=f"warm start ({cfg.method})", unit="batch", disable=not progress)
     for batch in bar:
         seqs = [data[i] for i in batch]
@@ -178,7 +182,7 @@ def train_adapter(
             input_ids[r, : len(ids)] = torch.tensor(ids)
             attn[r, : len(ids)] = 1
             labels[r, n_ctx : len(ids)] = torch.tensor(ids[n_ctx:])
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.bf16):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
             out = model(input_ids=input_ids, attention_mask=attn, labels=labels)
         loss = out.loss
         if not torch.isfinite(loss):
