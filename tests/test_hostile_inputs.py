@@ -15,14 +15,11 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-import httpx
 import pytest
-from fastapi.testclient import TestClient
-from svd_sidecar import SidecarSettings, create_app
 
 from svd_vllm.core import artifact
 from svd_vllm.registry import Registry
-from tests.test_sidecar import AUTH, KEY, VOCAB, Upstream, vec_bytes
+from tests.test_sidecar import AUTH, VOCAB, sidecar_env, vec_bytes
 
 
 def snapshot(root: Path) -> dict[str, str]:
@@ -36,20 +33,13 @@ def snapshot(root: Path) -> dict[str, str]:
 
 @pytest.fixture
 def env(tmp_path: Path) -> Iterator[dict]:
-    upstream = Upstream()
-    allowed = tmp_path / "allowed"
-    allowed.mkdir()
-    settings = SidecarSettings(
-        api_key=KEY, registry=tmp_path / "reg", vocab_size=VOCAB, allowed_roots=[allowed],
-        max_upload_bytes=64 * 1024,
-    )  # fmt: skip
-    app = create_app(settings, transport=httpx.MockTransport(upstream))
-    with TestClient(app, raise_server_exceptions=False) as client:
-        r = client.post(
+    """The sidecar as clients see it: a server error is a 500 response, not a raised exception."""
+    with sidecar_env(tmp_path, raise_server_exceptions=False) as e:
+        r = e["client"].post(
             "/v1/steering/vectors", files={"file": ("v", vec_bytes("keep"))}, headers=AUTH
         )
         assert r.status_code == 201, r.text
-        yield {"client": client, "upstream": upstream, "allowed": allowed, "root": tmp_path / "reg"}
+        yield e
 
 
 def test_nul_byte_in_a_registration_path(env: dict) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 from collections.abc import Iterator
 from pathlib import Path
@@ -58,8 +59,9 @@ class Upstream:
         return httpx.Response(200, json={"choices": [{"text": "ok"}], "echo": body})
 
 
-@pytest.fixture
-def env(tmp_path: Path) -> Iterator[dict]:
+@contextlib.contextmanager
+def sidecar_env(tmp_path: Path, raise_server_exceptions: bool = True) -> Iterator[dict]:
+    """A sidecar app on a fresh registry with a fake vLLM, and a client for it."""
     upstream = Upstream()
     allowed = tmp_path / "allowed"
     allowed.mkdir()
@@ -68,14 +70,21 @@ def env(tmp_path: Path) -> Iterator[dict]:
         max_upload_bytes=64 * 1024,
     )  # fmt: skip
     app = create_app(settings, transport=httpx.MockTransport(upstream))
-    with TestClient(app) as client:
+    with TestClient(app, raise_server_exceptions=raise_server_exceptions) as client:
         yield {
             "client": client,
             "upstream": upstream,
             "allowed": allowed,
             "settings": settings,
             "tmp": tmp_path,
+            "root": tmp_path / "reg",
         }
+
+
+@pytest.fixture
+def env(tmp_path: Path) -> Iterator[dict]:
+    with sidecar_env(tmp_path) as e:
+        yield e
 
 
 def upload(
