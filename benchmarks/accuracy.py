@@ -17,10 +17,11 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import platform
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +38,7 @@ from svd_vllm.offline.evaluation import (
     task_summary,
 )
 from svd_vllm.offline.extraction import CalibrationItem, extract_vector
+from svd_vllm.offline.precision import DEVICES, DTYPES, resolve
 from svd_vllm.offline.reference import ReferenceDecoder
 from svd_vllm.offline.tasks import COMMONSENSE, build_tasks, load_items, tasks_dir
 from svd_vllm.offline.warmstart import WarmStartConfig, train_adapter
@@ -113,6 +115,10 @@ def adapter_dir(model: str, name: str) -> Path:
     return cache_dir() / "adapters" / model / name
 
 
+#: ``--device``/``--dtype``/``--batch-size`` of this run (``main`` sets them; auto by default).
+PLACEMENT: dict[str, Any] = {"device": "auto", "dtype": "auto", "batch_size": 64}
+
+
 def ensure_adapter(model_dir: Path, model: str, suite: Suite) -> tuple[Path, dict[str, Any]]:
     out = adapter_dir(model, suite.adapter)
     info_path = out / "svd_vllm_warmstart.json"
@@ -122,7 +128,8 @@ def ensure_adapter(model_dir: Path, model: str, suite: Suite) -> tuple[Path, dic
             items = load_items(tasks_dir() / t / "train.jsonl", limit=suite.train_per_task)
             examples += [(it.gold_prompt(), it.completion) for it in items]
         print(f"[study] warm-starting {suite.adapter} on {len(examples)} examples", flush=True)
-        train_adapter(model_dir, examples, out, suite.train)
+        cfg = replace(suite.train, device=PLACEMENT["device"], dtype=PLACEMENT["dtype"])
+        train_adapter(model_dir, examples, out, cfg)
     return out, json.loads(info_path.read_text())
 
 
@@ -138,7 +145,7 @@ def ensure_vector(
         its = load_items(tasks_dir() / t / "calib.jsonl", limit=suite.calib_per_task)
         items += [CalibrationItem(it.gold_prompt(), it.completion) for it in its]
     t0 = time.time()
-    art, report = extract_vector(dec, items, name=suite.adapter)
+    art, report = extract_vector(dec, items, name=suite.adapter, batch_size=PLACEMENT["batch_size"])
     seconds = time.time() - t0
     artifact.save(art, path)
     summary = report.summary() | {"seconds": seconds}
@@ -149,7 +156,7 @@ def ensure_vector(
 def run_suite(model: str, model_dir: Path, suite: Suite) -> dict[str, Any]:
     t0 = time.time()
     adir, ws = ensure_adapter(model_dir, model, suite)
-    dec = ReferenceDecoder(model_dir, adir)
+    dec = ReferenceDecoder(model_dir, adir, device=PLACEMENT["device"], dtype=PLACEMENT["dtype"])
     vec, vreport, _ = ensure_vector(dec, model, suite)
     specs = method_specs(vec, include=METHODS)
     tasks: dict[str, Any] = {}
@@ -159,7 +166,13 @@ def run_suite(model: str, model_dir: Path, suite: Suite) -> dict[str, Any]:
         gen = t in suite.generation_tasks
         t1 = time.time()
         scores = evaluate_items(
-            dec, items, specs, generation=gen, gen_limit=suite.generation_limit or None, desc=t
+            dec,
+            items,
+            specs,
+            generation=gen,
+            gen_limit=suite.generation_limit or None,
+            desc=t,
+            batch_size=PLACEMENT["batch_size"],
         )
         tasks[t] = task_summary(scores) | {"seconds": time.time() - t1}
         raw[t] = {
@@ -357,7 +370,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--merge", nargs="+", type=Path, help="combine the suites of these reports and exit"
     )
+    ap.add_argument("--device", choices=DEVICES, default="auto")
+    ap.add_argument("--dtype", choices=tuple(DTYPES), default="auto")
+    ap.add_argument("--batch-size", type=int, default=64)
     args = ap.parse_args(argv)
+    PLACEMENT.update(device=args.device, dtype=args.dtype, batch_size=args.batch_size)
+    place = resolve(args.device, args.dtype)
     if args.merge:
         return merge(args.merge, args.out / f"accuracy-{args.model}")
     t0 = time.time()
@@ -370,7 +388,7 @@ def main(argv: list[str] | None = None) -> int:
         "model": args.model,
         "quick": args.quick,
         "created": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-        "machine": f"{platform.machine()}, {platform.processor() or 'cpu'}, 2 cores, no GPU",
+        "machine": f"{platform.machine()}, {os.cpu_count()} cores; models on {place.describe()}",
         "splits": json.loads((tasks_dir() / "manifest.json").read_text())["tasks"],
         "suites": [],
         "not_run": not_run(args.model),

@@ -23,6 +23,7 @@ from svd_vllm.offline.calibration import (
     PositionStats,
     bootstrap_ci,
     calibrate,
+    line_search_many,
     line_search_mu,
 )
 from svd_vllm.offline.extraction import CalibrationItem, ShiftAccumulator, extract_vector
@@ -71,6 +72,24 @@ def test_line_search_finds_the_grid_minimum() -> None:
     assert abs(float(grid[vals.argmin()]) - mu) < 0.02
     assert float(stats.nll(mu).mean()) <= float(vals.min()) + 1e-9
     assert mu < 0  # the adapter moved toward the labels: extrapolate
+
+
+def test_line_search_per_resample_equals_the_search_on_the_resampled_rows() -> None:
+    """The vectorised bootstrap (position weights = draw counts) gives, per resample, the
+    minimiser of the NLL over the rows of that resample, repeated rows included."""
+    z_a, z_b, labels = _toy(n=120)
+    stats = PositionStats.from_logits(z_a, exact_delta(z_a, z_b), confidence_mask(z_a, 0.1), labels)
+    g = torch.Generator().manual_seed(3)
+    draws = [torch.randint(0, 120, (120,), generator=g) for _ in range(6)]
+    weights = torch.stack([torch.bincount(d, minlength=120) for d in draws]).double()
+    many = line_search_many(stats, weights)
+    for r, d in enumerate(draws):
+        sub = stats.select(d)
+        grid = torch.linspace(float(many[r]) - 2, float(many[r]) + 2, 801)
+        vals = torch.stack([sub.nll(float(m)).mean() for m in grid])
+        assert abs(float(grid[vals.argmin()]) - float(many[r])) <= 0.006
+        assert float(sub.nll(float(many[r])).mean()) <= float(vals.min()) + 1e-9
+    assert len(set(many.tolist())) > 1  # the resamples differ
 
 
 def test_calibrate_reports_every_estimator_and_picks_lowest_nll() -> None:

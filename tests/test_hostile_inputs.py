@@ -170,3 +170,136 @@ def test_grace_period_counts_from_replacement_not_registration(tmp_path: Path) -
     os.utime(old_file, (long_ago, long_ago))  # ... once they have passed
     reg.remove("v")
     assert not old_file.exists()
+
+
+# -- body size caps (#16 item 4) ---------------------------------------------------------------
+@pytest.fixture
+def capped(tmp_path: Path) -> Iterator[dict]:
+    with sidecar_env(tmp_path, raise_server_exceptions=False, max_body_bytes=4096) as e:
+        yield e
+
+
+def _chunks(total: int, size: int = 1024) -> Iterator[bytes]:
+    for _ in range(total // size):
+        yield b"x" * size
+
+
+@pytest.mark.parametrize("chunked", [False, True])
+def test_oversized_bodies_on_the_open_front_get_413(capped: dict, chunked: bool) -> None:
+    body = b'{"model": "m", "prompt": "' + b"a" * 8192 + b'"}'
+    content = _chunks(len(body)) if chunked else body
+    r = capped["client"].post("/v1/completions", content=content,
+                              headers={"content-type": "application/json"})  # fmt: skip
+    assert r.status_code == 413 and r.json()["error"]["code"] == "size"
+    assert capped["upstream"].seen == []  # nothing reached vLLM
+    ok = capped["client"].post("/v1/completions", json={"model": "m", "prompt": "hi"})
+    assert ok.status_code == 200  # under the cap: proxied as before
+
+
+def test_oversized_chunked_upload_gets_413_and_leaves_nothing(env: dict) -> None:
+    before = snapshot(env["root"])
+    boundary = "b0undary"
+    head = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"v\"\r\n"
+            "Content-Type: application/octet-stream\r\n\r\n").encode()  # fmt: skip
+
+    def body() -> Iterator[bytes]:
+        yield head
+        yield from _chunks(4 * 64 * 1024, 4096)  # 4x the upload cap, no Content-Length
+        yield f"\r\n--{boundary}--\r\n".encode()
+
+    r = env["client"].post("/v1/steering/vectors", content=body(), headers={
+        **AUTH, "content-type": f"multipart/form-data; boundary={boundary}"})  # fmt: skip
+    assert r.status_code == 413 and r.json()["error"]["code"] == "size"
+    assert snapshot(env["root"]) == before
+    assert not list((env["root"] / ".uploads").glob("*"))
+
+
+def _stream_until_answered(
+    url: str, path: str, headers: dict[str, str], cap: int, prefix: bytes = b""
+) -> tuple[int, int]:
+    """Send a chunked body of 1 MiB chunks (up to 256x ``cap``) until the server answers;
+    returns (HTTP status, bytes sent by then)."""
+    import select
+    import socket
+    from urllib.parse import urlsplit
+
+    u = urlsplit(url)
+    sock = socket.create_connection((u.hostname, u.port), timeout=30)
+    head = [f"POST {path} HTTP/1.1", f"Host: {u.hostname}:{u.port}", "Transfer-Encoding: chunked",
+            *(f"{k}: {v}" for k, v in headers.items())]  # fmt: skip
+    sock.sendall(("\r\n".join(head) + "\r\n\r\n").encode())
+    if prefix:
+        sock.sendall(b"%x\r\n" % len(prefix) + prefix + b"\r\n")
+    chunk = b"%x\r\n" % (1 << 20) + b"x" * (1 << 20) + b"\r\n"
+    sent = 0
+    try:
+        while sent < 256 * cap:
+            if select.select([sock], [], [], 0)[0]:
+                break  # the server has answered
+            try:
+                sock.sendall(chunk)
+            except OSError:
+                break  # the server closed the connection after answering
+            sent += 1 << 20
+        sock.settimeout(30)
+        status = int(sock.recv(4096).split(b" ", 2)[1])
+    finally:
+        sock.close()
+    return status, sent
+
+
+def test_a_real_sidecar_refuses_a_chunked_stream_as_it_arrives(tmp_path: Path) -> None:
+    """Against a real uvicorn sidecar: no Content-Length, 1 MiB chunks. The 413 comes after
+    about the cap, not after the whole stream, and nothing is left spooled."""
+    from tests.support.sidecar_proc import SidecarProcess
+    from tests.test_sidecar import KEY
+
+    cap = 2 << 20
+    reg = tmp_path / "reg"
+    env = {"SVD_SIDECAR_API_KEY": KEY, "SVD_SIDECAR_REGISTRY": str(reg),
+           "SVD_SIDECAR_VOCAB_SIZE": str(VOCAB), "SVD_SIDECAR_VLLM_URL": "http://127.0.0.1:9",
+           "SVD_SIDECAR_MAX_BODY_BYTES": str(cap), "SVD_SIDECAR_MAX_UPLOAD_BYTES": str(cap)}  # fmt: skip
+    sc = SidecarProcess(env, tmp_path / "sidecar.log").start()
+    try:
+        status, sent = _stream_until_answered(
+            sc.url, "/v1/completions", {"Content-Type": "application/json"}, cap
+        )
+        assert status == 413 and sent <= 8 * cap, (status, sent)
+        status, sent = _stream_until_answered(
+            sc.url, "/v1/steering/vectors",
+            {"Content-Type": "multipart/form-data; boundary=b", "Authorization": f"Bearer {KEY}"},
+            cap, b'--b\r\nContent-Disposition: form-data; name="file"; filename="v"\r\n\r\n',
+        )  # fmt: skip
+        assert status == 413 and sent <= 8 * cap, (status, sent)
+        assert not list((reg / ".uploads").glob("*"))
+    finally:
+        sc.stop()
+
+
+# -- a corrupt artifact file (#16 item 2) ----------------------------------------------------
+def test_a_corrupt_file_is_shown_and_refused_never_a_500(env: dict) -> None:
+    client, root = env["client"], env["root"]
+    path = root / Registry(root).get("keep").file
+    data = bytearray(path.read_bytes())
+    data[-5] ^= 0x40  # one flipped bit in the tensor data
+    st = path.stat()
+    path.write_bytes(bytes(data))
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+    before = snapshot(root)
+    listed = {v["name"]: v for v in client.get("/v1/steering/vectors").json()}
+    assert listed["keep"]["status"] == "unloadable" and "hash" in listed["keep"]["problem"]
+    detail = client.get("/v1/steering/vectors/keep")
+    assert detail.status_code == 200 and detail.json()["status"] == "unloadable"
+    assert detail.json()["calibration"] is None
+    r = client.post("/v1/completions", json={"model": "keep", "prompt": "hi",
+                                             "steering": {"enabled": True}})  # fmt: skip
+    assert r.status_code == 400 and r.json()["error"]["code"] == "unloadable_vector"
+    assert "'keep'" in r.json()["error"]["message"] and env["upstream"].seen == []
+    off = client.post("/v1/completions", json={"model": "keep", "prompt": "hi",
+                                               "steering": {"enabled": False}})  # fmt: skip
+    assert off.status_code == 200  # not asking for it: proxied
+    assert snapshot(root) == before
+    # A good replacement: ready again.
+    r = client.post("/v1/steering/vectors?replace=true", files={"file": ("v", vec_bytes("keep"))},
+                    headers=AUTH)  # fmt: skip
+    assert r.status_code == 201 and r.json()["status"] == "ready"

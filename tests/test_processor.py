@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -308,6 +309,44 @@ def test_validate_params_accepts_good_requests_and_checks_vocab(
     set_served_vocab_size(128)  # the conftest resets it after every test
     with pytest.raises(ValueError, match="vocab_size 64 but the served model has 128"):
         validate_steering_params({"svd": 1, "svd_vector": "b"})
+
+
+def test_a_vector_that_cannot_load_is_refused_by_name_or_counted(
+    registry: Registry, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """#16 item 2: an explicit request for a corrupt vector is a 400 naming it and the reason;
+    one steered only by the server default proceeds unsteered and is counted."""
+    from prometheus_client import REGISTRY
+
+    from svd_vllm.vllm import admission
+
+    def skipped(reason: str) -> float:
+        value = REGISTRY.get_sample_value("svd_vllm_default_unsteered_total", {"reason": reason})
+        return value or 0.0
+
+    validate_steering_params({"svd": 1, "svd_vector": "a"})  # fine while the file is intact
+    path = registry.root / registry.get("a").file
+    data = bytearray(path.read_bytes())
+    data[-3] ^= 0xFF  # flip one byte of the tensor data
+    st = path.stat()
+    path.write_bytes(bytes(data))
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))  # as when it happens later
+    for extra in ({"svd": 1, "svd_vector": "a"}, {"svd": 1, LORA_KEY: "a"}):
+        with pytest.raises(ValueError, match=r"steering vector 'a' \(a@1#\w+\) cannot be loaded"):
+            validate_steering_params(extra)
+    validate_steering_params({"svd": 0, "svd_vector": "a"})  # off: only needs to exist
+    monkeypatch.setenv("SVD_VLLM_DEFAULT", "on")
+    with pytest.raises(ValueError, match="cannot be loaded"):  # named, and on by default
+        validate_steering_params({"svd_vector": "a"})
+    before = skipped("unloadable")
+    validate_steering_params({LORA_KEY: "a"})  # the server default: proceeds...
+    assert skipped("unloadable") == before + 1  # ...and is counted
+    validate_steering_params({LORA_KEY: "b"})  # an intact vector is not counted
+    validate_steering_params({LORA_KEY: "nolora"})  # nor an adapter without a vector
+    assert skipped("unloadable") == before + 1
+    registry.add(vec("a", 9, -1.0), replace=True)  # a good version: admitted again
+    validate_steering_params({"svd": 1, "svd_vector": "a"})
+    assert admission.served_vocab_size() is None
 
 
 def test_parse_request_args_defaults() -> None:

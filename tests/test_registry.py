@@ -168,7 +168,7 @@ def test_watcher_sees_changes_by_stat(tmp_path: Path) -> None:
     assert "a" in m.vectors and not changed  # the broken manifest is ignored
 
 
-def test_store_loads_refuses_bad_files_and_keeps_the_good_version(tmp_path: Path) -> None:
+def test_store_refuses_bad_files_and_never_serves_a_stale_version(tmp_path: Path) -> None:
     reg = Registry(tmp_path)
     reg.add(vec("a", seed=1))
     reg.add(vec("wrong", vocab=8))
@@ -186,7 +186,23 @@ def test_store_loads_refuses_bad_files_and_keeps_the_good_version(tmp_path: Path
     )
     reg.manifest_path.write_text(m.model_dump_json())
     assert store.refresh()
-    assert store.resolve("a").entry.version == 1  # previous good version still serves
+    # Never an older version the manifest no longer names: "a" serves nothing now...
+    assert store.resolve("a") is None and store.names() == []
+    # ...except to requests that pinned version 1 before the change.
+    pinned = store.resolve("a", pinned=first_key)
+    assert pinned is not None and pinned.entry.version == 1
+    # Repaired in place (same entry, the file rewritten): picked up without a manifest change.
+    good_bytes = artifact.save(vec("a", seed=5), tmp_path / "v2.safetensors").read_bytes()
+    m = reg.manifest()
+    m.vectors["a"] = m.vectors["a"].model_copy(
+        update={"content_hash": artifact.load(tmp_path / "v2.safetensors").meta.content_hash}
+    )
+    reg.manifest_path.write_text(m.model_dump_json())
+    assert store.refresh() and store.resolve("a") is None  # new entry, file still corrupt
+    assert not store.refresh()  # nothing changed: the bad file is not read again
+    (tmp_path / bad_rel).write_bytes(good_bytes)
+    assert store.refresh()
+    assert store.resolve("a").entry.version == 2
     # A good replacement is picked up.
     reg.add(vec("a", seed=7), replace=True)
     store.refresh()

@@ -6,6 +6,7 @@ import contextlib
 import json
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -60,14 +61,16 @@ class Upstream:
 
 
 @contextlib.contextmanager
-def sidecar_env(tmp_path: Path, raise_server_exceptions: bool = True) -> Iterator[dict]:
+def sidecar_env(
+    tmp_path: Path, raise_server_exceptions: bool = True, **overrides: Any
+) -> Iterator[dict]:
     """A sidecar app on a fresh registry with a fake vLLM, and a client for it."""
     upstream = Upstream()
     allowed = tmp_path / "allowed"
     allowed.mkdir()
     settings = SidecarSettings(
         api_key=KEY, registry=tmp_path / "reg", vocab_size=VOCAB, allowed_roots=[allowed],
-        max_upload_bytes=64 * 1024,
+        max_upload_bytes=64 * 1024, **overrides,
     )  # fmt: skip
     app = create_app(settings, transport=httpx.MockTransport(upstream))
     with TestClient(app, raise_server_exceptions=raise_server_exceptions) as client:

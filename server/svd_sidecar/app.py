@@ -12,6 +12,7 @@ from fastapi import FastAPI, Request, Response
 from fastapi.concurrency import run_in_threadpool
 
 from .errors import install_handlers
+from .limits import BodyLimit
 from .routers import health, openai, vectors
 from .settings import SidecarSettings
 from .state import SidecarState
@@ -48,6 +49,15 @@ def create_app(
     )
     app.state.sidecar = state
     install_handlers(app, state.metrics)
+
+    def body_limit(path: str) -> int:
+        if path.startswith(vectors.router.prefix):  # the artifact plus multipart framing
+            return settings.max_upload_bytes + 64 * 1024
+        return settings.max_body_bytes
+
+    # Innermost of the middleware (added first): the route reads through it directly, so its
+    # 413 reaches the exception handlers rather than a middleware's task group.
+    app.add_middleware(BodyLimit, limit_for=body_limit)
 
     @app.middleware("http")
     async def _timing(

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
@@ -50,22 +50,32 @@ class VectorInfo(BaseModel):
     enabled: bool
     created: str
     updated: str
+    status: Literal["ready", "disabled", "unloadable"] = Field(
+        description="ready: requests may use it; unloadable: its file is missing or corrupt "
+        "(explicit requests get a 400 naming it; see `problem`)"
+    )
+    problem: str | None = Field(None, description="why it cannot load (status unloadable)")
 
     @classmethod
-    def of(cls, e: VectorEntry) -> VectorInfo:
+    def of(cls, e: VectorEntry, problem: str | None = None) -> VectorInfo:
+        status = "unloadable" if problem else ("ready" if e.enabled else "disabled")
         return cls(
             **e.model_dump(exclude={"file"}),
             effective_mu=e.effective_mu,
             effective_alpha=e.effective_alpha,
+            status=status,
+            problem=problem,
         )
 
 
 class VectorDetail(VectorInfo):
+    """Everything about one vector; the artifact's fields are null when it cannot load."""
+
     mu_bar_exact: float | None
-    shift_weighting: str
-    estimator: str
-    tokenizer_fingerprint: str
-    calibration: dict[str, Any]
+    shift_weighting: str | None
+    estimator: str | None
+    tokenizer_fingerprint: str | None
+    calibration: dict[str, Any] | None
 
 
 class RegisterByPath(BaseModel):

@@ -25,7 +25,10 @@ class SidecarSettings(BaseSettings):
     allowed_roots: list[Path] = Field(
         default_factory=list, description="directories a path registration may read from"
     )
-    max_upload_bytes: int = Field(64 * 1024 * 1024, gt=0)
+    max_upload_bytes: int = Field(64 * 1024 * 1024, gt=0, description="largest vector upload")
+    max_body_bytes: int = Field(
+        8 * 1024 * 1024, gt=0, description="largest request body elsewhere (OpenAI front): 413"
+    )
     vocab_size: int | None = Field(None, gt=0, description="served model's logits width")
     model_dir: Path | None = Field(None, description="served model directory (to read vocab_size)")
     proxy_timeout: float = Field(600.0, gt=0)

@@ -8,7 +8,8 @@ from pathlib import Path
 
 import httpx
 
-from svd_vllm.registry import Registry
+from svd_vllm.registry import Registry, VectorEntry
+from svd_vllm.registry.vector_store import ManifestWatcher
 
 from .errors import ApiError
 from .metrics import SidecarMetrics
@@ -29,6 +30,11 @@ class SidecarState:
         self.client: httpx.AsyncClient | None = None
         self.transport = transport
         self._vocab: int | None = settings.vocab_size
+        self._files = ManifestWatcher(self.registry)  # verifies each file once per change
+
+    def problem(self, entry: VectorEntry) -> str | None:
+        """Why ``entry``'s file cannot serve, or None (the same check vLLM's admission makes)."""
+        return self._files.problem(entry, self._vocab)
 
     def http(self) -> httpx.AsyncClient:
         """The client to vLLM (made by the lifespan; lazily if the app runs without one)."""

@@ -25,8 +25,11 @@ __all__ = [
     "EstimatorResult",
     "PositionStats",
     "bootstrap_ci",
+    "bootstrap_samples",
     "calibrate",
+    "line_search_many",
     "line_search_mu",
+    "percentile_ci",
 ]
 
 #: Estimators of one scalar strength, in the order they are reported.
@@ -75,6 +78,12 @@ class PositionStats:
             torch.cat([p.label_d for p in parts]),
         )
 
+    def cpu(self) -> PositionStats:
+        return PositionStats(
+            self.z_in.cpu(), self.d_in.cpu(), self.lse_out.cpu(), self.label_z.cpu(),
+            self.label_d.cpu(),
+        )  # fmt: skip
+
     def select(self, rows: torch.Tensor) -> PositionStats:
         return PositionStats(
             self.z_in[rows], self.d_in[rows], self.lse_out[rows], self.label_z[rows],
@@ -89,38 +98,86 @@ class PositionStats:
 
     def nll_grad(self, mu: float) -> float:
         """d/dmu of the mean NLL: E_steered[dz] - dz[label], averaged over positions."""
-        steered = self.z_in.double() + mu * self.d_in.double()
-        allz = torch.cat([steered, self.lse_out.double()[:, None]], dim=-1)
-        w = torch.softmax(allz, dim=-1)[:, :-1]
-        w = torch.nan_to_num(w, nan=0.0)
-        return float(((w * self.d_in.double()).sum(-1) - self.label_d.double()).mean())
+        return float(_nll_grads(self, torch.tensor([float(mu)]), None)[0])
+
+
+def _nll_grads(
+    stats: PositionStats, mu: torch.Tensor, weights: torch.Tensor | None
+) -> torch.Tensor:
+    """d/dmu of the (weighted) mean NLL at one ``mu`` per row of ``weights`` (float64 ``[R]``).
+
+    ``weights[r, t]`` is how often position ``t`` is counted in replicate ``r`` (a bootstrap
+    resample); ``None`` is one replicate that counts every position once. Replicates are
+    evaluated in chunks so ``[R, T, K]`` never exceeds ``CHUNK_ELEMENTS``.
+    """
+    from .precision import CHUNK_ELEMENTS
+
+    z_in, d_in = stats.z_in.double(), stats.d_in.double()
+    lse_out, label_d = stats.lse_out.double(), stats.label_d.double()
+    n_pos, k = z_in.shape
+    dev = z_in.device
+    w = (torch.ones(1, n_pos, dtype=torch.float64, device=dev) if weights is None
+         else weights.to(dev, torch.float64))  # fmt: skip
+    mu = mu.to(dev)
+    out = torch.empty(mu.shape[0], dtype=torch.float64, device=dev)
+    step = max(1, CHUNK_ELEMENTS // max(1, n_pos * (k + 1)))
+    for start in range(0, mu.shape[0], step):
+        m = mu[start : start + step].double()
+        steered = z_in.unsqueeze(0) + m[:, None, None] * d_in.unsqueeze(0)
+        allz = torch.cat([steered, lse_out.expand(m.shape[0], n_pos).unsqueeze(-1)], dim=-1)
+        p = torch.nan_to_num(torch.softmax(allz, dim=-1)[..., :-1], nan=0.0)
+        g = (p * d_in.unsqueeze(0)).sum(-1) - label_d  # [r, T]
+        ww = w[start : start + step] if w.shape[0] > 1 else w
+        out[start : start + step] = (g * ww).sum(-1) / ww.sum(-1).clamp_min(1e-300)
+    return out
+
+
+def line_search_many(
+    stats: PositionStats,
+    weights: torch.Tensor | None = None,
+    bound: float = 1e4,
+    tol: float = 1e-6,
+) -> torch.Tensor:
+    """The exact minimiser of the (weighted) mean soft NLL, one per replicate, all at once.
+
+    The loss is convex in mu, so each replicate walks downhill from 0 by doubling until its
+    derivative changes sign (capped at ``bound``), then bisects to ``tol`` relative precision.
+    Vectorised over replicates: a 200-resample bootstrap costs a few dozen batched evaluations,
+    on the device the statistics are on (the GPU after a GPU extraction).
+    """
+    n_rep = 1 if weights is None else weights.shape[0]
+    dev = stats.z_in.device
+    if stats.label_z.numel() == 0:
+        return torch.zeros(n_rep, dtype=torch.float64, device=dev)
+    g0 = _nll_grads(stats, torch.zeros(n_rep, dtype=torch.float64, device=dev), weights)
+    flat = ~torch.isfinite(g0) | (g0 == 0)
+    direction = torch.where(g0 > 0, -1.0, 1.0).double()
+    lo = torch.zeros(n_rep, dtype=torch.float64, device=dev)
+    hi = direction.clone()
+    capped = torch.zeros(n_rep, dtype=torch.bool, device=dev)
+    active = ~flat
+    while bool(active.any()):
+        downhill = (_nll_grads(stats, hi, weights) * g0 > 0) & active
+        lo = torch.where(downhill, hi, lo)
+        hi = torch.where(downhill, hi * 2.0, hi)
+        capped |= downhill & (hi.abs() > bound)
+        active = downhill & ~capped
+    a, b = torch.minimum(lo, hi), torch.maximum(lo, hi)
+    for _ in range(200):
+        mid = 0.5 * (a + b)
+        if bool(((b - a) <= tol * mid.abs().clamp_min(1.0)).all()):
+            break
+        up = _nll_grads(stats, mid, weights) > 0
+        b = torch.where(up, mid, b)
+        a = torch.where(up, a, mid)
+    mu = 0.5 * (a + b)
+    mu = torch.where(capped, direction * bound, mu)
+    return torch.where(flat, torch.zeros_like(mu), mu)
 
 
 def line_search_mu(stats: PositionStats, bound: float = 1e4, tol: float = 1e-6) -> float:
     """The exact minimiser of the mean soft NLL over one scalar mu (convex: bisection)."""
-    if stats.label_z.numel() == 0:
-        return 0.0
-    g0 = stats.nll_grad(0.0)
-    if not math.isfinite(g0) or g0 == 0.0:
-        return 0.0
-    # Walk downhill until the derivative changes sign.
-    direction = -1.0 if g0 > 0 else 1.0
-    lo, hi = 0.0, direction
-    while stats.nll_grad(hi) * g0 > 0:
-        lo, hi = hi, hi * 2.0
-        if abs(hi) > bound:
-            return float(math.copysign(bound, direction))
-    a, b = sorted((lo, hi))
-    for _ in range(200):
-        mid = 0.5 * (a + b)
-        gm = stats.nll_grad(mid)
-        if gm > 0:
-            b = mid
-        else:
-            a = mid
-        if b - a <= tol * max(1.0, abs(mid)):
-            break
-    return 0.5 * (a + b)
+    return float(line_search_many(stats, None, bound, tol)[0])
 
 
 @dataclass
@@ -134,16 +191,24 @@ class DirectionStats:
 
     def add(
         self,
-        item_index: int,
+        item_index: int | torch.Tensor,
         z: torch.Tensor,
         dz: torch.Tensor,
         labels: torch.Tensor,
         mask: torch.Tensor,
     ) -> None:
+        """Add positions of one item (``item_index`` an int) or of several (one index per row).
+
+        The statistics stay on the logits' device (no host sync per call), and calibration
+        runs there too: its bootstrap is the costly part, and a GPU does it in well under a second.
+        """
         n, d = gauss_newton_terms(z, dz, labels, mask)
-        self.num.append(n.double().cpu())
-        self.den.append(d.double().cpu())
-        self.item.append(torch.full((n.shape[0],), item_index, dtype=torch.long))
+        self.num.append(n.double())
+        self.den.append(d.double())
+        if isinstance(item_index, torch.Tensor):
+            self.item.append(item_index.to(torch.long).reshape(n.shape[0]))
+        else:
+            self.item.append(torch.full((n.shape[0],), item_index, dtype=torch.long))
         self.positions.append(PositionStats.from_logits(z, dz, mask, labels))
 
     def frozen(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, PositionStats]:
@@ -198,11 +263,19 @@ def bootstrap_ci(
     """Percentile bootstrap CI of ``stat(item_indices)`` over items resampled with replacement."""
     if n_items == 0 or reps <= 0:
         return (math.nan, math.nan)
+    samples = bootstrap_samples(n_items, reps, seed)
+    vals = torch.tensor([stat(x) for x in samples], dtype=torch.float64)
+    return percentile_ci(vals, level)
+
+
+def bootstrap_samples(n_items: int, reps: int, seed: int) -> list[torch.Tensor]:
+    """The item indices of each resample (with replacement), seeded."""
     g = torch.Generator().manual_seed(seed)
-    vals = torch.tensor(
-        [stat(torch.randint(0, n_items, (n_items,), generator=g)) for _ in range(reps)],
-        dtype=torch.float64,
-    )
+    return [torch.randint(0, n_items, (n_items,), generator=g) for _ in range(reps)]
+
+
+def percentile_ci(vals: torch.Tensor, level: float = 0.95) -> tuple[float, float]:
+    vals = vals.double()
     lo = float(torch.quantile(vals, (1 - level) / 2))
     hi = float(torch.quantile(vals, 1 - (1 - level) / 2))
     return (lo, hi)
@@ -225,15 +298,21 @@ def calibrate(
     steps = (num[keep] / (den[keep] + GN_EPS)).float()
     n_items = int(item.max()) + 1 if item.numel() else 0
 
-    # Bootstrap over items: gather the rows of the resampled items (with multiplicity).
-    rows_of = [torch.nonzero(item == i).flatten() for i in range(n_items)]
+    if chosen == "line_search" and n_items > 0 and bootstrap_reps > 0:
+        # All resamples at once: position weights = how often its item was drawn.
+        samples = torch.stack(bootstrap_samples(n_items, bootstrap_reps, seed))
+        counts = torch.stack([torch.bincount(x, minlength=n_items) for x in samples])
+        ci = percentile_ci(line_search_many(stats, counts.to(item.device)[:, item].double()))
+    else:
+        # The other estimators need only num/den: resample rows on the CPU (small vectors).
+        num_c, den_c, item_c = num.cpu(), den.cpu(), item.cpu()
+        rows_of = [torch.nonzero(item_c == i).flatten() for i in range(n_items)]
 
-    def stat(sample: torch.Tensor) -> float:
-        rows = torch.cat([rows_of[int(i)] for i in sample]) if sample.numel() else sample
-        return _estimate(num[rows], den[rows], stats.select(rows), chosen)
+        def stat(sample: torch.Tensor) -> float:
+            rows = torch.cat([rows_of[int(i)] for i in sample]) if sample.numel() else sample
+            return _estimate(num_c[rows], den_c[rows], stats, chosen)
 
-    reps = bootstrap_reps if chosen != "line_search" else min(bootstrap_reps, 100)
-    ci = bootstrap_ci(stat, n_items, reps=reps, seed=seed)
+        ci = bootstrap_ci(stat, n_items, reps=bootstrap_reps, seed=seed)
     return EstimatorResult(
         mu=mus,
         nll=nlls,

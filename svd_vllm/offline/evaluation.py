@@ -2,7 +2,9 @@
 
 For every item the base and adapter logits of every option are computed ONCE; each method
 (``base``, ``peft``, ``peft+svd-exact``, ``peft+svd-precomputed``, ``peft+logit-bias``) is a
-transformation of those logits, so methods are compared on identical forward passes.
+transformation of those logits, so methods are compared on identical forward passes. Items run
+``batch_size`` at a time (all their options in one right-padded pass per model), and the float32
+scoring runs on chunks of completion tokens, as in ``extraction``.
 
 Metrics (stated in every table):
 * commonsense ``acc``: the option with the highest token-length-normalised log-likelihood
@@ -27,6 +29,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..core.steering import Mode, svd_logits
+from .precision import float32_chunks
 from .reference import ReferenceDecoder
 from .tasks import Item
 
@@ -73,38 +76,108 @@ def method_specs(vector: Any | None, *, include: Sequence[str] = METHODS) -> lis
     return specs
 
 
-def _option_logprobs(
-    per_option: list[tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]], spec: MethodSpec
+@dataclass(frozen=True)
+class _Pairs:
+    """The distinct (prompt, option) continuations of a batch of items, tokenised."""
+
+    keys: list[tuple[str, str]]
+    seqs: list[list[int]]
+    starts: list[int]
+
+    @classmethod
+    def of(cls, dec: ReferenceDecoder, items: Sequence[Item], max_length: int | None) -> _Pairs:
+        keys = list(dict.fromkeys(
+            (o.get("prompt") or it.prompt, o["text"])
+            for it in items for o in [*it.options, *(it.options_mc2 or [])]
+        ))  # fmt: skip
+        limit = max_length or dec.max_length
+        seqs, starts = [], []
+        for prompt, text in keys:
+            ctx, cont = dec.continuation_ids(prompt, text)
+            if limit is not None and len(ctx) + len(cont) > limit:
+                raise ValueError(
+                    f"an option of prompt {prompt[:40]!r} is {len(ctx) + len(cont)} tokens, over "
+                    f"the maximum length {limit}; raise --max-length or shorten the item"
+                )
+            seqs.append(ctx + cont)
+            starts.append(len(ctx))
+        return cls(keys, seqs, starts)
+
+    def tokens(self) -> int:
+        return sum(len(x) for x in self.seqs)
+
+    def merged(self, other: _Pairs) -> _Pairs:
+        have = set(self.keys)
+        keep = [i for i, k in enumerate(other.keys) if k not in have]
+        return _Pairs(self.keys + [other.keys[i] for i in keep],
+                      self.seqs + [other.seqs[i] for i in keep],
+                      self.starts + [other.starts[i] for i in keep])  # fmt: skip
+
+
+def _groups(
+    dec: ReferenceDecoder, items: Sequence[Item], batch_size: int, max_length: int | None
+) -> list[tuple[list[Item], _Pairs]]:
+    """Consecutive items per forward pass: at most ``batch_size`` items and, past the first,
+    at most ``TOKENS_PER_PASS`` padded tokens. Every option is tokenised (and checked) first."""
+    from .extraction import TOKENS_PER_PASS
+
+    groups: list[tuple[list[Item], _Pairs]] = []
+    for item in items:
+        pairs = _Pairs.of(dec, [item], max_length)
+        if groups and len(groups[-1][0]) < batch_size:
+            joined = groups[-1][1].merged(pairs)
+            if len(joined.seqs) * max(len(q) for q in joined.seqs) <= TOKENS_PER_PASS:
+                groups[-1] = ([*groups[-1][0], item], joined)
+                continue
+        groups.append(([item], pairs))
+    return groups
+
+
+def _pair_logprobs(
+    dec: ReferenceDecoder, pairs: _Pairs, specs: Sequence[MethodSpec]
+) -> dict[str, dict[tuple[str, str], tuple[float, int]]]:
+    """Per method, per continuation: (summed log-prob, token count), from one pass per model."""
+    modes = {s.mode for s in specs}
+    need_base = bool(modes & {"base", "svd-exact"})
+    need_adapter = bool(modes - {"base"})
+    if need_adapter and dec.adapter_dir is None:
+        raise ValueError("these methods need an adapter")
+    z_a = dec.teacher_forced(pairs.seqs, pairs.starts, adapter=True) if need_adapter else None
+    z_b = dec.teacher_forced(pairs.seqs, pairs.starts, adapter=False) if need_base else None
+    counts = [len(q) - st for q, st in zip(pairs.seqs, pairs.starts, strict=True)]
+    labels = torch.tensor([t for q, st in zip(pairs.seqs, pairs.starts, strict=True)
+                           for t in q[st:]], device=dec.device)  # fmt: skip
+    owner = torch.repeat_interleave(torch.arange(len(counts)), torch.tensor(counts)).to(dec.device)
+    out: dict[str, dict[tuple[str, str], tuple[float, int]]] = {}
+    for spec in specs:
+        shift = spec.shift.to(dec.device) if spec.shift is not None else None
+        lp = torch.empty(len(labels), dtype=torch.float64, device=dec.device)
+        for c in float32_chunks(len(labels), dec.vocab_size):
+            zb = z_b[c].float() if z_b is not None else None
+            if spec.mode == "base":
+                assert zb is not None
+                z = zb
+            else:
+                assert z_a is not None
+                z = svd_logits(
+                    spec.mode, z_a[c].float(), z_base=zb, shift=shift, mu=spec.mu,
+                    alpha=spec.alpha, filtered=False,
+                )  # fmt: skip
+            lab = labels[c].unsqueeze(-1)
+            lp[c] = torch.log_softmax(z, dim=-1).gather(-1, lab).squeeze(-1).double()
+        sums = torch.zeros(len(counts), dtype=torch.float64, device=dec.device)
+        sums.index_add_(0, owner, lp)
+        out[spec.name] = {
+            k: (float(v), n) for k, v, n in zip(pairs.keys, sums.tolist(), counts, strict=True)
+        }
+    return out
+
+
+def _option_scores(
+    per: dict[tuple[str, str], tuple[float, int]], item: Item, options: list[dict[str, Any]]
 ) -> tuple[np.ndarray, np.ndarray]:
-    sums, counts = [], []
-    for z_a, z_b, labels in per_option:
-        if spec.mode == "base":
-            z = z_b
-        else:
-            if z_a is None:
-                raise ValueError(f"method {spec.name} needs an adapter")
-            z = svd_logits(
-                spec.mode, z_a, z_base=z_b, shift=spec.shift, mu=spec.mu, alpha=spec.alpha,
-                filtered=False,
-            )  # fmt: skip
-        lp = torch.log_softmax(z, dim=-1).gather(-1, labels.unsqueeze(-1)).squeeze(-1)
-        sums.append(float(lp.double().sum()))
-        counts.append(int(labels.numel()))
-    return np.array(sums), np.array(counts)
-
-
-def _group_logits(dec: ReferenceDecoder, item: Item, *option_lists: list[dict[str, Any]]):  # type: ignore[no-untyped-def]
-    """Per option logits for each list; options sharing a prompt share one prompt pass, and an
-    option text that appears in several lists (TruthfulQA MC1 / MC2) is scored once."""
-    keys = [[(o.get("prompt") or item.prompt, o["text"]) for o in opts] for opts in option_lists]
-    groups: dict[str, list[str]] = {}
-    for prompt, text in dict.fromkeys(k for ks in keys for k in ks):
-        groups.setdefault(prompt, []).append(text)
-    cache: dict[tuple[str, str], Any] = {}
-    for prompt, texts in groups.items():
-        for text, r in zip(texts, dec.continuation_logits(prompt, texts), strict=True):
-            cache[(prompt, text)] = r
-    return [[cache[k] for k in ks] for ks in keys]
+    vals = [per[(o.get("prompt") or item.prompt, o["text"])] for o in options]
+    return np.array([v[0] for v in vals]), np.array([v[1] for v in vals])
 
 
 _NORM = re.compile(r"[^a-z0-9 ]+")
@@ -140,37 +213,52 @@ def evaluate_items(
     gen_limit: int | None = None,
     progress: bool = True,
     desc: str = "eval",
+    batch_size: int = 8,
+    max_length: int | None = None,
 ) -> dict[str, dict[str, list[float]]]:
-    """Per method, per metric, one score per item (aligned across methods for pairing)."""
+    """Per method, per metric, one score per item (aligned across methods for pairing).
+
+    ``batch_size`` items share a forward pass; ``max_length`` (default: the model's context)
+    bounds each option's tokens.
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch size must be at least 1, got {batch_size}")
+    size = 1 if dec.is_prompt_learning else batch_size
+    batches = _groups(dec, items, size, max_length)
     scores: dict[str, dict[str, list[float]]] = {s.name: {} for s in specs}
     t0 = time.time()
-    for n, item in enumerate(tqdm(items, desc=desc, unit="item", disable=not progress)):
-        if item.options_mc2:
-            per_opt, per_mc2 = _group_logits(dec, item, item.options, item.options_mc2)
-        else:
-            (per_opt,), per_mc2 = _group_logits(dec, item, item.options), None
-        for s in specs:
-            sums, counts = _option_logprobs(per_opt, s)
-            m = scores[s.name]
-            if item.options_mc2 is None:
-                m.setdefault("acc", []).append(float(np.argmax(sums / counts) == item.gold))
-                m.setdefault("acc_sum", []).append(float(np.argmax(sums) == item.gold))
-            else:
-                m.setdefault("mc1", []).append(float(np.argmax(sums) == item.gold))
-                s2, _ = _option_logprobs(per_mc2, s)
-                true = np.array([o["correct"] for o in item.options_mc2], dtype=bool)
-                w = np.exp(s2 - s2.max())
-                m.setdefault("mc2", []).append(float(w[true].sum() / w.sum()))
-            if generation and (gen_limit is None or n < gen_limit):
-                res = dec.generate(
-                    item.prompt, s.mode,
-                    mu=None if s.mode in ("base", "adapter") else s.mu,
-                    alpha=None if s.mode in ("base", "adapter") else s.alpha,
-                    max_new_tokens=max_new_tokens(dec, item), shift=s.shift,
-                )  # fmt: skip
-                m.setdefault("gen", []).append(
-                    float(generation_correct(res.text, item.options, item.gold))
-                )
+    bar = tqdm(total=sum(p.tokens() for _, p in batches), desc=desc, unit="tok",
+               unit_scale=True, disable=not progress)  # fmt: skip
+    n = 0
+    for group, pairs in batches:
+        per_method = _pair_logprobs(dec, pairs, specs)
+        for item in group:
+            for s in specs:
+                per = per_method[s.name]
+                sums, counts = _option_scores(per, item, item.options)
+                m = scores[s.name]
+                if item.options_mc2 is None:
+                    m.setdefault("acc", []).append(float(np.argmax(sums / counts) == item.gold))
+                    m.setdefault("acc_sum", []).append(float(np.argmax(sums) == item.gold))
+                else:
+                    m.setdefault("mc1", []).append(float(np.argmax(sums) == item.gold))
+                    s2, _ = _option_scores(per, item, item.options_mc2)
+                    true = np.array([o["correct"] for o in item.options_mc2], dtype=bool)
+                    w = np.exp(s2 - s2.max())
+                    m.setdefault("mc2", []).append(float(w[true].sum() / w.sum()))
+                if generation and (gen_limit is None or n < gen_limit):
+                    res = dec.generate(
+                        item.prompt, s.mode,
+                        mu=None if s.mode in ("base", "adapter") else s.mu,
+                        alpha=None if s.mode in ("base", "adapter") else s.alpha,
+                        max_new_tokens=max_new_tokens(dec, item), shift=s.shift,
+                    )  # fmt: skip
+                    m.setdefault("gen", []).append(
+                        float(generation_correct(res.text, item.options, item.gold))
+                    )
+            n += 1
+        bar.update(pairs.tokens())
+    bar.close()
     for s in specs:
         scores[s.name]["_seconds"] = [time.time() - t0]
     return scores

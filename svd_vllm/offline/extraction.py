@@ -8,12 +8,17 @@ Two streaming passes over the calibration split, teacher-forced on the gold comp
 2. adapter only: calibration statistics of ``dz`` built from each shift variant, and of the
    plain logit-bias baseline.
 
-Memory is O(V) for the sums plus a few numbers per calibration token (no V x T matrix).
+Items run in length-bucketed, right-padded batches (``ReferenceDecoder.teacher_forced``), and the
+head computes logits only at completion positions. Whatever the weights' dtype, the per-token work
+after the logits runs in float32 on chunks of at most ``precision.CHUNK_ELEMENTS`` logits, and the
+sums in float64 on the model's device. Memory is O(V) for the sums, one batch's completion
+logits in the model's dtype, one chunk of float32 work, and a few numbers per calibration token.
 """
 
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -25,11 +30,25 @@ from ..core.artifact import CalibrationStats, SteeringArtifact
 from ..core.identity import model_identity, tokenizer_fingerprint
 from ..core.steering import confidence_mask, exact_delta, log_ratio, precomputed_delta
 from .calibration import DirectionStats, EstimatorResult, calibrate
+from .precision import float32_chunks
 from .reference import ReferenceDecoder
 
-__all__ = ["CalibrationItem", "ExtractionReport", "ShiftAccumulator", "extract_vector"]
+__all__ = [
+    "CalibrationItem",
+    "EncodedItem",
+    "ExtractionReport",
+    "ShiftAccumulator",
+    "encode_items",
+    "extract_vector",
+    "length_batches",
+]
 
 SHIFT_VARIANTS: tuple[str, ...] = ("prob", "mean")
+
+#: Completion logits kept per forward pass, in the model's dtype (at most ~0.5 GiB in bf16).
+ROW_ELEMENTS = 1 << 28
+#: Padded tokens per forward pass (with batch 64, prompts up to 256 tokens fill one pass).
+TOKENS_PER_PASS = 1 << 14
 
 
 @dataclass(frozen=True)
@@ -40,13 +59,77 @@ class CalibrationItem:
     completion: str
 
 
-class ShiftAccumulator:
-    """Running sums for ``s = sum_t w_t * r_t / sum_t w_t`` with ``w_t = p_phi,t`` or 1."""
+@dataclass(frozen=True)
+class EncodedItem:
+    """A calibration item as token ids: the prompt is ``ids[:n_ctx]``, the completion the rest."""
 
-    def __init__(self, vocab_size: int) -> None:
-        self.sum_pr = torch.zeros(vocab_size, dtype=torch.float64)
-        self.sum_p = torch.zeros(vocab_size, dtype=torch.float64)
-        self.sum_r = torch.zeros(vocab_size, dtype=torch.float64)
+    ids: list[int]
+    n_ctx: int
+
+    @property
+    def n_labels(self) -> int:
+        return len(self.ids) - self.n_ctx
+
+
+def encode_items(
+    dec: ReferenceDecoder, items: Sequence[CalibrationItem], max_length: int | None = None
+) -> list[EncodedItem]:
+    """Tokenise like vLLM does; an item over ``max_length`` tokens is a clear error."""
+    limit = max_length or dec.max_length
+    out = []
+    for i, it in enumerate(items):
+        ctx, cont = dec.continuation_ids(it.prompt, it.completion)
+        if not ctx:
+            raise ValueError(f"calibration item {i}: the prompt tokenises to nothing")
+        if limit is not None and len(ctx) + len(cont) > limit:
+            raise ValueError(
+                f"calibration item {i} is {len(ctx) + len(cont)} tokens, over the maximum length "
+                f"{limit}; raise --max-length (up to the model's context) or shorten the item"
+            )
+        out.append(EncodedItem(ctx + cont, len(ctx)))
+    return out
+
+
+def length_batches(
+    items: Sequence[EncodedItem],
+    batch_size: int,
+    max_rows: int | None = None,
+    max_tokens: int | None = None,
+) -> list[list[int]]:
+    """Indices in batches of similar length (little padding): at most ``batch_size`` items and,
+    past the first item of a batch, at most ``max_rows`` completion tokens and ``max_tokens``
+    padded tokens (so activations stay bounded however long the prompts are)."""
+    if batch_size < 1:
+        raise ValueError(f"batch size must be at least 1, got {batch_size}")
+    order = sorted(range(len(items)), key=lambda i: (len(items[i].ids), i))
+    batches: list[list[int]] = []
+    rows = 0
+    for i in order:  # ascending length: item i is the longest of its batch so far
+        n = items[i].n_labels
+        fits = bool(batches) and len(batches[-1]) < batch_size
+        fits = fits and (max_rows is None or rows + n <= max_rows)
+        fits = fits and (
+            max_tokens is None or (len(batches[-1]) + 1) * len(items[i].ids) <= max_tokens
+        )
+        if fits:
+            batches[-1].append(i)
+            rows += n
+        else:
+            batches.append([i])
+            rows = n
+    return batches
+
+
+class ShiftAccumulator:
+    """Running sums for ``s = sum_t w_t * r_t / sum_t w_t`` with ``w_t = p_phi,t`` or 1.
+
+    The sums are float64 and live on the device of the logits (one copy of V, never T x V).
+    """
+
+    def __init__(self, vocab_size: int, device: torch.device | str = "cpu") -> None:
+        self.sum_pr = torch.zeros(vocab_size, dtype=torch.float64, device=device)
+        self.sum_p = torch.zeros(vocab_size, dtype=torch.float64, device=device)
+        self.sum_r = torch.zeros(vocab_size, dtype=torch.float64, device=device)
         self.count = 0
 
     def add(self, r: torch.Tensor, p: torch.Tensor) -> None:
@@ -68,7 +151,7 @@ class ShiftAccumulator:
             s = torch.where(self.sum_p > 0, self.sum_pr / self.sum_p.clamp_min(1e-300), 0.0)
         else:
             raise ValueError(f"unknown shift variant {variant!r}; use prob or mean")
-        return s.float()
+        return s.float().cpu()
 
 
 @dataclass
@@ -86,6 +169,7 @@ class ExtractionReport:
             "default_shift": self.default_shift,
             "items": self.items,
             "tokens": self.tokens,
+            **self.extra,
             "directions": {
                 k: {
                     "mu": v.mu,
@@ -100,11 +184,11 @@ class ExtractionReport:
         }
 
 
-def _item_tensors(
-    dec: ReferenceDecoder, item: CalibrationItem
-) -> tuple[list[int], int, torch.Tensor]:
-    ctx, cont = dec.continuation_ids(item.prompt, item.completion)
-    return ctx + cont, len(ctx), torch.tensor(cont, dtype=torch.long)
+def _labels(items: Sequence[EncodedItem], batch: Sequence[int], device: torch.device):  # type: ignore[no-untyped-def]
+    """Flat labels and item indices of a batch's completion tokens, in teacher_forced order."""
+    labels = torch.tensor([t for i in batch for t in items[i].ids[items[i].n_ctx :]])
+    owner = torch.tensor([i for i in batch for _ in range(items[i].n_labels)])
+    return labels.to(device), owner
 
 
 def extract_vector(
@@ -118,46 +202,70 @@ def extract_vector(
     bootstrap_reps: int = 200,
     seed: int = 0,
     progress: bool = True,
+    batch_size: int = 64,
+    max_length: int | None = None,
+    encoded: Sequence[EncodedItem] | None = None,
 ) -> tuple[SteeringArtifact, ExtractionReport]:
-    """Estimate the shift and every strength on ``items``; return the default artifact."""
+    """Estimate the shift and every strength on ``items``; return the default artifact.
+
+    ``batch_size`` items run per forward pass; ``max_length`` (default: the model's context)
+    bounds an item's tokens. ``encoded`` passes items already tokenised (then ``items`` is
+    ignored), e.g. for a benchmark on a model without a matching tokenizer.
+    """
     if dec.adapter_dir is None:
         raise ValueError("extraction needs an adapter (warm-started model)")
     if not 0.0 < alpha <= 1.0:
         raise ValueError(f"alpha must be in (0, 1], got {alpha}")
-    items = list(items)
-    if not items:
+    enc = list(encoded) if encoded is not None else encode_items(dec, list(items), max_length)
+    if not enc:
         raise ValueError("the calibration split is empty")
-    encoded = [_item_tensors(dec, it) for it in items]
-    acc = ShiftAccumulator(dec.vocab_size)
+    # Prompt learning prepends virtual tokens and PEFT drops position ids: one item per pass.
+    size = 1 if dec.is_prompt_learning else batch_size
+    batches = length_batches(
+        enc, size, max_rows=max(1, ROW_ELEMENTS // dec.vocab_size), max_tokens=TOKENS_PER_PASS
+    )
+    acc = ShiftAccumulator(dec.vocab_size, dec.device)
     exact = DirectionStats()
-    total = sum(len(lab) for _, _, lab in encoded)
+    total = sum(it.n_labels for it in enc)
+    fed = sum(len(it.ids) for it in enc)
 
-    bar = tqdm(total=2 * total, desc="extract", unit="tok", disable=not progress)
-    for i, (ids, n_ctx, labels) in enumerate(encoded):
-        z_a, z_b = dec.logits(ids)
-        assert z_a is not None  # extract_vector refused a decoder without an adapter
-        sl = slice(n_ctx - 1, len(ids) - 1)
-        za, zb = z_a[sl], z_b[sl]
-        if not (torch.isfinite(za).all() and torch.isfinite(zb).all()):
-            raise ValueError(f"calibration item {i}: the model produced non-finite logits")
-        r = log_ratio(za, zb)
-        acc.add(r, torch.softmax(za, -1))
-        mask = confidence_mask(za, alpha)
-        exact.add(i, za, exact_delta(za, zb), labels, mask)
-        bar.update(len(labels))
+    def run(batch: list[int], *, adapter: bool) -> torch.Tensor:
+        return dec.teacher_forced(
+            [enc[i].ids for i in batch], [enc[i].n_ctx for i in batch], adapter=adapter
+        )
+
+    t0 = time.perf_counter()
+    bar = tqdm(total=3 * fed, desc="extract", unit="tok", unit_scale=True, disable=not progress)
+    for batch in batches:
+        z_a, z_b = run(batch, adapter=True), run(batch, adapter=False)
+        labels, owner = _labels(enc, batch, dec.device)
+        for c in float32_chunks(len(labels), dec.vocab_size):
+            za, zb = z_a[c].float(), z_b[c].float()
+            if not (torch.isfinite(za).all() and torch.isfinite(zb).all()):
+                bad = sorted({int(i) for i in owner[c]})
+                raise ValueError(f"calibration items {bad}: the model produced non-finite logits")
+            r = log_ratio(za, zb)
+            acc.add(r, torch.softmax(za, -1))
+            mask = confidence_mask(za, alpha)
+            exact.add(owner[c], za, exact_delta(za, zb), labels[c], mask)
+        bar.update(2 * sum(len(enc[i].ids) for i in batch))
 
     shifts = {v: acc.shift(v) for v in SHIFT_VARIANTS}
     pre = {v: DirectionStats() for v in SHIFT_VARIANTS}
     bias = {v: DirectionStats() for v in SHIFT_VARIANTS}
-    for i, (ids, n_ctx, labels) in enumerate(encoded):
-        z_a = dec.adapter_logits(ids)
-        za = z_a[n_ctx - 1 : len(ids) - 1]
-        mask = confidence_mask(za, alpha)
-        for v, s in shifts.items():
-            pre[v].add(i, za, precomputed_delta(za, s), labels, mask)
-            bias[v].add(i, za, s.expand_as(za), labels, mask)
-        bar.update(len(labels))
+    on_device = {v: s.to(dec.device) for v, s in shifts.items()}
+    for batch in batches:
+        z_a = run(batch, adapter=True)
+        labels, owner = _labels(enc, batch, dec.device)
+        for c in float32_chunks(len(labels), dec.vocab_size):
+            za = z_a[c].float()
+            mask = confidence_mask(za, alpha)
+            for v, s in on_device.items():
+                pre[v].add(owner[c], za, precomputed_delta(za, s), labels[c], mask)
+                bias[v].add(owner[c], za, s.expand_as(za), labels[c], mask)
+        bar.update(sum(len(enc[i].ids) for i in batch))
     bar.close()
+    seconds = time.perf_counter() - t0
 
     results: dict[str, EstimatorResult] = {
         "exact": calibrate(exact, bootstrap_reps=bootstrap_reps, seed=seed)
@@ -185,7 +293,7 @@ def extract_vector(
     nll["unsteered"] = chosen.nll_unsteered
     nll["logit_bias"] = results[f"logit-bias-{default}"].nll["line_search"]
     stats = CalibrationStats(
-        items=len(items),
+        items=len(enc),
         tokens=total,
         positions=chosen.positions,
         mu_mean=chosen.mu_mean,
@@ -209,6 +317,8 @@ def extract_vector(
         calibration=stats,
     )
     report = ExtractionReport(
-        results=results, default_shift=default, items=len(items), tokens=total
-    )
+        results=results, default_shift=default, items=len(enc), tokens=total,
+        extra={"seconds_passes": seconds, "tokens_fed": 3 * fed, "batches": len(batches),
+               "device": str(dec.device), "dtype": str(dec.dtype).removeprefix("torch.")},
+    )  # fmt: skip
     return art, report

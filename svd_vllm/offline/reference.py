@@ -1,15 +1,23 @@
 """The reference decoder: exact and precomputed SVD on transformers + peft.
 
-It is the oracle for every test and the paper-faithful number in every benchmark, so it
+It is the oracle for every test and the paper-faithful number in every benchmark, so generation
 favours clarity over speed: one sequence at a time, float32 logits, the steering math from
 ``svd_vllm.core.steering``. ``svd-exact`` gets the base distribution from the same backbone with
 the adapter disabled at every step (two forward passes per token), as the paper does.
+
+Teacher-forced scoring, which extraction and evaluation spend their time in, is batched:
+``teacher_forced`` runs a right-padded batch in one pass and computes the output head only at the
+positions asked for (a pre-hook on the head gathers them), so an 8B model with a 128k vocabulary
+never materialises ``[batch, length, vocab]`` logits. Weights load once, on the device, in the
+dtype ``precision.resolve`` picks; the base logits come from the same weights with the adapter
+disabled.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -18,6 +26,7 @@ import torch
 
 from ..core.artifact import SteeringArtifact
 from ..core.steering import MODES, Mode, svd_logits
+from .precision import resolve
 
 __all__ = ["GenerationResult", "OptionScore", "ReferenceDecoder", "sample_next"]
 
@@ -81,29 +90,72 @@ class ReferenceDecoder:
         adapter_dir: str | Path | None = None,
         *,
         vector: SteeringArtifact | None = None,
-        dtype: torch.dtype = torch.float32,
+        dtype: str | torch.dtype = torch.float32,
         device: str | torch.device = "cpu",
     ) -> None:
+        """Load ``base_dir`` (and the PEFT adapter) once, on ``device``, in ``dtype``.
+
+        ``device``/``dtype`` take ``"auto"`` (see ``precision``); the library defaults stay CPU
+        float32, which the parity tests with vLLM need; the CLI and benchmarks pass ``auto``.
+        """
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
+        place = resolve(device, dtype)
+        kwargs: dict[str, Any] = {"dtype": place.dtype}
+        if place.device.type == "cuda":
+            kwargs["device_map"] = {"": str(place.device)}  # straight onto the GPU
+        model: Any = AutoModelForCausalLM.from_pretrained(Path(base_dir), **kwargs)
+        tokenizer = AutoTokenizer.from_pretrained(Path(base_dir))
+        self._attach(model, tokenizer, place.device, base_dir, adapter_dir)
+        if vector is not None:
+            self.set_vector(vector)
+
+    @classmethod
+    def from_model(
+        cls,
+        model: Any,
+        tokenizer: Any,
+        *,
+        base_dir: str | Path = "<in-memory>",
+        adapter_dir: str | Path | None = None,
+    ) -> ReferenceDecoder:
+        """Wrap a model already in memory (a ``PeftModel`` when ``adapter_dir`` is given).
+
+        For benchmarks that build a model from a config on the device; ``adapter_dir`` then only
+        names the adapter (its weights are those already in ``model``).
+        """
+        self = cls.__new__(cls)
+        device = next(model.parameters()).device
+        self._attach(model, tokenizer, device, base_dir, adapter_dir, loaded=True)
+        return self
+
+    def _attach(
+        self,
+        model: Any,
+        tokenizer: Any,
+        device: torch.device,
+        base_dir: str | Path,
+        adapter_dir: str | Path | None,
+        *,
+        loaded: bool = False,
+    ) -> None:
         self.base_dir = Path(base_dir)
         self.adapter_dir = Path(adapter_dir) if adapter_dir is not None else None
-        self.device = torch.device(device)
-        self.tokenizer = AutoTokenizer.from_pretrained(self.base_dir)
-        model: Any = AutoModelForCausalLM.from_pretrained(self.base_dir, dtype=dtype)
+        self.device = device
+        self.tokenizer = tokenizer
         self.is_prompt_learning = False
-        if self.adapter_dir is not None:
+        if self.adapter_dir is not None and not loaded:
             from peft import PeftModel
 
             model = PeftModel.from_pretrained(model, self.adapter_dir)
-            self.is_prompt_learning = bool(
-                model.peft_config[model.active_adapter].is_prompt_learning
-            )
+        if self.adapter_dir is not None:
+            cfg = getattr(model, "peft_config", {}).get(getattr(model, "active_adapter", ""))
+            self.is_prompt_learning = bool(getattr(cfg, "is_prompt_learning", False))
         self.model = model.to(self.device).eval()
+        self.dtype = next(self.model.parameters()).dtype
         self.vocab_size = int(self.model.get_output_embeddings().weight.shape[0])
+        self.max_length = int(getattr(self.model.config, "max_position_embeddings", 0) or 0) or None
         self.vector: SteeringArtifact | None = None
-        if vector is not None:
-            self.set_vector(vector)
 
     # -- configuration -------------------------------------------------------------------
     def set_vector(self, vector: SteeringArtifact | None) -> None:
@@ -194,71 +246,71 @@ class ReferenceDecoder:
             raise ValueError("no adapter loaded")
         return self._forward(torch.tensor(list(ids), dtype=torch.long), adapter=True)[0]
 
-    @torch.no_grad()
-    def _continuations_one(
-        self, ctx: Sequence[int], conts: Sequence[Sequence[int]], *, adapter: bool
-    ) -> list[torch.Tensor]:
-        """Logits predicting each continuation's tokens, sharing one pass over the prompt."""
-        import copy
+    @contextlib.contextmanager
+    def _head_at(self, rows: torch.Tensor, cols: torch.Tensor) -> Iterator[list[bool]]:
+        """While active, the output head sees only the hidden states at ``(rows, cols)``
+        (``cols`` counted from the end of the sequence, so prompt-tuning's virtual tokens, which
+        PEFT prepends, do not shift them): it returns ``[1, N, V]`` logits instead of
+        ``[B, T, V]``. Yields a flag that says whether the head ran through the hook."""
+        fired = [False]
 
-        ctx_t = torch.tensor(list(ctx), dtype=torch.long)
-        if self.is_prompt_learning:  # no cache reuse with virtual tokens: full passes
-            outs = []
-            for c in conts:
-                ids = torch.tensor(list(ctx) + list(c), dtype=torch.long)
-                z, _ = self._forward(ids, adapter=adapter)
-                outs.append(z[len(ctx) - 1 : len(ctx) + len(c) - 1])
-            return outs
-        z_ctx, cache = self._forward(ctx_t, adapter=adapter, cache=None)
-        last = z_ctx[-1]
-        k = len(conts)
-        width = max(len(c) for c in conts)
-        if width <= 1:
-            return [last.unsqueeze(0) for _ in conts]
-        pad = self.tokenizer.pad_token_id or 0
-        ids = torch.full((k, width - 1), pad, dtype=torch.long)
-        mask = torch.zeros((k, len(ctx) + width - 1), dtype=torch.long)
-        mask[:, : len(ctx)] = 1
-        for i, c in enumerate(conts):
-            if len(c) > 1:
-                ids[i, : len(c) - 1] = torch.tensor(list(c[:-1]))
-                mask[i, len(ctx) : len(ctx) + len(c) - 1] = 1
-        cache = copy.deepcopy(cache)
-        if k > 1:
-            cache.batch_repeat_interleave(k)
-        pos = torch.arange(len(ctx), len(ctx) + width - 1).unsqueeze(0).expand(k, -1)
-        kwargs = {
-            "input_ids": ids.to(self.device), "attention_mask": mask.to(self.device),
-            "position_ids": pos.to(self.device), "past_key_values": cache, "use_cache": True,
-        }  # fmt: skip
-        if adapter or self.adapter_dir is None:
-            out = self.model(**kwargs)
-        else:
-            with self.model.disable_adapter():
-                out = self.model(**kwargs)
-        z = out.logits.float()
-        return [torch.cat([last.unsqueeze(0), z[i, : len(c) - 1]]) for i, c in enumerate(conts)]
+        def gather(_module: torch.nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...]:
+            hidden = args[0]
+            fired[0] = True
+            return (hidden[rows, hidden.shape[1] - cols].unsqueeze(0), *args[1:])
 
-    @torch.no_grad()
-    def continuation_logits(
-        self, prompt: str, continuations: Sequence[str]
-    ) -> list[tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]]:
-        """For each continuation: ``(z_adapter, z_base, labels)`` at its token positions.
+        handle = self.model.get_output_embeddings().register_forward_pre_hook(gather)
+        try:
+            yield fired
+        finally:
+            handle.remove()
 
-        The prompt is run once per model and its KV cache shared by all continuations, which
-        are scored together in one right-padded batch.
+    @torch.inference_mode()
+    def teacher_forced(
+        self, seqs: Sequence[Sequence[int]], starts: Sequence[int], *, adapter: bool
+    ) -> torch.Tensor:
+        """Logits that predict ``seq[start:]`` of every sequence, in one right-padded pass.
+
+        Returns ``[N, V]`` in the model's dtype on its device, rows in order (sequence by
+        sequence, position by position), ``N = sum(len(seq) - start)``. Right padding with the
+        attention mask leaves every real position's logits as if the sequence ran alone (a
+        causal model never looks right), and the default positions stay correct.
         """
-        ctx = self.encode(prompt)
-        conts = [self.continuation_ids(prompt, c)[1] for c in continuations]
-        zb = self._continuations_one(ctx, conts, adapter=False)
-        za = (
-            self._continuations_one(ctx, conts, adapter=True)
-            if self.adapter_dir is not None
-            else [None] * len(conts)
+        if len(seqs) != len(starts):
+            raise ValueError("one start per sequence")
+        lengths = [len(s) for s in seqs]
+        if any(not 1 <= st < n for st, n in zip(starts, lengths, strict=True)):
+            raise ValueError("each sequence needs a prompt token and a token to predict")
+        width = max(lengths)
+        pad = self.tokenizer.pad_token_id
+        pad = 0 if pad is None else int(pad)
+        ids = torch.full((len(seqs), width), pad, dtype=torch.long)
+        attn = torch.zeros((len(seqs), width), dtype=torch.long)
+        row_list: list[int] = []
+        col_list: list[int] = []
+        for r, (seq, st) in enumerate(zip(seqs, starts, strict=True)):
+            ids[r, : len(seq)] = torch.as_tensor(list(seq), dtype=torch.long)
+            attn[r, : len(seq)] = 1
+            row_list += [r] * (len(seq) - st)
+            # position p predicts token p + 1; as an offset from the padded end: width - p
+            col_list += range(width - (st - 1), width - (len(seq) - 1), -1)
+        rows = torch.tensor(row_list, device=self.device)
+        cols = torch.tensor(col_list, device=self.device)
+        kwargs: dict[str, Any] = {
+            "input_ids": ids.to(self.device), "attention_mask": attn.to(self.device),
+            "use_cache": False,
+        }  # fmt: skip
+        ctx = (
+            contextlib.nullcontext()
+            if adapter or self.adapter_dir is None
+            else self.model.disable_adapter()
         )
-        return [
-            (a, b, torch.tensor(c, dtype=torch.long)) for a, b, c in zip(za, zb, conts, strict=True)
-        ]
+        with ctx, self._head_at(rows, cols) as fired:
+            logits: torch.Tensor = self.model(**kwargs).logits
+        if fired[0]:
+            return logits[0]
+        # A model whose head bypasses its output-embedding module: gather from full logits.
+        return logits[rows, logits.shape[1] - cols]
 
     # -- generation ----------------------------------------------------------------------
     @torch.no_grad()

@@ -276,25 +276,68 @@ def build_tasks(
     return out
 
 
+def _item_from_row(d: dict[str, Any], default_id: str, default_task: str) -> Item:
+    """One JSONL row in any of the three accepted shapes (see ``load_items``)."""
+    if not isinstance(d, dict):
+        raise TypeError("each line must be a JSON object")
+    prompt = d.get("prompt")
+    if not isinstance(prompt, str):
+        raise ValueError('needs a string "prompt"')
+    ident, task = str(d.get("id", default_id)), str(d.get("task", default_task))
+    if "options" in d:  # the full format that `svd-vllm assets tasks` writes
+        options = list(d["options"])
+        completion = str(d.get("completion", ""))
+    elif "choices" in d:
+        choices, answer = d["choices"], d.get("answer")
+        if (
+            not isinstance(choices, list)
+            or not choices
+            or not all(isinstance(c, str) and c for c in choices)
+        ):
+            raise ValueError('"choices" must be a non-empty list of non-empty strings')
+        if isinstance(answer, bool) or not isinstance(answer, (int, str)):
+            raise ValueError('"answer" must be the index of the right choice or its text')
+        index = (
+            answer
+            if isinstance(answer, int)
+            else (choices.index(answer) if answer in choices else -1)
+        )
+        if not 0 <= index < len(choices):
+            raise ValueError(f'"answer" {answer!r} names none of the {len(choices)} choices')
+        options = [{"text": c, "correct": i == index} for i, c in enumerate(choices)]
+        completion = choices[index]
+    elif "completion" in d:
+        completion = str(d["completion"])
+        options = [{"text": completion, "correct": True}]
+    else:
+        raise ValueError('needs "completion", or "choices" and "answer"')
+    item = Item(id=ident, task=task, prompt=prompt, completion=completion, options=options,
+                options_mc2=d.get("options_mc2"))  # fmt: skip
+    if not item.completion or sum(bool(o.get("correct")) for o in item.options) != 1:
+        raise ValueError("needs a completion and exactly one correct option")
+    return item
+
+
 def load_items(path: str | Path, limit: int | None = None) -> list[Item]:
-    """Read a task JSONL; errors name the file and line."""
+    """Read a task JSONL; errors name the file and line.
+
+    Three row shapes are accepted (``id`` and ``task`` are optional in the first two):
+    ``{"prompt", "completion"}`` for generation-style data, ``{"prompt", "choices", "answer"}``
+    (``answer`` is an index or the right choice's text) for multiple choice, and the full
+    ``{"id", "task", "prompt", "completion", "options": [{"text", "correct"}]}`` format that
+    ``svd-vllm assets tasks`` writes.
+    """
     p = Path(path)
     if not p.is_file():
         raise AssetError(f"{p}: no such task file (run `svd-vllm assets tasks`)")
     items = []
+    task = p.parent.name if p.stem in ("train", "calib", "test") else p.stem
     with p.open() as f:
         for n, line in enumerate(f, 1):
             if not line.strip():
                 continue
             try:
-                d = json.loads(line)
-                item = Item(
-                    id=str(d["id"]), task=str(d["task"]), prompt=str(d["prompt"]),
-                    completion=str(d["completion"]), options=list(d["options"]),
-                    options_mc2=d.get("options_mc2"),
-                )  # fmt: skip
-                if not item.completion or sum(bool(o["correct"]) for o in item.options) != 1:
-                    raise ValueError("needs a completion and exactly one correct option")
+                item = _item_from_row(json.loads(line), str(n), task)
             except (ValueError, KeyError, TypeError) as e:
                 raise AssetError(f"{p}:{n}: invalid task item ({e})") from e
             items.append(item)

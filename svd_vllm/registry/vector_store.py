@@ -4,7 +4,9 @@
   Cheap enough to consult on every request (the frontend validates against it).
 * ``VectorStore`` -- the engine side. A daemon thread polls the manifest (default every
   0.2 s) and reads new or changed vectors OFF the decode path, verifying each file's content
-  hash; a bad file is refused with a log line and the name keeps its previous good version.
+  hash. A bad file is refused with a log line and its name serves nothing until the file or the
+  manifest changes (never an older version the manifest no longer names: admission refuses an
+  explicit request for it, and in-flight requests keep the version they pinned).
   Host memory holds at most ``SVD_VLLM_HOST_CACHE`` (default 64) versions, LRU.
   Rows acquire a slot in a device table (one copy per version,
   reference counted, kept as a small cache), so ``apply`` gathers ``table[slot]`` with no
@@ -41,6 +43,8 @@ class ManifestWatcher:
         self._sig: object = object()  # never equal to a real signature: first call loads
         self._manifest = Manifest()
         self._lock = threading.Lock()
+        # (file, content hash) -> (stat signature when checked, problem or None)
+        self._checked: dict[tuple[str, str], tuple[object, str | None]] = {}
 
     def _signature(self) -> tuple[int, int, int] | None:
         try:
@@ -66,6 +70,32 @@ class ManifestWatcher:
 
     def entry(self, name: str) -> VectorEntry | None:
         return self.current()[0].vectors.get(name)
+
+    def problem(self, entry: VectorEntry, vocab_size: int | None = None) -> str | None:
+        """Why ``entry``'s file cannot serve (missing, corrupt, content hash or vocab size
+        mismatch), or None. The file is read and verified once per state of it (its stat
+        signature), so a per-request check costs one ``stat``; an edited file is read again."""
+        path = self.registry.root / entry.file
+        try:
+            st = os.stat(path)
+            sig: object = (st.st_ino, st.st_mtime_ns, st.st_size, vocab_size)
+        except OSError as e:
+            return f"its file cannot be read ({e.strerror or e})"
+        key = (entry.file, entry.content_hash)
+        with self._lock:
+            hit = self._checked.get(key)
+        if hit is not None and hit[0] == sig:
+            return hit[1]
+        try:
+            self.registry.load(entry, expected_vocab_size=vocab_size)
+            found = None
+        except (ArtifactError, RegistryError, OSError) as e:
+            found = str(e)
+        with self._lock:
+            self._checked[key] = (sig, found)
+            while len(self._checked) > 1024:
+                self._checked.pop(next(iter(self._checked)))
+        return found
 
 
 @dataclass(frozen=True)
@@ -146,6 +176,7 @@ class VectorStore:
         self._old: OrderedDict[str, VectorEntry] = OrderedDict()
         self._host: OrderedDict[str, torch.Tensor] = OrderedDict()
         self._bad: dict[str, str] = {}  # file -> content hash we refused (log once)
+        self._broken: dict[str, tuple[VectorEntry, object]] = {}  # name -> (entry, file stat)
         self.loads = 0  # files read (verification and re-reads after eviction)
         self._lock = threading.Lock()
         self._refresh_lock = threading.Lock()
@@ -202,15 +233,32 @@ class VectorStore:
         with self._refresh_lock:
             return self._refresh_locked()
 
+    def _file_signature(self, entry: VectorEntry) -> object:
+        try:
+            st = os.stat(self.registry.root / entry.file)
+        except OSError:
+            return None
+        return (st.st_ino, st.st_mtime_ns, st.st_size)
+
     def _refresh_locked(self) -> bool:
         manifest, changed = self.watcher.current()
-        if not changed:
+        # A refused file that has changed since (repaired in place) is tried again.
+        retry = any(self._file_signature(e) != sig for e, sig in self._broken.values())
+        if not changed and not retry:
             return False
+        self._broken = {n: b for n, b in self._broken.items() if manifest.vectors.get(n) == b[0]}
+        if retry:
+            for name, (entry, sig) in list(self._broken.items()):
+                if self._file_signature(entry) != sig:
+                    self._bad.pop(entry.file, None)  # log it again if still bad
+                    del self._broken[name]
         new_current: dict[str, VectorEntry] = {}
         fresh: list[tuple[VectorEntry, torch.Tensor | None]] = []
         reads = 0
         for name, entry in manifest.vectors.items():
             have = self._current.get(name)
+            if name in self._broken:
+                continue  # refused, and neither the file nor the entry has changed
             if have is not None and have == entry:
                 new_current[name] = have
                 continue
@@ -223,10 +271,10 @@ class VectorStore:
                 continue
             shift = self._read(entry)  # verify every new file once, off the decode path
             reads += 1
-            if shift is None:
-                if have is not None:
-                    new_current[name] = have  # the previous good version keeps serving
+            if shift is None:  # serve nothing under this name, not an older version
+                self._broken[name] = (entry, self._file_signature(entry))
                 continue
+            self._broken.pop(name, None)
             new_current[name] = entry
             fresh.append((entry, shift))
         with self._lock:

@@ -34,11 +34,41 @@ def _existing_file(value: str) -> Path:
     return p
 
 
+def _positive(value: str) -> int:
+    try:
+        n = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{value!r} is not an integer") from None
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {n}")
+    return n
+
+
+def _placement_args(p: argparse.ArgumentParser) -> None:
+    """``--device``/``--dtype``: one rule for every offline verb (``offline.precision``)."""
+    from ..offline.precision import DEVICES, DTYPES
+
+    p.add_argument("--device", choices=DEVICES, default="auto",
+                   help="where the model runs (auto: cuda when available)")  # fmt: skip
+    p.add_argument("--dtype", choices=tuple(DTYPES), default="auto",
+                   help="weights' dtype (auto: bf16 on CUDA and on CPUs with native bf16, "
+                        "else float32); softmax and sums stay float32/float64")  # fmt: skip
+
+
+def _batch_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--batch-size", type=_positive, default=64,
+                   help="items per forward pass (length-bucketed)")  # fmt: skip
+    p.add_argument("--max-length", type=_positive,
+                   help="refuse items longer than this many tokens (default: the model's "
+                        "context length)")  # fmt: skip
+    _placement_args(p)
+
+
 def _cmd_generate(args: argparse.Namespace) -> int:
     from ..core import artifact
 
     vector = artifact.load(args.vector) if args.vector else None
-    dec = _decoder(args.base, args.adapter, vector)
+    dec = _decoder(args, args.adapter, vector)
     modes = MODES[:4] if args.mode == "all" else (args.mode,)
     if args.mode == "all":
         modes = tuple(m for m in modes if m != "svd-precomputed" or vector is not None)
@@ -83,7 +113,7 @@ def _cmd_score(args: argparse.Namespace) -> int:
     from ..core import artifact
 
     vector = artifact.load(args.vector) if args.vector else None
-    dec = _decoder(args.base, args.adapter, vector)
+    dec = _decoder(args, args.adapter, vector)
     try:
         scores = dec.score(
             args.prompt, args.option, args.mode, mu=args.mu, alpha=args.alpha, scoring=args.scoring
@@ -143,22 +173,27 @@ def _cmd_warmstart(args: argparse.Namespace) -> int:
             examples.append((it.gold_prompt(), it.completion))
     cfg = WarmStartConfig(
         method=args.method, lr=args.lr, epochs=args.epochs, batch_size=args.batch_size,
-        max_length=args.max_length, seed=args.seed, max_examples=args.max_examples,
+        grad_accum=args.grad_accum, max_length=args.max_length, seed=args.seed,
+        max_examples=args.max_examples, device=args.device, dtype=args.dtype,
+        gradient_checkpointing=args.gradient_checkpointing,
+        checkpoint_every=args.checkpoint_every,
     )  # fmt: skip
     try:
         res = train_adapter(args.base, examples, args.out, cfg)
-    except ValueError as e:
+    except (ValueError, FloatingPointError) as e:
         raise CLIError(str(e)) from e
     print(json.dumps(res.__dict__, indent=2))
     return 0
 
 
-def _decoder(base: Path, adapter: Path | None, vector=None):  # type: ignore[no-untyped-def]
-    """Load the reference decoder; a mismatched adapter becomes a clear error."""
+def _decoder(args: argparse.Namespace, adapter: Path | None, vector=None):  # type: ignore[no-untyped-def]
+    """Load the reference decoder on ``--device`` in ``--dtype``; a mismatched adapter or an
+    unavailable device becomes a clear error."""
     from ..offline.reference import ReferenceDecoder
 
+    base = args.base
     try:
-        return ReferenceDecoder(base, adapter, vector=vector)
+        return ReferenceDecoder(base, adapter, vector=vector, device=args.device, dtype=args.dtype)
     except (RuntimeError, ValueError, OSError) as e:
         what = f"adapter {adapter} on base {base}" if adapter else f"base model {base}"
         raise CLIError(f"cannot load {what}: {str(e).splitlines()[0][:300]}") from e
@@ -193,10 +228,13 @@ def _cmd_extract(args: argparse.Namespace) -> int:
             CalibrationItem(it.gold_prompt(), it.completion)
             for it in load_items(f, limit=args.limit)
         ]
-    dec = _decoder(args.base, args.adapter)
+    dec = _decoder(args, args.adapter)
     name = args.name or Path(args.adapter).name
     try:
-        art, report = extract_vector(dec, items, name=name, alpha=args.alpha, seed=args.seed)
+        art, report = extract_vector(
+            dec, items, name=name, alpha=args.alpha, seed=args.seed,
+            batch_size=args.batch_size, max_length=args.max_length,
+        )  # fmt: skip
     except ValueError as e:
         raise CLIError(str(e)) from e
     out = artifact.save(art, args.out)
@@ -220,12 +258,18 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     from ..offline.tasks import load_items
 
     vector = artifact.load(args.vector) if args.vector else None
-    dec = _decoder(args.base, args.adapter)
+    dec = _decoder(args, args.adapter)
     specs = method_specs(vector, include=args.method or METHODS)
     report = {}
     for f in _task_files(args.task, args.split):
         items = load_items(f, limit=args.limit)
-        scores = evaluate_items(dec, items, specs, generation=args.generation, desc=f.parent.name)
+        try:
+            scores = evaluate_items(
+                dec, items, specs, generation=args.generation, desc=f.parent.name,
+                batch_size=args.batch_size, max_length=args.max_length,
+            )  # fmt: skip
+        except ValueError as err:
+            raise CLIError(f"{f}: {err}") from err
         report[f.parent.name] = task_summary(scores)
     if args.out:
         Path(args.out).write_text(json.dumps(report, indent=2))
@@ -375,6 +419,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument(
             "--alpha", type=float, help="confidence-mask threshold (default: vector or 0.1)"
         )
+        _placement_args(p)
 
     g = sub.add_parser("generate", help="decode with the reference decoder (transformers + peft)")
     model_args(g)
@@ -426,8 +471,17 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--out", required=True)
     w.add_argument("--lr", type=float, default=5e-5)
     w.add_argument("--epochs", type=float, default=1.0)
-    w.add_argument("--batch-size", type=int, default=8)
-    w.add_argument("--max-length", type=int, default=512)
+    w.add_argument("--batch-size", type=_positive, default=8)
+    w.add_argument("--grad-accum", type=_positive, default=1,
+                   help="batches per optimizer step")  # fmt: skip
+    w.add_argument("--max-length", type=_positive, default=512,
+                   help="tokens per example; longer prompts lose their start")  # fmt: skip
+    w.add_argument("--gradient-checkpointing", action="store_true",
+                   help="recompute activations in the backward pass (less memory)")  # fmt: skip
+    w.add_argument("--checkpoint-every", type=int, default=200,
+                   help="optimizer steps between checkpoints in OUT.partial/ (0: none); "
+                        "a rerun with the same settings resumes there")  # fmt: skip
+    _placement_args(w)
     w.add_argument("--max-per-task", type=int, help="cap examples taken from each task file")
     w.add_argument("--max-examples", type=int, help="cap the total number of examples")
     w.add_argument("--seed", type=int, default=0)
@@ -445,6 +499,7 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--limit", type=int, help="items per task file")
     x.add_argument("--seed", type=int, default=0)
     x.add_argument("--report", help="write every estimator's results here (JSON)")
+    _batch_args(x)
     x.set_defaults(func=_cmd_extract)
 
     e = sub.add_parser("eval", help="score methods on task items with the reference decoder")
@@ -457,6 +512,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--method", action="append", help="base, peft, peft+svd-exact, ...")
     e.add_argument("--generation", action="store_true", help="also greedy-generation accuracy")
     e.add_argument("--out", help="write the report here (JSON)")
+    _batch_args(e)
     e.set_defaults(func=_cmd_eval)
 
     r = sub.add_parser("registry", help="manage the steering-vector registry directly")

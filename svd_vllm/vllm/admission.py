@@ -19,6 +19,7 @@ against; it does not import vLLM, so the sidecar shares its keys and rules.
 
 from __future__ import annotations
 
+import functools
 import os
 import threading
 from collections.abc import Mapping
@@ -202,6 +203,8 @@ def validate_steering_params(extra_args: Mapping[str, Any] | None) -> None:
     req = parse_request_args(extra_args)
     wants = req.vector_explicit or (req.explicit and req.enabled)
     if not wants:
+        if req.enabled and req.vector is not None:
+            _count_default_unservable(req.vector)
         return
     if req.vector is None:
         why = "uses no LoRA adapter"
@@ -228,6 +231,47 @@ def validate_steering_params(extra_args: Mapping[str, Any] | None) -> None:
             f"vllm_xargs.{field}: steering vector {req.vector!r} has vocab_size "
             f"{entry.vocab_size} but the served model has {served}"
         )
+    if req.enabled:  # asked for by name or by svd=1: it must load, never a quiet fallback
+        problem = _state.watcher().problem(entry, served)
+        if problem is not None:
+            raise ValueError(
+                f"vllm_xargs.{field}: steering vector {req.vector!r} ({entry.key}) cannot be "
+                f"loaded: {problem}"
+            )
+
+
+def _count_default_unservable(name: str) -> None:
+    """A request steered only by the server default whose registered, enabled vector cannot
+    load proceeds unsteered; ``svd_vllm_default_unsteered_total`` counts it, by reason."""
+    watcher = _state.watcher()
+    entry = watcher.entry(name)
+    if entry is None or not entry.enabled:
+        return  # no vector for this adapter, or switched off on purpose: nothing is wrong
+    served = _state.vocab_size
+    if served is not None and entry.vocab_size != served:
+        reason = "vocab_size"
+    elif watcher.problem(entry, served) is not None:
+        reason = "unloadable"
+    else:
+        return
+    counter = _unsteered_counter()
+    if counter is not None:
+        counter.labels(reason).inc()
+
+
+@functools.cache
+def _unsteered_counter() -> Any:
+    """The counter, in the default Prometheus registry that vLLM's ``/metrics`` serves."""
+    try:
+        from prometheus_client import Counter
+    except ImportError:  # pragma: no cover - vLLM depends on prometheus-client
+        return None
+    return Counter(
+        "svd_vllm_default_unsteered",
+        "Requests steered by the server default (SVD_VLLM_DEFAULT=on) that ran unsteered "
+        "because their adapter's registered vector cannot be served",
+        ["reason"],
+    )
 
 
 def admission_pin(extra_args: Mapping[str, Any]) -> str | None:

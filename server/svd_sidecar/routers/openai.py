@@ -69,7 +69,13 @@ def _steering_xargs(state: SidecarState, body: dict[str, Any]) -> tuple[dict[str
         name = opts.vector or body.get("model")
         if not isinstance(name, str):
             raise ApiError(400, "steering", "steering needs a vector or a LoRA model name")
-        servable(state.registry.manifest().vectors.get(name), name)
+        entry = servable(state.registry.manifest().vectors.get(name), name)
+        problem = state.problem(entry)
+        if problem is not None:  # the engine would refuse it too: say so before proxying
+            raise ApiError(
+                400, "unloadable_vector",
+                f"steering vector {name!r} ({entry.key}) cannot be loaded: {problem}",
+            )  # fmt: skip
     return xargs, label
 
 

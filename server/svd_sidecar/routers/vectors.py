@@ -54,18 +54,25 @@ def _entry(state: SidecarState, name: str) -> VectorEntry:
 
 @router.get("", response_model=list[VectorInfo])
 def list_vectors(state: State, _: ReadAccess) -> list[VectorInfo]:
-    return [VectorInfo.of(e) for e in state.registry.list()]
+    return [VectorInfo.of(e, state.problem(e)) for e in state.registry.list()]
 
 
 @router.get("/{name}", response_model=VectorDetail)
 def get_vector(name: str, state: State, _: ReadAccess) -> VectorDetail:
     e = _entry(state, name)
+    problem = state.problem(e)
+    info = VectorInfo.of(e, problem).model_dump()
+    if problem is not None:  # say what is wrong; the artifact's own fields are unknown
+        return VectorDetail(**info, mu_bar_exact=None, shift_weighting=None, estimator=None,
+                            tokenizer_fingerprint=None, calibration=None)  # fmt: skip
     try:
         meta = state.registry.load(e).meta
-    except (ArtifactError, OSError) as exc:
-        raise ApiError(500, "artifact_unreadable", str(exc)) from exc
+    except (ArtifactError, OSError) as exc:  # changed since the check: report, never a 500
+        return VectorDetail(**VectorInfo.of(e, str(exc)).model_dump(), mu_bar_exact=None,
+                            shift_weighting=None, estimator=None, tokenizer_fingerprint=None,
+                            calibration=None)  # fmt: skip
     return VectorDetail(
-        **VectorInfo.of(e).model_dump(), mu_bar_exact=meta.mu_bar_exact,
+        **info, mu_bar_exact=meta.mu_bar_exact,
         shift_weighting=meta.shift_weighting, estimator=meta.estimator,
         tokenizer_fingerprint=meta.tokenizer_fingerprint,
         calibration=meta.calibration.model_dump(mode="json"),
@@ -128,7 +135,7 @@ async def patch_vector(name: str, patch: VectorPatch, state: State, _: WriteAcce
     _entry(state, name)
     entry = await run_in_threadpool(state.registry.update, name, patch)
     state.metrics.registrations.labels("patch").inc()
-    return VectorInfo.of(entry)
+    return VectorInfo.of(entry, await run_in_threadpool(state.problem, entry))
 
 
 @router.delete("/{name}", status_code=204)
@@ -145,11 +152,10 @@ async def _from_multipart(
 ) -> tuple[Path, str | None, float | None]:
     """(spooled upload, name, default scale) of a multipart registration."""
     limit = settings.max_upload_bytes
-    length = request.headers.get("content-length")
-    if length is not None and length.isdigit() and int(length) > limit + 65536:
-        raise ApiError(413, "size", f"upload is over the {limit}-byte limit")
-    try:
+    try:  # the body's size is capped as it arrives (limits.BodyLimit)
         form = await request.form(max_files=1, max_fields=4)
+    except ApiError:
+        raise
     except Exception as e:  # malformed multipart
         raise ApiError(400, "parse", f"malformed multipart body: {e}") from e
     upload = form.get("file")
