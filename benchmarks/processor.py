@@ -40,7 +40,8 @@ def _vector(name: str, vocab: int, seed: int = 0):  # type: ignore[no-untyped-de
                                    tokenizer_fingerprint="bench", mu_bar=-1.0, alpha=0.1)  # fmt: skip
 
 
-def _processor(registry_dir: Path, vocab: int, rows: int, n_vectors: int = 1, steered: bool = True):  # type: ignore[no-untyped-def]
+def _processor(registry_dir: Path, vocab: int, rows: int, n_vectors: int = 1, steered: bool = True,  # type: ignore[no-untyped-def]
+               extras: list[dict[str, Any]] | None = None):  # fmt: skip
     from vllm import SamplingParams
     from vllm.v1.sample.logits_processor import BatchUpdate
 
@@ -57,7 +58,8 @@ def _processor(registry_dir: Path, vocab: int, rows: int, n_vectors: int = 1, st
                           scheduler_config=SimpleNamespace(max_num_seqs=max(rows, 8)))  # fmt: skip
     p = SVDLogitsProcessor(cfg, "cpu", False)
     extra = {"svd": 1, "svd_vector": "v0"} if steered else {"svd": 0}
-    added = [(i, SamplingParams(extra_args=dict(extra)), None, []) for i in range(rows)]
+    per_row = extras or [extra] * rows
+    added = [(i, SamplingParams(extra_args=dict(per_row[i])), None, []) for i in range(rows)]
     p.update_state(BatchUpdate(batch_size=rows, removed=[], added=added, moved=[]))
     return p
 
@@ -127,6 +129,38 @@ def part1(reps: int) -> dict[str, Any]:
                 out["idle"].append({"batch": rows, "vocab": vocab, "us": 1e6 * ti})
                 print(f"apply vocab={vocab:6d} batch={rows:3d}: {1e3 * t:8.3f} ms  "
                       f"{nbytes / t / 1e9:5.2f} GB/s   idle {1e6 * ti:6.2f} us", flush=True)  # fmt: skip
+        # Compositions vs single vectors in the same batch shape (#15): one combined table row
+        # per distinct composition, so the per-step kernel is the same.
+        rows, vocab = 32, 49152
+        shapes = {
+            "single vectors": [{"svd": 1, "svd_vector": f"v{i % 4}"} for i in range(rows)],
+            "compositions": [{"svd": 1, "svd_vector": [f"v{i % 4}", f"v{(i + 1) % 4}", f"v{(i + 2) % 4}"],
+                              "svd_scale": [0.5, 1.0, -0.25]} for i in range(rows)],
+            "half and half": [{"svd": 1, "svd_vector": f"v{i % 4}"} if i % 2 else
+                              {"svd": 1, "svd_vector": [f"v{i % 4}", f"v{(i + 1) % 4}"]} for i in range(rows)],
+        }  # fmt: skip
+        creg = Path(tmp) / "compose"
+        _processor(creg, vocab, 1, n_vectors=4)  # register the vectors outside the timing
+        built: dict[str, Any] = {}
+        admit_ms: dict[str, float] = {}
+        for name, extras in shapes.items():
+            t0 = time.perf_counter()
+            built[name] = _processor(creg, vocab, rows, n_vectors=4, extras=extras)
+            admit_ms[name] = 1e3 * (time.perf_counter() - t0)
+        csamples: dict[str, list[float]] = {n: [] for n in built}
+        for _ in range(21):  # interleaved rounds: this machine drifts by 2x over minutes
+            for name, p in built.items():
+                csamples[name].append(time_apply(p, rows, vocab, max(5, reps // 3)))
+        single = statistics.median(csamples["single vectors"])
+        out["composition"] = [
+            {"batch": rows, "vocab": vocab, "rows": name, "ms": 1e3 * statistics.median(v),
+             "ratio_to_single": statistics.median(v) / single, "slots": built[name].store.slots_in_use(),
+             "build_and_admit_ms": admit_ms[name]}
+            for name, v in csamples.items()
+        ]  # fmt: skip
+        for x in out["composition"]:
+            print(f"composition: {x['rows']:15s} apply {x['ms']:.3f} ms ({x['ratio_to_single']:.3f}x "
+                  f"single), {x['slots']} table slots", flush=True)  # fmt: skip
         # One registry per size (a store watches its registry: a shared one would grow under it).
         procs = {
             n: _processor(Path(tmp) / f"scale{n}", 49152, 32, n_vectors=n)
@@ -281,6 +315,17 @@ def markdown(r: dict[str, Any]) -> str:
             f"{x['host_vectors']} ({x.get('host_capacity', '—')}) | {x.get('host_MB', float('nan')):.1f} | "
             f"{x.get('process_rss_growth_MB', float('nan')):.1f} |"
         )
+    comp = r["part1_apply"].get("composition")
+    if comp:
+        lines += ["", "## Compositions vs single vectors (batch 32, vocab 49152, all rows steered; 21 interleaved rounds)", "",
+                  "| rows | apply ms (median) | ratio to single vectors | table slots in use | processor build + admission of the batch (ms) |",
+                  "|---|---|---|---|---|"]  # fmt: skip
+        for x in comp:
+            lines.append(f"| {x['rows']} | {x['ms']:.3f} | {x['ratio_to_single']:.3f} | {x['slots']} | "
+                         f"{x['build_and_admit_ms']:.1f} |")  # fmt: skip
+        lines += ["", "A composition is combined once per distinct set of versions and strengths (at admission "
+                  "into the batch) into one table row, so a step costs the same; the goal is within 10% of "
+                  "single vectors."]  # fmt: skip
     d = r.get("part2_decode")
     if d:
         lines += ["", f"## vLLM decode throughput, SmolLM2-135M + LoRA ({d['adapter']}), batch {d['batch']}, "

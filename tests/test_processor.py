@@ -362,3 +362,155 @@ def test_parse_request_args_defaults() -> None:
         parse_request_args({"svd": 1.0}).enabled
         and not parse_request_args({"svd": "false"}).enabled
     )
+
+
+# -- composition (#15) -------------------------------------------------------------------------
+def composed_expected(
+    z: torch.Tensor, parts: list[tuple[SteeringArtifact, float]], alpha: float
+) -> torch.Tensor:
+    """The reference maths: the SUM of each vector's own steering term, one mask."""
+    mask = confidence_mask(z, alpha)
+    term = sum(m * precomputed_delta(z, art.shift) for art, m in parts)
+    assert isinstance(term, torch.Tensor)
+    return torch.where(mask, z + term, torch.full_like(z, -math.inf))
+
+
+def test_a_composition_steers_with_the_sum_of_its_vectors_terms(registry: Registry) -> None:
+    registry.add(vec("c", 3, 2.0, alpha=0.05))
+    p = SVDLogitsProcessor(config(), "cpu", False)
+    added = [
+        (0, sp(svd=1, svd_vector=["a", "b"], svd_scale=[0.5, 1.0]), None, []),
+        (1, sp(svd=1, svd_vector="a"), None, []),  # a single vector beside it
+        (2, sp(), None, []),  # unsteered
+        (3, sp(svd=1, svd_vector=["b", "a", "c"]), None, []),  # default scales, min alpha
+        (4, sp(svd=1, svd_vector=["a", "b"], svd_scale=[0.5, 1.0], svd_alpha=0.5), None, []),
+    ]
+    p.update_state(BatchUpdate(batch_size=5, removed=[], added=added, moved=[]))
+    z = logits(5, seed=4)
+    out = p.apply(z.clone())
+    a, b, c = registry.load("a"), registry.load("b"), registry.load("c")
+    torch.testing.assert_close(out[0], composed_expected(z[0:1], [(a, -2.0), (b, -9.0)], 0.1)[0])
+    torch.testing.assert_close(out[1], expected(z[1:2], a, -4.0, 0.1)[0])
+    assert torch.equal(out[2], z[2])
+    torch.testing.assert_close(
+        out[3], composed_expected(z[3:4], [(b, -9.0), (a, -4.0), (c, 2.0)], 0.05)[0]
+    )
+    torch.testing.assert_close(out[4], composed_expected(z[4:5], [(a, -2.0), (b, -9.0)], 0.5)[0])
+    # Rows 0 and 4 share one combined slot (same versions and strengths); refcounted.
+    assert p.store.slots_in_use() == 3  # a+b, a, b+a+c
+    p.update_state(BatchUpdate(batch_size=0, removed=[0, 1, 2, 3, 4], added=[], moved=[]))
+    assert p.store.slots_in_use() == 0
+
+
+def test_a_composition_pins_every_member(registry: Registry) -> None:
+    p = SVDLogitsProcessor(config(), "cpu", False)
+    params = sp(svd=1, svd_vector=["a", "b"])
+    p.update_state(BatchUpdate(batch_size=1, removed=[], added=[(0, params, None, [])], moved=[]))
+    assert params.extra_args[PIN_KEY] == [registry.get("a").key, registry.get("b").key]
+    a_old, b = registry.load("a"), registry.load("b")
+    registry.add(vec("a", 77, -1.0), replace=True)  # one member replaced mid-request
+    p.store.refresh()
+    z = logits(1, seed=5)
+    want = composed_expected(z, [(a_old, -4.0), (b, -9.0)], 0.1)
+    torch.testing.assert_close(p.apply(z.clone()), want)
+    # Preempted and re-added: still every pinned version.
+    p.update_state(BatchUpdate(batch_size=1, removed=[0], added=[(0, params, None, [])], moved=[]))
+    torch.testing.assert_close(p.apply(z.clone()), want)
+    # A new request composes the new version of "a".
+    fresh = sp(svd=1, svd_vector=["a", "b"])
+    p.update_state(BatchUpdate(batch_size=2, removed=[], added=[(1, fresh, None, [])], moved=[]))
+    z2 = logits(2, seed=6)
+    out = p.apply(z2.clone())
+    a_new = registry.load("a")
+    torch.testing.assert_close(
+        out[1], composed_expected(z2[1:2], [(a_new, -1.0), (b, -9.0)], 0.1)[0]
+    )
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        ({"svd": 1, "svd_vector": []}, r"vllm_xargs.svd_vector is an empty list"),
+        ({"svd": 1, "svd_vector": [f"v{i}" for i in range(9)]}, "lists 9 vectors; at most 8"),
+        ({"svd": 1, "svd_vector": ["a", "b", "a"]}, r"svd_vector\[2\]: 'a' is listed twice"),
+        ({"svd": 1, "svd_vector": ["a", 3]}, r"svd_vector\[1\] must be a vector name"),
+        (
+            {"svd": 1, "svd_vector": ["a", "b"], "svd_scale": [1.0]},
+            "has 1 values but svd_vector lists 2",
+        ),
+        ({"svd": 1, "svd_vector": ["a", "b"], "svd_scale": 0.5}, "must be a list of 2 numbers"),
+        (
+            {"svd": 1, "svd_vector": "a", "svd_scale": [0.5]},
+            "svd_scale is a list, but svd_vector names one",
+        ),
+        (
+            {"svd": 1, "svd_vector": ["a", "b"], "svd_scale": [1, "nan"]},
+            r"svd_scale\[1\] must be finite",
+        ),
+        (
+            {"svd": 1, "svd_vector": ["a", "b"], "svd_scale": [1, 1e9]},
+            r"svd_scale\[1\] must be within",
+        ),
+        (
+            {"svd": 1, "svd_vector": ["a", "zzz"]},
+            r"svd_vector\[1\]: no steering vector named 'zzz'",
+        ),
+    ],
+)
+def test_composition_errors_name_the_field(registry: Registry, extra: dict, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        SVDLogitsProcessor.validate_params(sp(**extra))
+
+
+def test_composition_checks_every_member(registry: Registry) -> None:
+    registry.update("b", enabled=False)
+    with pytest.raises(ValueError, match=r"svd_vector\[1\]: steering vector 'b' is disabled"):
+        validate_steering_params({"svd": 1, "svd_vector": ["a", "b"]})
+    validate_steering_params({"svd": 0, "svd_vector": ["a", "b"]})  # off: existence only
+    registry.update("b", enabled=True)
+    registry.add(vec("wide", 4, -1.0, vocab=2 * V))
+    set_served_vocab_size(V)
+    with pytest.raises(ValueError, match=r"svd_vector\[0\]: .* vocab_size 128 but the served"):
+        validate_steering_params({"svd": 1, "svd_vector": ["wide", "a"]})
+
+
+def test_a_registered_composition_is_an_adapters_default_steering(registry: Registry) -> None:
+    from svd_vllm.registry import RegistryError
+    from svd_vllm.vllm.admission import admission_pin
+
+    registry.compose("combo", [("a", 0.5), ("b", None)])
+    p = SVDLogitsProcessor(config(), "cpu", False)
+    params = sp(**{"svd": 1, LORA_KEY: "combo"})  # the LoRA adapter named like it
+    validate_steering_params(params.extra_args)
+    pin = admission_pin(params.extra_args)
+    assert pin == [registry.get("a").key, registry.get("b").key]  # every member pinned
+    added = [(0, params, None, []), (1, sp(svd=1, svd_vector="combo", svd_scale=2.0), None, [])]
+    p.update_state(BatchUpdate(batch_size=2, removed=[], added=added, moved=[]))
+    z = logits(2, seed=8)
+    out = p.apply(z.clone())
+    a, b = registry.load("a"), registry.load("b")
+    torch.testing.assert_close(out[0], composed_expected(z[0:1], [(a, -2.0), (b, -9.0)], 0.1)[0])
+    # svd_scale multiplies every member's scale.
+    torch.testing.assert_close(out[1], composed_expected(z[1:2], [(a, -4.0), (b, -18.0)], 0.1)[0])
+    # Its own alpha, if set, replaces the members' smallest.
+    registry.compose("combo", [("a", 0.5), ("b", None)], alpha=0.6, replace=True)
+    p.store.refresh()
+    p.update_state(BatchUpdate(batch_size=2, removed=[], added=[(1, sp(svd=1, svd_vector="combo"), None, [])], moved=[]))  # fmt: skip
+    z2 = logits(2, seed=9)
+    torch.testing.assert_close(
+        p.apply(z2.clone())[1], composed_expected(z2[1:2], [(a, -2.0), (b, -9.0)], 0.6)[0]
+    )
+    # A name is a vector or a composition; members must exist and stay.
+    with pytest.raises(RegistryError, match="is a vector"):
+        registry.compose("a", [("b", None)])
+    with pytest.raises(RegistryError, match="is a composition"):
+        registry.add(vec("combo", 5, -1.0))
+    with pytest.raises(RegistryError, match=r"members\[1\]: no vector named 'zz'"):
+        registry.compose("c2", [("a", None), ("zz", None)])
+    with pytest.raises(RegistryError, match="member of composition"):
+        registry.remove("b")
+    with pytest.raises(RegistryError, match="listed twice"):
+        registry.compose("c3", [("a", None), ("a", 1.0)])
+    registry.compose("combo", [("a", 0.5)], enabled=False, replace=True)
+    with pytest.raises(ValueError, match="composition 'combo' is disabled"):
+        validate_steering_params({"svd": 1, "svd_vector": "combo"})

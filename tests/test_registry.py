@@ -303,3 +303,27 @@ def test_a_recreated_registry_never_serves_the_old_bytes(tmp_path: Path) -> None
     assert new is not None and new.key != old.key
     assert torch.equal(new.shift, vec("sv", seed=2).shift)
     assert torch.equal(store.table[store.acquire(new)], vec("sv", seed=2).shift)
+
+
+def test_cli_composes_lists_and_removes_compositions(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from svd_vllm.tools.cli import main
+
+    reg = Registry(tmp_path)
+    reg.add(vec("a", seed=1))
+    reg.add(vec("b", seed=2))
+    base = ["registry", "--registry", str(tmp_path)]
+    assert main([*base, "compose", "mix", "--vector", "a=0.5", "--vector", "b"]) == 0
+    c = reg.manifest().compositions["mix"]
+    assert [(m.vector, m.scale) for m in c.members] == [("a", 0.5), ("b", None)]
+    assert main([*base, "compose", "mix", "--vector", "a"]) == 2  # exists: --replace
+    assert main([*base, "compose", "mix", "--vector", "a", "--replace", "--alpha", "0.4"]) == 0
+    assert reg.manifest().compositions["mix"].version == 2
+    assert main([*base, "compose", "x", "--vector", "a=half"]) == 2
+    assert main([*base, "compose", "x", "--vector", "a", "--alpha", "2"]) == 2
+    capsys.readouterr()
+    assert main([*base, "list"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert [r.get("name") for r in rows] == ["a", "b", "mix"] and rows[-1]["composition"]
+    assert main([*base, "remove", "mix"]) == 0 and reg.manifest().compositions == {}

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import re
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -369,3 +370,115 @@ def test_openapi_schema_is_published(env: dict) -> None:
     assert {"/v1/steering/vectors/{name}", "/healthz", "/readyz", "/v1/completions"} <= set(
         schema["paths"]
     )
+
+
+# -- composition and every generation endpoint (#15) -------------------------------------------
+@pytest.mark.parametrize("path", ["/v1/completions", "/v1/chat/completions", "/v1/responses",
+                                  "/v1/messages"])  # fmt: skip
+def test_every_generation_endpoint_folds_in_steering(env: dict, path: str) -> None:
+    c, up = env["client"], env["upstream"]
+    upload(c, vec_bytes("tone", seed=1))
+    upload(c, vec_bytes("task", seed=2))
+    body = {"model": "base", "steering": {"enabled": True, "vectors": [
+        {"name": "tone", "scale": 0.5}, {"name": "task"}]}, "vllm_xargs": {"keep": 1}}  # fmt: skip
+    r = c.post(path, json=body)
+    assert r.status_code == 200, r.text
+    sent = up.seen[-1]
+    assert "steering" not in sent
+    # A missing scale is the vector's default scale (1.0 here), so the lists stay aligned.
+    assert sent["vllm_xargs"] == {"keep": 1, "svd": 1, "svd_vector": ["tone", "task"],
+                                  "svd_scale": [0.5, 1.0]}  # fmt: skip
+    r = c.post(path, json={"model": "base", "steering": {"vectors": [{"name": "tone"}]}})
+    assert r.status_code == 200 and up.seen[-1]["vllm_xargs"] == {"svd_vector": ["tone"]}
+    with c.stream("POST", path, json={**body, "stream": True}) as s:
+        raw = b"".join(s.iter_raw())
+        assert s.headers["content-type"].startswith("text/event-stream")
+    assert raw.endswith(b"data: [DONE]\n\n") and up.seen[-1]["stream"] is True
+    from svd_sidecar.routers.openai import GENERATION_ENDPOINTS
+
+    metric = f'endpoint="{GENERATION_ENDPOINTS[path]}",steering="composed"'
+    assert "svd_sidecar_proxied_requests_total{" + metric + "} 2.0" in c.get("/metrics").text
+
+
+@pytest.mark.parametrize(
+    ("steering", "code", "message"),
+    [
+        ({"enabled": True, "vectors": []}, "steering", "at least 1"),
+        ({"enabled": True, "vectors": [{"name": f"v{i}"} for i in range(9)]}, "steering", "at most 8"),
+        ({"enabled": True, "vectors": [{"name": "tone"}, {"name": "tone"}]}, "steering",
+         r"vectors\[1\]: 'tone' is listed twice"),
+        ({"enabled": True, "vector": "tone", "vectors": [{"name": "tone"}]}, "steering", "not both"),
+        ({"enabled": True, "vectors": [{"name": "tone", "scale": float("inf")}]}, "steering", ""),
+        ({"enabled": True, "vectors": [{"name": "tone"}, {"name": "nope"}]}, "unknown_vector",
+         r"steering.vectors\[1\]: no steering vector named 'nope'"),
+    ],
+)  # fmt: skip
+def test_composition_errors_are_400s_naming_the_field(
+    env: dict, steering: dict, code: str, message: str
+) -> None:
+    c, up = env["client"], env["upstream"]
+    upload(c, vec_bytes("tone", seed=1))
+    n = len(up.seen)
+    r = c.post("/v1/responses", content=json.dumps({"model": "base", "input": "hi",
+                                                    "steering": steering}, allow_nan=True),
+               headers={"content-type": "application/json"})  # fmt: skip
+    assert r.status_code == 400 and r.json()["error"]["code"] == code, r.text
+    assert re.search(message, r.json()["error"]["message"])
+    assert len(up.seen) == n
+
+
+def test_other_vllm_paths_are_not_proxied(env: dict) -> None:
+    c, up = env["client"], env["upstream"]
+    for method, path in (("POST", "/v1/load_lora_adapter"), ("GET", "/v1/nothing"),
+                         ("POST", "/reset_prefix_cache"), ("DELETE", "/v1/models")):  # fmt: skip
+        r = c.request(method, path, json={})
+        assert r.status_code in (404, 405), (method, path)
+        if r.status_code == 404:
+            assert r.json()["error"]["code"] == "not_proxied" and "call vLLM directly" in r.text
+    assert up.seen == []
+    assert c.post("/tokenize", json={"model": "m", "prompt": "hi"}).status_code == 200
+    assert c.get("/v1/steering/vectors/none").status_code == 404  # the API's own 404 still
+
+
+def test_models_say_which_vector_each_model_steers_with(env: dict) -> None:
+    c = env["client"]
+    listing = c.get("/v1/models").json()
+    assert listing["data"][0]["id"] == "m" and listing["data"][0]["svd_steering"] is None
+    upload(c, vec_bytes("m", seed=3))
+    info = c.get("/v1/models").json()["data"][0]["svd_steering"]
+    assert info["vector"] == "m" and info["status"] == "ready" and info["version"] == 1
+
+
+def test_compositions_are_managed_and_steer_their_adapter(env: dict) -> None:
+    c, up = env["client"], env["upstream"]
+    upload(c, vec_bytes("tone", seed=1))
+    upload(c, vec_bytes("task", seed=2))
+    body = {"members": [{"vector": "tone", "scale": 0.5}, {"vector": "task"}], "alpha": 0.3}
+    assert c.put("/v1/steering/compositions/m", json=body).status_code == 401  # needs the key
+    r = c.put("/v1/steering/compositions/m", json=body, headers=AUTH)
+    assert r.status_code == 200 and r.json()["version"] == 1 and r.json()["alpha"] == 0.3
+    assert [x["name"] for x in c.get("/v1/steering/compositions").json()] == ["m"]
+    # The adapter "m" steers with it: the front checks the members, vLLM expands it.
+    r = c.post("/v1/completions", json={"model": "m", "prompt": "x", "steering": {"enabled": True}})
+    assert r.status_code == 200 and up.seen[-1]["vllm_xargs"] == {"svd": 1}
+    info = c.get("/v1/models").json()["data"][0]["svd_steering"]
+    assert info["composition"] == "m" and [v["vector"] for v in info["vectors"]] == ["tone", "task"]
+    for bad, code, status in (
+        ({"members": [{"vector": "nope"}]}, "unknown_vector", 400),
+        ({"members": [{"vector": "tone"}, {"vector": "tone"}]}, "validation", 400),
+        ({"members": []}, "validation", 422),
+        ({"members": [{"vector": "tone", "scale": 1e9}]}, "validation", 422),
+    ):
+        r = c.put("/v1/steering/compositions/x", json=bad, headers=AUTH)
+        assert r.status_code == status and r.json()["error"]["code"] == code, (bad, r.text)
+    r = c.put("/v1/steering/compositions/tone", json=body, headers=AUTH)
+    assert r.status_code == 409  # a vector's name
+    r = c.delete("/v1/steering/vectors/task", headers=AUTH)
+    assert r.status_code == 409 and "member of composition" in r.text
+    r = c.put("/v1/steering/compositions/m", json={**body, "enabled": False}, headers=AUTH)
+    assert r.json()["version"] == 2
+    r = c.post("/v1/completions", json={"model": "m", "prompt": "x", "steering": {"enabled": True}})
+    assert r.status_code == 400 and "composition 'm' is disabled" in r.text
+    assert c.delete("/v1/steering/compositions/m", headers=AUTH).status_code == 204
+    assert c.get("/v1/steering/compositions/m").status_code == 404
+    assert c.delete("/v1/steering/vectors/task", headers=AUTH).status_code == 204

@@ -24,7 +24,10 @@ AUTH = {"Authorization": f"Bearer {KEY}"}
 def stack(serving_assets: dict, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
     root = tmp_path_factory.mktemp("stack")
     reg = root / "registry"
-    srv = VLLMServer(serving_assets["base"], serving_assets["loras"], reg, root / "vllm.log")
+    template = root / "chat.jinja"  # the tiny tokenizer has none; chat-style endpoints need one
+    template.write_text("{% for m in messages %}{{ m['content'] }} {% endfor %}")
+    srv = VLLMServer(serving_assets["base"], serving_assets["loras"], reg, root / "vllm.log",
+                     extra_args=["--chat-template", str(template)])  # fmt: skip
     sc = SidecarProcess(
         {
             "SVD_SIDECAR_API_KEY": KEY,
@@ -162,3 +165,40 @@ def test_concurrent_patches_and_requests(stack: dict) -> None:
         t.join(120)
     assert errors == []
     assert registry.get("other").version == start + n_patch  # no lost update
+
+
+def test_responses_and_messages_endpoints_steer_through_the_sidecar(stack: dict) -> None:
+    """#15: the OpenAI client's Responses API and an Anthropic-style Messages request, through
+    the sidecar, steer exactly as the same request sent to vLLM with ``vllm_xargs``."""
+    from openai import OpenAI
+
+    sc, srv, a = stack["sidecar"], stack["vllm"], stack["assets"]
+    stack["registry"].add(a["vectors"]["lora1"], replace=True)
+    stack["registry"].add(a["vectors"]["other"], replace=True)
+    prompt = "the color of sky is"
+    via_front = OpenAI(base_url=f"{sc.url}/v1", api_key="none")
+    direct = OpenAI(base_url=f"{srv.base_url}/v1", api_key="none")
+    common = {"model": "lora1", "input": prompt, "max_output_tokens": 8, "temperature": 0}
+    # Explicit scales: an earlier test may have changed lora1's default scale (kept on replace).
+    composed = {"enabled": True, "vectors": [{"name": "lora1", "scale": 1.0},
+                                             {"name": "other", "scale": 0.5}]}  # fmt: skip
+    on = via_front.responses.create(**common, extra_body={"steering": composed})
+    want = direct.responses.create(**common, extra_body={"vllm_xargs": {
+        "svd": 1, "svd_vector": ["lora1", "other"], "svd_scale": [1.0, 0.5]}})  # fmt: skip
+    off = via_front.responses.create(**common, extra_body={"steering": {"enabled": False}})
+    plain = direct.responses.create(**common)
+    assert on.output_text == want.output_text and off.output_text == plain.output_text
+    assert on.output_text != off.output_text  # steering changed the answer: the check can fail
+    # Anthropic-style Messages API.
+    body = {"model": "lora1", "max_tokens": 8, "temperature": 0,
+            "messages": [{"role": "user", "content": prompt}]}  # fmt: skip
+    headers = {"anthropic-version": "2023-06-01", "x-api-key": "none"}
+    m_on = httpx.post(f"{sc.url}/v1/messages", headers=headers, timeout=120,
+                      json={**body, "steering": {"enabled": True}})  # fmt: skip
+    m_want = httpx.post(f"{srv.base_url}/v1/messages", headers=headers, timeout=120,
+                        json={**body, "vllm_xargs": {"svd": 1}})  # fmt: skip
+    assert m_on.status_code == 200, m_on.text
+    assert m_on.json()["content"] == m_want.json()["content"]
+    bad = httpx.post(f"{sc.url}/v1/messages", headers=headers, timeout=60, json={
+        **body, "steering": {"enabled": True, "vectors": [{"name": "lora1"}, {"name": "nope"}]}})  # fmt: skip
+    assert bad.status_code == 400 and "steering.vectors[1]" in bad.text

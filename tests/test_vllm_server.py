@@ -93,6 +93,34 @@ def test_parity_with_the_reference_decoder(
         )
 
 
+def test_a_base_request_batched_with_every_lora_equals_it_alone(
+    server, serving_assets: dict, client: httpx.Client
+) -> None:
+    """#16 item 8: on vLLM's CPU backend a base row batched with LoRA rows read the last LoRA
+    slot's weights when every slot was taken. ``vllm_command`` keeps one slot spare."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    srv, _ = server
+    prompt = "the color of sky is"
+
+    def run(model: str) -> list[int]:
+        return ids(srv.complete(client, model=model, prompt=prompt, max_tokens=64,
+                                min_tokens=64, vllm_xargs={"svd": 0}))  # fmt: skip
+
+    base = str(serving_assets["base"])  # vLLM serves the base model under its path
+    alone = run(base)
+    lora2_alone = run("lora2")
+    assert lora2_alone != alone  # the adapter changes this output: the test can tell
+    models = ["lora1", "lora2", base] * 5  # long, overlapping: batches with every adapter in
+    with ThreadPoolExecutor(len(models)) as pool:
+        outs = list(pool.map(run, models))
+    for model, out in zip(models, outs, strict=True):
+        if model == base:
+            assert out == alone
+        elif model == "lora2":
+            assert out == lora2_alone
+
+
 @pytest.mark.parametrize(
     ("xargs", "message"),
     [
@@ -199,6 +227,52 @@ def test_hot_registration_replace_and_in_flight_pinning(
         long_prompt, "svd-precomputed", max_new_tokens=n_long, stop_at_eos=False
     ).token_ids
     assert result["ids"] == expected_long
+
+
+def test_compositions_in_a_mixed_batch_equal_each_request_alone(
+    server, serving_assets: dict, client: httpx.Client
+) -> None:
+    """#15 on a real engine: list-valued ``vllm_xargs`` compose vectors; a batch mixing
+    compositions, single vectors and unsteered requests gives each the tokens it gets alone,
+    and a composition's tokens are the reference decoder's with the combined shift."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    srv, registry = server
+    a = serving_assets
+    prompt = "the color of sky is"
+    base = str(a["base"])
+    requests = [
+        {"model": "lora1", "vllm_xargs": {"svd": 1, "svd_vector": ["other", "lora1"],
+                                          "svd_scale": [0.5, 1.0]}},
+        {"model": "lora1", "vllm_xargs": {"svd": 1}},
+        {"model": "lora1"},
+        {"model": "lora1", "vllm_xargs": {"svd": 1, "svd_vector": ["lora1", "other"],
+                                          "svd_alpha": 0.5}},
+        {"model": base},
+        {"model": "lora2", "vllm_xargs": {"svd": 1, "svd_vector": ["other", "lora1"],
+                                          "svd_scale": [0.5, 1.0]}},
+    ]  # fmt: skip
+
+    def run(req: dict) -> list[int]:
+        return ids(srv.complete(client, prompt=prompt, max_tokens=12, **req))
+
+    alone = [run(r) for r in requests]
+    with ThreadPoolExecutor(len(requests)) as pool:
+        together = list(pool.map(run, requests * 2))
+    assert together == alone * 2
+    e_other, e_lora1 = registry.get("other"), registry.get("lora1")
+    s_other, s_lora1 = registry.load(e_other).shift, registry.load(e_lora1).shift
+    combined = e_other.strength(0.5) * s_other + e_lora1.strength(1.0) * s_lora1
+    alpha = min(e_other.mask_alpha(), e_lora1.mask_alpha())
+    dec = ReferenceDecoder(a["base"], a["loras"]["lora1"])
+    assert alone[0] == dec.generate(prompt, "svd-precomputed", mu=1.0, alpha=alpha,
+                                    shift=combined, max_new_tokens=12).token_ids  # fmt: skip
+    both = e_lora1.strength() * s_lora1 + e_other.strength() * s_other
+    assert alone[3] == dec.generate(prompt, "svd-precomputed", mu=1.0, alpha=0.5, shift=both,
+                                    max_new_tokens=12).token_ids  # fmt: skip
+    bad = srv.complete(client, model="lora1", prompt=prompt, max_tokens=2,
+                       vllm_xargs={"svd": 1, "svd_vector": ["other", "other"]})  # fmt: skip
+    assert bad.status_code == 400 and "svd_vector[1]: 'other' is listed twice" in bad.text
 
 
 def test_corrupted_artifact_is_refused_by_name_never_served_stale(

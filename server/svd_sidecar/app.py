@@ -13,7 +13,7 @@ from fastapi.concurrency import run_in_threadpool
 
 from .errors import install_handlers
 from .limits import BodyLimit
-from .routers import health, openai, vectors
+from .routers import compositions, health, openai, vectors
 from .settings import SidecarSettings
 from .state import SidecarState
 
@@ -71,6 +71,7 @@ def create_app(
         return response
 
     app.include_router(vectors.router)
+    app.include_router(compositions.router)
     app.include_router(health.router)
     app.include_router(openai.router)
     return app

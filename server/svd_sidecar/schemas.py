@@ -4,16 +4,18 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 from svd_vllm.core.artifact import NAME_PATTERN
 from svd_vllm.core.validation import MAX_ABS_SCALE, finite
 from svd_vllm.registry import SettingsPatch, VectorEntry
+from svd_vllm.vllm.admission import MAX_COMPOSED
 
 __all__ = [
     "ErrorBody",
     "RegisterByPath",
     "SteeringOptions",
+    "SteeringVector",
     "VectorDetail",
     "VectorInfo",
     "VectorPatch",
@@ -94,14 +96,41 @@ class VectorPatch(SettingsPatch):
     """Strength settings; each accepted change bumps the vector's version."""
 
 
+class SteeringVector(BaseModel):
+    """One vector of a composition, with its scale (default: the vector's default scale)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(pattern=NAME_PATTERN)
+    scale: float | None = Field(None, ge=-MAX_ABS_SCALE, le=MAX_ABS_SCALE)
+
+    _f = field_validator("scale")(lambda cls, v, info: _finite(v, info))
+
+
 class SteeringOptions(BaseModel):
-    """The ``steering`` field the OpenAI-compatible front accepts on completions."""
+    """The ``steering`` field the OpenAI-compatible front accepts on every generation endpoint.
+
+    ``vector``/``scale`` name one vector; ``vectors`` composes up to ``MAX_COMPOSED`` (their
+    combined shift is applied at strength 1; alpha defaults to the smallest of theirs).
+    """
 
     model_config = ConfigDict(extra="forbid")
 
     enabled: bool | None = None
     scale: float | None = Field(None, ge=-MAX_ABS_SCALE, le=MAX_ABS_SCALE)
     vector: str | None = Field(None, pattern=NAME_PATTERN)
+    vectors: list[SteeringVector] | None = Field(None, min_length=1, max_length=MAX_COMPOSED)
     alpha: float | None = Field(None, gt=0.0, le=1.0)
 
     _f = field_validator("scale")(lambda cls, v, info: _finite(v, info))
+
+    @model_validator(mode="after")
+    def _one_form(self) -> SteeringOptions:
+        if self.vectors is not None:
+            if self.vector is not None or self.scale is not None:
+                raise ValueError("give either vector/scale or vectors, not both")
+            names = [v.name for v in self.vectors]
+            for i, n in enumerate(names):
+                if n in names[:i]:
+                    raise ValueError(f"vectors[{i}]: {n!r} is listed twice")
+        return self

@@ -15,6 +15,7 @@ the sidecar, the CLI) need no lock: they read ``manifest.json`` and the files it
 
 from __future__ import annotations
 
+import builtins
 import contextlib
 import datetime as _dt
 import fcntl
@@ -22,7 +23,7 @@ import json
 import os
 import re
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -35,7 +36,10 @@ from ..core.validation import MAX_ABS_SCALE, check_scale, finite
 __all__ = [
     "DEFAULT_REGISTRY",
     "MANIFEST_FORMAT",
+    "MAX_MEMBERS",
+    "CompositionEntry",
     "Manifest",
+    "Member",
     "Registry",
     "RegistryError",
     "SettingsPatch",
@@ -128,6 +132,49 @@ class VectorEntry(BaseModel):
         return f"{self.name}@{self.version}#{self.content_hash.split(':')[-1][:12]}"
 
 
+#: The most vectors one composition may combine.
+MAX_MEMBERS = 8
+
+
+class Member(BaseModel):
+    """One vector of a composition and its scale (None: the vector's default scale)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    vector: str = Field(pattern=NAME_PATTERN)
+    scale: float | None = Field(None, ge=-MAX_ABS_SCALE, le=MAX_ABS_SCALE)
+
+    @field_validator("scale")
+    @classmethod
+    def _finite(cls, v: float | None, info: ValidationInfo) -> float | None:
+        return None if v is None else finite(v, str(info.field_name))
+
+
+class CompositionEntry(BaseModel):
+    """A named composition of registered vectors: the default steering of the LoRA adapter of
+    the same name (or of requests that name it), combined at request time from the members'
+    current versions, each pinned per request like a single vector."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str = Field(pattern=NAME_PATTERN)
+    members: tuple[Member, ...] = Field(min_length=1, max_length=MAX_MEMBERS)
+    alpha: float | None = Field(None, gt=0.0, le=1.0, description="default: the members' min")
+    enabled: bool = True
+    version: int = Field(1, ge=1)
+    created: str = Field(default_factory=_now)
+    updated: str = Field(default_factory=_now)
+
+    @field_validator("members")
+    @classmethod
+    def _distinct(cls, v: tuple[Member, ...]) -> tuple[Member, ...]:
+        names = [m.vector for m in v]
+        for i, n in enumerate(names):
+            if n in names[:i]:
+                raise ValueError(f"members[{i}]: {n!r} is listed twice")
+        return v
+
+
 class Manifest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -137,6 +184,7 @@ class Manifest(BaseModel):
     last_version: dict[str, int] = Field(
         default_factory=dict, description="highest version ever issued per name"
     )
+    compositions: dict[str, CompositionEntry] = Field(default_factory=dict)
 
 
 def servable(entry: VectorEntry | None, name: str) -> VectorEntry:
@@ -294,6 +342,9 @@ class Registry:
                 raise RegistryError(str(e)) from e
         data = _artifact.to_bytes(art)
         with self._locked() as m:
+            if name in m.compositions:
+                raise RegistryError(f"{name!r} is a composition; a vector needs its own name",
+                                    code="conflict")  # fmt: skip
             old = m.vectors.get(name)
             if old is not None and not replace:
                 raise RegistryError(
@@ -381,6 +432,13 @@ class Registry:
 
     def remove(self, name: str) -> VectorEntry:
         with self._locked() as m:
+            users = sorted(c.name for c in m.compositions.values()
+                           if any(x.vector == name for x in c.members))  # fmt: skip
+            if users and name in m.vectors:
+                raise RegistryError(
+                    f"vector {name!r} is a member of composition(s) {users}; change or remove "
+                    "them first", code="conflict",
+                )  # fmt: skip
             old = m.vectors.pop(name, None)
             if old is None:
                 raise RegistryError(f"no vector named {name!r}", code="not_found")
@@ -388,6 +446,55 @@ class Registry:
             self._commit(m)
             self._retire(old)
             self._gc(m)
+        return old
+
+    # -- compositions ----------------------------------------------------------------------
+    def compositions(self) -> builtins.list[CompositionEntry]:
+        return sorted(self.manifest().compositions.values(), key=lambda c: c.name)
+
+    def compose(
+        self,
+        name: str,
+        members: Sequence[Member | tuple[str, float | None]],
+        *,
+        alpha: float | None = None,
+        enabled: bool = True,
+        replace: bool = False,
+    ) -> CompositionEntry:
+        """Register (or with ``replace``, change) the composition ``name`` of registered
+        vectors; a name is a vector or a composition, never both."""
+        check_name(name)
+        parts = [m if isinstance(m, Member) else Member(vector=m[0], scale=m[1]) for m in members]
+        with self._locked() as m:
+            if name in m.vectors:
+                raise RegistryError(f"{name!r} is a vector; a composition needs its own name",
+                                    code="conflict")  # fmt: skip
+            for i, part in enumerate(parts):
+                if part.vector not in m.vectors:
+                    raise RegistryError(
+                        f"members[{i}]: no vector named {part.vector!r}", code="unknown_vector"
+                    )
+            old = m.compositions.get(name)
+            if old is not None and not replace:
+                raise RegistryError(f"composition {name!r} exists (replace it)", code="conflict")
+            try:
+                entry = CompositionEntry(
+                    name=name, members=tuple(parts), alpha=alpha, enabled=enabled,
+                    version=(old.version + 1) if old is not None else 1,
+                    created=old.created if old is not None else _now(),
+                )  # fmt: skip
+            except ValueError as e:
+                raise RegistryError(f"invalid composition {name!r}: {e}", code="validation") from e
+            m.compositions[name] = entry
+            self._commit(m)
+        return entry
+
+    def remove_composition(self, name: str) -> CompositionEntry:
+        with self._locked() as m:
+            old = m.compositions.pop(name, None)
+            if old is None:
+                raise RegistryError(f"no composition named {name!r}", code="not_found")
+            self._commit(m)
         return old
 
     def _retire(self, entry: VectorEntry) -> None:

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import torch
 
 from ..core.artifact import ArtifactError
-from .directory import Manifest, Registry, RegistryError, VectorEntry
+from .directory import CompositionEntry, Manifest, Registry, RegistryError, VectorEntry
 
 __all__ = ["LoadedVector", "ManifestWatcher", "VectorStore"]
 
@@ -177,6 +177,7 @@ class VectorStore:
         self._host: OrderedDict[str, torch.Tensor] = OrderedDict()
         self._bad: dict[str, str] = {}  # file -> content hash we refused (log once)
         self._broken: dict[str, tuple[VectorEntry, object]] = {}  # name -> (entry, file stat)
+        self._compositions: dict[str, CompositionEntry] = {}
         self.loads = 0  # files read (verification and re-reads after eviction)
         self._lock = threading.Lock()
         self._refresh_lock = threading.Lock()
@@ -288,6 +289,7 @@ class VectorStore:
             while len(self._old) > 4 * self.host_capacity:
                 self._old.popitem(last=False)
             self._current = new_current
+            self._compositions = dict(manifest.compositions)
             self.generation += 1
         if reads > self.host_capacity:
             release_free_memory()  # the verification pass freed more than the cache keeps
@@ -339,6 +341,16 @@ class VectorStore:
             self._cache(entry.key, shift)
         return LoadedVector(entry=entry, shift=shift)
 
+    def compositions(self) -> dict[str, CompositionEntry]:
+        """The registered compositions, as of the last refresh."""
+        with self._lock:
+            return self._compositions
+
+    def entries(self) -> dict[str, VectorEntry]:
+        """The current entry of each servable vector, as of the last refresh."""
+        with self._lock:
+            return self._current
+
     def host_cached(self) -> int:
         """Vector versions held in host memory (bounded by ``host_capacity``)."""
         with self._lock:
@@ -351,12 +363,19 @@ class VectorStore:
     # -- device side: the slot table ---------------------------------------------------------
     def acquire(self, lv: LoadedVector) -> int:
         """A table slot holding ``lv`` (copied to the device once), with one more reference."""
-        slot = self._slot_of.get(lv.key)
+        return self.acquire_shift(lv.key, lambda: lv.shift)
+
+    def acquire_shift(self, key: str, make: Callable[[], torch.Tensor]) -> int:
+        """A table slot holding the shift under ``key`` (a vector version, or a composition of
+        versions and strengths) with one more reference; ``make`` builds the shift only when no
+        slot holds it yet, and it is copied to the device once."""
+        slot = self._slot_of.get(key)
         if slot is None:
+            shift = make()
             slot = self._take_slot()
-            self.table[slot].copy_(lv.shift, non_blocking=self._pin)
-            self._slot_of[lv.key] = slot
-            self._key_of[slot] = lv.key
+            self.table[slot].copy_(shift, non_blocking=self._pin and shift.is_pinned())
+            self._slot_of[key] = slot
+            self._key_of[slot] = key
             self._refs[slot] = 0
         self._idle.pop(slot, None)
         self._refs[slot] += 1

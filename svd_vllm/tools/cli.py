@@ -313,13 +313,28 @@ def _cmd_registry(args: argparse.Namespace) -> int:
     try:
         if args.registry_command == "list":
             rows = [e.model_dump() for e in reg.list()]
+            rows += [{"composition": True, **c.model_dump()} for c in reg.compositions()]
             print(json.dumps(rows, indent=2))
+        elif args.registry_command == "compose":
+            members = [_member_arg(v) for v in args.vector]
+            try:
+                c = reg.compose(args.name, members, alpha=args.alpha, enabled=not args.disable,
+                                replace=args.replace)  # fmt: skip
+            except ValidationError as err:
+                raise CLIError(f"invalid composition: {pydantic_message(err)}") from err
+            shown = ", ".join(f"{m.vector}x{'default' if m.scale is None else m.scale}"
+                              for m in c.members)  # fmt: skip
+            print(f"composition {c.name} v{c.version}: {shown}")
         elif args.registry_command == "add":
             e = reg.add_file(args.file, name=args.name, replace=args.replace)
             print(f"registered {e.key} ({e.content_hash[:19]}) in {reg.root}")
         elif args.registry_command == "remove":
-            e = reg.remove(args.name)
-            print(f"removed {e.key}")
+            if args.name in reg.manifest().compositions:
+                c = reg.remove_composition(args.name)
+                print(f"removed composition {c.name} v{c.version}")
+            else:
+                e = reg.remove(args.name)
+                print(f"removed {e.key}")
         elif args.registry_command == "set":
             given = {
                 "default_scale": args.scale,
@@ -343,6 +358,17 @@ def _cmd_registry(args: argparse.Namespace) -> int:
     except RegistryError as e:
         raise CLIError(str(e)) from e
     return 0
+
+
+def _member_arg(value: str) -> tuple[str, float | None]:
+    """``NAME`` or ``NAME=SCALE`` of ``registry compose --vector``."""
+    name, sep, scale = value.partition("=")
+    if not sep:
+        return name, None
+    try:
+        return name, float(scale)
+    except ValueError:
+        raise CLIError(f"--vector {value!r}: the scale after '=' must be a number") from None
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
@@ -524,7 +550,15 @@ def build_parser() -> argparse.ArgumentParser:
     ra.add_argument("--name")
     ra.add_argument("--replace", action="store_true")
     ra.set_defaults(func=_cmd_registry)
-    rr = rsub.add_parser("remove", help="remove a vector")
+    rc = rsub.add_parser("compose", help="name a composition of vectors (an adapter's default)")
+    rc.add_argument("name", help="usually the LoRA adapter's name")
+    rc.add_argument("--vector", action="append", required=True,
+                    help="NAME or NAME=SCALE (repeatable, up to 8)")  # fmt: skip
+    rc.add_argument("--alpha", type=float, help="mask threshold (default: the members' min)")
+    rc.add_argument("--disable", action="store_true")
+    rc.add_argument("--replace", action="store_true")
+    rc.set_defaults(func=_cmd_registry)
+    rr = rsub.add_parser("remove", help="remove a vector or a composition")
     rr.add_argument("name")
     rr.set_defaults(func=_cmd_registry)
     rs = rsub.add_parser("set", help="change strength settings (bumps the version)")

@@ -115,7 +115,7 @@ def run_demo(workdir: Path | None = None) -> int:
     vec_path = root / f"{ADAPTER}.safetensors"
     _step(4, "steering vector: extraction and strength calibration on the calib split")
     if not vec_path.exists():
-        dec = ReferenceDecoder(model_dir, adapter)
+        dec = ReferenceDecoder(model_dir, adapter, device="auto", dtype="auto")
         art, _ = extract_vector(
             dec, [CalibrationItem(it.prompt, it.completion) for it in calib], name=ADAPTER
         )

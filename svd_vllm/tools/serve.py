@@ -51,12 +51,15 @@ def vllm_command(
     if max_model_len is not None:
         cmd += ["--max-model-len", str(max_model_len)]
     if loras:
+        # One spare slot: vLLM's CPU LoRA ops index the slot table with -1 for rows without a
+        # LoRA, which reads the LAST slot; while it is free (zeros) base rows stay base rows.
+        # See docs/vllm-cpu-lora-slot.md; drop the +1 once vLLM fixes it.
         cmd += [
             "--enable-lora",
             "--max-lora-rank",
             str(max_lora_rank),
             "--max-loras",
-            str(len(loras)),
+            str(len(loras) + 1),
         ]
         cmd += ["--lora-modules", *[f"{k}={v}" for k, v in loras.items()]]
     return cmd + list(extra)

@@ -21,7 +21,7 @@ import torch
 
 from ..registry import Registry, RegistryError, servable
 from ..registry.vector_store import VectorStore
-from .admission import PIN_KEY, parse_request_args
+from .admission import PIN_KEY, SteeringRequest, expand_composition, parse_request_args
 from .kernel import SlotTensors, SteeringKernel
 
 if TYPE_CHECKING:
@@ -180,6 +180,12 @@ class EngineSteering:
         except ValueError as e:  # admission already refused these; be safe anyway
             logger.warning("svd-vllm: ignoring invalid steering arguments: %s", e)
             return None
+        if not req.composed and req.vector is not None:  # a registered composition?
+            comps = self.store.compositions()
+            if req.vector in comps:
+                req = expand_composition(req, comps, self.store.entries(), params.extra_args)
+        if req.composed:
+            return self._resolve_composition(req, params) if req.enabled else None
         if not req.enabled or req.vector is None:
             return None
         lv = self.store.resolve(req.vector, req.pinned)
@@ -199,6 +205,53 @@ class EngineSteering:
             params.extra_args = {**(params.extra_args or {}), PIN_KEY: lv.key}
         mu = entry.strength(req.scale)
         return self.store.acquire(lv), float(mu), math.log(entry.mask_alpha(req.alpha))
+
+    def _resolve_composition(
+        self, req: SteeringRequest, params: SamplingParams
+    ) -> tuple[int, float, float] | None:
+        """One combined shift ``S = sum_i strength_i * shift_i`` (the maths is linear in the
+        shift), built once per distinct composition and kept in a reference-counted table slot
+        like any vector; the row steers with it at strength 1. Every member's version is pinned.
+        """
+        assert self.store is not None
+        pins = req.pins or (None,) * len(req.members)
+        members = [self.store.resolve(n, k) for n, k in zip(req.members, pins, strict=True)]
+        if any(
+            lv is None or (k is not None and lv.key != k)
+            for lv, k in zip(members, pins, strict=True)
+        ):
+            self.store.refresh()  # admitted against a newer manifest: catch up
+            members = [self.store.resolve(n, k) for n, k in zip(req.members, pins, strict=True)]
+        entries = []
+        for name, lv in zip(req.members, members, strict=True):
+            try:
+                entries.append(servable(lv.entry if lv is not None else None, name))
+            except RegistryError as e:
+                logger.warning("svd-vllm: %s; composed request not steered", e)
+                return None
+        loaded = [lv for lv in members if lv is not None]
+        keys = [lv.key for lv in loaded]
+        if list(req.pins) != keys:
+            params.extra_args = {**(params.extra_args or {}), PIN_KEY: keys}
+        strengths = [e.strength(sc) for e, sc in zip(entries, req.scales, strict=True)]
+        key = "+".join(f"{k}*{m!r}" for k, m in zip(keys, strengths, strict=True))
+
+        def combine() -> torch.Tensor:
+            total = torch.zeros(self.vocab_size, dtype=torch.float64)
+            for lv, m in zip(loaded, strengths, strict=True):
+                total.add_(lv.shift.double(), alpha=m)
+            shift = total.float()
+            if not bool(torch.isfinite(shift).all()):
+                raise FloatingPointError(f"composition {key} overflows float32")
+            return shift
+
+        alpha = req.alpha if req.alpha is not None else min(e.mask_alpha() for e in entries)
+        try:
+            slot = self.store.acquire_shift(key, combine)
+        except FloatingPointError as e:
+            logger.warning("svd-vllm: %s; not steered", e)
+            return None
+        return slot, 1.0, math.log(alpha)
 
     def release(self, index: int) -> None:
         old = self.state.clear(index)

@@ -7,9 +7,12 @@ arrives as ``1``):
 
 * ``svd``        -- 1 on / 0 off; absent = the server default (``SVD_VLLM_DEFAULT=off|on``).
                     An explicit 0 always wins.
-* ``svd_vector`` -- vector name; default = the request's LoRA adapter name.
-* ``svd_scale``  -- multiplier on the vector's strength (default: the vector's default scale).
-* ``svd_alpha``  -- confidence-mask threshold override in (0, 1].
+* ``svd_vector`` -- vector name; default = the request's LoRA adapter name. A list of up to
+                    ``MAX_COMPOSED`` distinct names composes them (``vllm_xargs`` takes lists).
+* ``svd_scale``  -- multiplier on the vector's strength (default: the vector's default scale);
+                    with a list of vectors, a list of as many scales.
+* ``svd_alpha``  -- confidence-mask threshold override in (0, 1]; for a composition the default
+                    is the smallest alpha among its vectors.
 
 The LoRA name is stamped by the ``vllm.general_plugins`` hook under ``LORA_KEY``, and the
 vector version current at admission under ``PIN_KEY``. This module owns the frontend's view of
@@ -27,7 +30,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..core.validation import MAX_ABS_SCALE, check_alpha, check_scale, finite
-from ..registry import Registry, RegistryError, servable
+from ..registry import CompositionEntry, Registry, RegistryError, VectorEntry, servable
 from ..registry.vector_store import ManifestWatcher
 
 __all__ = [
@@ -36,6 +39,7 @@ __all__ = [
     "INTERNAL_KEYS",
     "LORA_KEY",
     "MAX_ABS_SCALE",
+    "MAX_COMPOSED",
     "PIN_KEY",
     "SCALE_KEY",
     "VECTOR_KEY",
@@ -60,6 +64,8 @@ LORA_KEY = "svd_lora_name"
 PIN_KEY = "svd_pinned"
 #: The keys only the plugin may write; client-sent values are dropped at admission.
 INTERNAL_KEYS = (LORA_KEY, PIN_KEY)
+#: The most vectors one request may compose.
+MAX_COMPOSED = 8
 
 _TRUE = {"1", "true", "on", "yes"}
 _FALSE = {"0", "false", "off", "no"}
@@ -85,7 +91,17 @@ class SteeringRequest:
     vector_explicit: bool  # the client named the vector
     scale: float | None
     alpha: float | None
-    pinned: str | None  # "name@version" fixed at first admission
+    pinned: str | None  # "name@version#hash" fixed at first admission
+    #: A composition: the vectors' names and scales (empty for a single vector). The request
+    #: steers with one combined shift ``sum_i strength_i(scale_i) * shift_i`` at strength 1.
+    members: tuple[str, ...] = ()
+    scales: tuple[float | None, ...] = ()
+    pins: tuple[str, ...] = ()  # each member's pinned key, in order
+    composition: str | None = None  # the registered composition it came from, if any
+
+    @property
+    def composed(self) -> bool:
+        return bool(self.members)
 
 
 def _as_bool(value: Any) -> bool:
@@ -116,7 +132,17 @@ def parse_request_args(
     on = default_on() if server_default is None else server_default
     explicit = ENABLE_KEY in args and args[ENABLE_KEY] is not None
     enabled = _as_bool(args[ENABLE_KEY]) if explicit else on
+    alpha = args.get(ALPHA_KEY)
+    if alpha is not None:
+        alpha = check_alpha(_as_float(alpha, ALPHA_KEY), f"vllm_xargs.{ALPHA_KEY}")
     vector = args.get(VECTOR_KEY)
+    if isinstance(vector, list | tuple):
+        members, scales = _composition(vector, args.get(SCALE_KEY))
+        return SteeringRequest(
+            enabled=enabled, explicit=explicit, vector=None, vector_explicit=True, scale=None,
+            alpha=alpha, pinned=None, members=members, scales=scales,
+            pins=_member_pins(args, len(members)),
+        )  # fmt: skip
     vector_explicit = vector is not None
     if vector_explicit and (not isinstance(vector, str) or not vector):
         raise ValueError(f"vllm_xargs.{VECTOR_KEY} must be a vector name, got {vector!r}")
@@ -124,11 +150,13 @@ def parse_request_args(
         lora = args.get(LORA_KEY)
         vector = lora if isinstance(lora, str) and lora else None
     scale = args.get(SCALE_KEY)
+    if isinstance(scale, list | tuple):
+        raise ValueError(
+            f"vllm_xargs.{SCALE_KEY} is a list, but {VECTOR_KEY} names one vector: send "
+            f"{VECTOR_KEY} as a list of as many names to compose vectors"
+        )
     if scale is not None:
         scale = check_scale(_as_float(scale, SCALE_KEY), f"vllm_xargs.{SCALE_KEY}")
-    alpha = args.get(ALPHA_KEY)
-    if alpha is not None:
-        alpha = check_alpha(_as_float(alpha, ALPHA_KEY), f"vllm_xargs.{ALPHA_KEY}")
     pinned = args.get(PIN_KEY)
     return SteeringRequest(
         enabled=enabled,
@@ -139,6 +167,85 @@ def parse_request_args(
         alpha=alpha,
         pinned=pinned if isinstance(pinned, str) else None,
     )
+
+
+def expand_composition(
+    req: SteeringRequest,
+    compositions: Mapping[str, CompositionEntry],
+    vectors: Mapping[str, VectorEntry],
+    extra_args: Mapping[str, Any] | None,
+) -> SteeringRequest:
+    """A request whose vector name is a registered composition, as that composition: each
+    member at its scale (else its vector's default scale) times the request's ``svd_scale``,
+    alpha = the request's, else the composition's, else the members' smallest. Anything else is
+    returned unchanged."""
+    if req.composed or req.vector is None or req.vector in vectors:
+        return req
+    comp = compositions.get(req.vector)
+    if comp is None or not comp.enabled:
+        return req
+    factor = 1.0 if req.scale is None else req.scale
+    scales: list[float | None] = []
+    for m in comp.members:
+        base = (
+            m.scale
+            if m.scale is not None
+            else getattr(vectors.get(m.vector), "default_scale", None)
+        )
+        scales.append(None if base is None else base * factor)
+    members = tuple(m.vector for m in comp.members)
+    pinned = _member_pins(extra_args or {}, len(members))
+    return SteeringRequest(
+        enabled=req.enabled, explicit=req.explicit, vector=None,
+        vector_explicit=req.vector_explicit, scale=None,
+        alpha=req.alpha if req.alpha is not None else comp.alpha, pinned=None,
+        members=members, scales=tuple(scales), pins=pinned, composition=comp.name,
+    )  # fmt: skip
+
+
+def _member_pins(args: Mapping[str, Any], n: int) -> tuple[str, ...]:
+    """The pinned member keys the plugin stamped for a composition of ``n`` (else none)."""
+    pins = args.get(PIN_KEY)
+    if isinstance(pins, list | tuple) and len(pins) == n and all(isinstance(k, str) for k in pins):
+        return tuple(pins)
+    return ()
+
+
+def _composition(
+    names: list[Any] | tuple[Any, ...], raw_scales: Any
+) -> tuple[tuple[str, ...], tuple[float | None, ...]]:
+    """The checked names and scales of a composed request (``ValueError`` names the field)."""
+    if not names:
+        raise ValueError(f"vllm_xargs.{VECTOR_KEY} is an empty list: name 1 to {MAX_COMPOSED}")
+    if len(names) > MAX_COMPOSED:
+        raise ValueError(
+            f"vllm_xargs.{VECTOR_KEY} lists {len(names)} vectors; at most {MAX_COMPOSED} compose"
+        )
+    for i, n in enumerate(names):
+        if not isinstance(n, str) or not n:
+            raise ValueError(f"vllm_xargs.{VECTOR_KEY}[{i}] must be a vector name, got {n!r}")
+    seen: set[str] = set()
+    for i, n in enumerate(names):
+        if n in seen:
+            raise ValueError(f"vllm_xargs.{VECTOR_KEY}[{i}]: {n!r} is listed twice")
+        seen.add(n)
+    if raw_scales is None:
+        return tuple(names), (None,) * len(names)
+    if not isinstance(raw_scales, list | tuple):
+        raise ValueError(
+            f"vllm_xargs.{SCALE_KEY} must be a list of {len(names)} numbers when "
+            f"{VECTOR_KEY} lists {len(names)} vectors, got {raw_scales!r}"
+        )
+    if len(raw_scales) != len(names):
+        raise ValueError(
+            f"vllm_xargs.{SCALE_KEY} has {len(raw_scales)} values but {VECTOR_KEY} lists "
+            f"{len(names)} vectors"
+        )
+    scales = tuple(
+        check_scale(_as_float(v, f"{SCALE_KEY}[{i}]"), f"vllm_xargs.{SCALE_KEY}[{i}]")
+        for i, v in enumerate(raw_scales)
+    )
+    return tuple(names), scales
 
 
 # -- the frontend's view of the registry and the served model ---------------------------------
@@ -201,7 +308,24 @@ def validate_steering_params(extra_args: Mapping[str, Any] | None) -> None:
                 "active in this server: see VLLM_PLUGINS); clients may not send it"
             )
     req = parse_request_args(extra_args)
+    watcher = _state.watcher()
+    manifest = watcher.current()[0]
+    named = req.vector
+    req = expand_composition(req, manifest.compositions, manifest.vectors, extra_args)
     wants = req.vector_explicit or (req.explicit and req.enabled)
+    if req.composed:
+        if wants:
+            _validate_members(req)
+        elif req.enabled:  # a default composition for this adapter: never refused, counted
+            for name in req.members:
+                _count_default_unservable(name)
+        return
+    comp = manifest.compositions.get(named or "")
+    if wants and comp is not None and not comp.enabled and named not in manifest.vectors:
+        raise ValueError(
+            f"vllm_xargs.{VECTOR_KEY if req.vector_explicit else ENABLE_KEY}: composition "
+            f"{named!r} is disabled"
+        )
     if not wants:
         if req.enabled and req.vector is not None:
             _count_default_unservable(req.vector)
@@ -240,6 +364,36 @@ def validate_steering_params(extra_args: Mapping[str, Any] | None) -> None:
             )
 
 
+def _validate_members(req: SteeringRequest) -> None:
+    """Every vector of a composition must exist, be enabled (when steering is on), match the
+    served vocab size and load; errors name ``vllm_xargs.svd_vector[i]``."""
+    watcher = _state.watcher()
+    served = _state.vocab_size
+    for i, name in enumerate(req.members):
+        field = (
+            f"vllm_xargs.{VECTOR_KEY}[{i}]"
+            if req.composition is None
+            else f"composition {req.composition!r}, vector {i}"
+        )
+        entry = watcher.entry(name)
+        try:
+            if entry is None or req.enabled:
+                entry = servable(entry, name)
+        except RegistryError as e:
+            raise ValueError(f"{field}: {e}") from None
+        if served is not None and entry.vocab_size != served:
+            raise ValueError(
+                f"{field}: steering vector {name!r} has vocab_size {entry.vocab_size} but the "
+                f"served model has {served}"
+            )
+        if req.enabled:
+            problem = watcher.problem(entry, served)
+            if problem is not None:
+                raise ValueError(
+                    f"{field}: steering vector {name!r} ({entry.key}) cannot be loaded: {problem}"
+                )
+
+
 def _count_default_unservable(name: str) -> None:
     """A request steered only by the server default whose registered, enabled vector cannot
     load proceeds unsteered; ``svd_vllm_default_unsteered_total`` counts it, by reason."""
@@ -274,13 +428,22 @@ def _unsteered_counter() -> Any:
     )
 
 
-def admission_pin(extra_args: Mapping[str, Any]) -> str | None:
-    """``name@version`` of the vector a request would use now (``None`` if none / invalid)."""
+def admission_pin(extra_args: Mapping[str, Any]) -> str | list[str] | None:
+    """The key of the vector a request would use now, or of each vector of a composition
+    (``None`` if none / invalid)."""
     try:
         req = parse_request_args(extra_args)
     except ValueError:
         return None  # validate_steering_params reports it
-    if not req.enabled or req.vector is None:
+    if not req.enabled:
         return None
-    entry = _state.watcher().entry(req.vector)
+    watcher = _state.watcher()
+    manifest = watcher.current()[0]
+    req = expand_composition(req, manifest.compositions, manifest.vectors, extra_args)
+    if req.composed:
+        entries = [watcher.entry(n) for n in req.members]
+        return [e.key for e in entries if e is not None] if all(entries) else None
+    if req.vector is None:
+        return None
+    entry = watcher.entry(req.vector)
     return entry.key if entry is not None else None
