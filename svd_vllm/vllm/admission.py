@@ -30,7 +30,14 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..core.validation import MAX_ABS_SCALE, check_alpha, check_scale, finite
-from ..registry import CompositionEntry, Registry, RegistryError, VectorEntry, servable
+from ..registry import (
+    MAX_MEMBERS,
+    CompositionEntry,
+    Registry,
+    RegistryError,
+    VectorEntry,
+    servable,
+)
 from ..registry.vector_store import ManifestWatcher
 
 __all__ = [
@@ -64,8 +71,8 @@ LORA_KEY = "svd_lora_name"
 PIN_KEY = "svd_pinned"
 #: The keys only the plugin may write; client-sent values are dropped at admission.
 INTERNAL_KEYS = (LORA_KEY, PIN_KEY)
-#: The most vectors one request may compose.
-MAX_COMPOSED = 8
+#: The most vectors one request may compose (the registry's rule for compositions, too).
+MAX_COMPOSED = MAX_MEMBERS
 
 _TRUE = {"1", "true", "on", "yes"}
 _FALSE = {"0", "false", "off", "no"}
