@@ -78,12 +78,6 @@ class PositionStats:
             torch.cat([p.label_d for p in parts]),
         )
 
-    def cpu(self) -> PositionStats:
-        return PositionStats(
-            self.z_in.cpu(), self.d_in.cpu(), self.lse_out.cpu(), self.label_z.cpu(),
-            self.label_d.cpu(),
-        )  # fmt: skip
-
     def select(self, rows: torch.Tensor) -> PositionStats:
         return PositionStats(
             self.z_in[rows], self.d_in[rows], self.lse_out[rows], self.label_z[rows],

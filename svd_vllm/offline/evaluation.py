@@ -29,7 +29,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..core.steering import Mode, svd_logits
-from .precision import float32_chunks
+from .precision import TOKENS_PER_PASS, float32_chunks
 from .reference import ReferenceDecoder
 from .tasks import Item
 
@@ -119,8 +119,6 @@ def _groups(
 ) -> list[tuple[list[Item], _Pairs]]:
     """Consecutive items per forward pass: at most ``batch_size`` items and, past the first,
     at most ``TOKENS_PER_PASS`` padded tokens. Every option is tokenised (and checked) first."""
-    from .extraction import TOKENS_PER_PASS
-
     groups: list[tuple[list[Item], _Pairs]] = []
     for item in items:
         pairs = _Pairs.of(dec, [item], max_length)

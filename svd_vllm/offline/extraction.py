@@ -30,7 +30,7 @@ from ..core.artifact import CalibrationStats, SteeringArtifact
 from ..core.identity import model_identity, tokenizer_fingerprint
 from ..core.steering import confidence_mask, exact_delta, log_ratio, precomputed_delta
 from .calibration import DirectionStats, EstimatorResult, calibrate
-from .precision import float32_chunks
+from .precision import ROW_ELEMENTS, TOKENS_PER_PASS, float32_chunks
 from .reference import ReferenceDecoder
 
 __all__ = [
@@ -44,11 +44,6 @@ __all__ = [
 ]
 
 SHIFT_VARIANTS: tuple[str, ...] = ("prob", "mean")
-
-#: Completion logits kept per forward pass, in the model's dtype (at most ~0.5 GiB in bf16).
-ROW_ELEMENTS = 1 << 28
-#: Padded tokens per forward pass (with batch 64, prompts up to 256 tokens fill one pass).
-TOKENS_PER_PASS = 1 << 14
 
 
 @dataclass(frozen=True)

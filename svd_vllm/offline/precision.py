@@ -1,4 +1,5 @@
-"""Where and in which precision the offline tools run: the one rule for ``--device``/``--dtype``.
+"""Where and in which precision the offline tools run (the one rule for ``--device``/``--dtype``),
+and how much memory one of their passes may take.
 
 * ``device="auto"``: CUDA when available, else CPU.
 * ``dtype="auto"``: bf16 on CUDA; on CPU bf16 only where the processor computes it natively
@@ -23,6 +24,8 @@ __all__ = [
     "CHUNK_ELEMENTS",
     "DEVICES",
     "DTYPES",
+    "ROW_ELEMENTS",
+    "TOKENS_PER_PASS",
     "Placement",
     "cpu_has_native_bf16",
     "float32_chunks",
@@ -43,6 +46,10 @@ DTYPES = {
 
 #: Float32 logits per chunk of per-token work (64 MiB; 130 rows at a 128k vocabulary).
 CHUNK_ELEMENTS = 1 << 24
+#: Completion logits kept per forward pass, in the model's dtype (at most ~0.5 GiB in bf16).
+ROW_ELEMENTS = 1 << 28
+#: Padded tokens per forward pass (with batch 64, prompts up to 256 tokens fill one pass).
+TOKENS_PER_PASS = 1 << 14
 
 
 def float32_chunks(n_rows: int, vocab_size: int) -> Iterator[slice]:

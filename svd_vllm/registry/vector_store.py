@@ -23,6 +23,7 @@ import threading
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -33,6 +34,16 @@ __all__ = ["LoadedVector", "ManifestWatcher", "VectorStore"]
 
 # A child of vLLM's logger, so lines show up in vLLM's log format when served.
 logger = logging.getLogger("vllm.svd_vllm")
+
+
+def file_signature(path: Path) -> tuple[int, int, int] | None:
+    """(inode, mtime ns, size) of a file, or None if it cannot be stat'ed: what "this file
+    changed" means for every cache here (a replaced or rewritten file changes it)."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return (st.st_ino, st.st_mtime_ns, st.st_size)
 
 
 class ManifestWatcher:
@@ -46,16 +57,9 @@ class ManifestWatcher:
         # (file, content hash) -> (stat signature when checked, problem or None)
         self._checked: dict[tuple[str, str], tuple[object, str | None]] = {}
 
-    def _signature(self) -> tuple[int, int, int] | None:
-        try:
-            st = os.stat(self.registry.manifest_path)
-        except FileNotFoundError:
-            return None
-        return (st.st_ino, st.st_mtime_ns, st.st_size)
-
     def current(self) -> tuple[Manifest, bool]:
         """(manifest, changed since the last call). A broken manifest keeps the last good one."""
-        sig = self._signature()
+        sig = file_signature(self.registry.manifest_path)
         with self._lock:
             if sig == self._sig:
                 return self._manifest, False
@@ -76,11 +80,10 @@ class ManifestWatcher:
         mismatch), or None. The file is read and verified once per state of it (its stat
         signature), so a per-request check costs one ``stat``; an edited file is read again."""
         path = self.registry.root / entry.file
-        try:
-            st = os.stat(path)
-            sig: object = (st.st_ino, st.st_mtime_ns, st.st_size, vocab_size)
-        except OSError as e:
-            return f"its file cannot be read ({e.strerror or e})"
+        stat = file_signature(path)
+        if stat is None:
+            return f"its file cannot be read ({path} is missing or inaccessible)"
+        sig: object = (stat, vocab_size)
         key = (entry.file, entry.content_hash)
         with self._lock:
             hit = self._checked.get(key)
@@ -234,23 +237,18 @@ class VectorStore:
         with self._refresh_lock:
             return self._refresh_locked()
 
-    def _file_signature(self, entry: VectorEntry) -> object:
-        try:
-            st = os.stat(self.registry.root / entry.file)
-        except OSError:
-            return None
-        return (st.st_ino, st.st_mtime_ns, st.st_size)
-
     def _refresh_locked(self) -> bool:
         manifest, changed = self.watcher.current()
         # A refused file that has changed since (repaired in place) is tried again.
-        retry = any(self._file_signature(e) != sig for e, sig in self._broken.values())
+        retry = any(
+            file_signature(self.registry.root / e.file) != sig for e, sig in self._broken.values()
+        )
         if not changed and not retry:
             return False
         self._broken = {n: b for n, b in self._broken.items() if manifest.vectors.get(n) == b[0]}
         if retry:
             for name, (entry, sig) in list(self._broken.items()):
-                if self._file_signature(entry) != sig:
+                if file_signature(self.registry.root / entry.file) != sig:
                     self._bad.pop(entry.file, None)  # log it again if still bad
                     del self._broken[name]
         new_current: dict[str, VectorEntry] = {}
@@ -273,7 +271,7 @@ class VectorStore:
             shift = self._read(entry)  # verify every new file once, off the decode path
             reads += 1
             if shift is None:  # serve nothing under this name, not an older version
-                self._broken[name] = (entry, self._file_signature(entry))
+                self._broken[name] = (entry, file_signature(self.registry.root / entry.file))
                 continue
             self._broken.pop(name, None)
             new_current[name] = entry

@@ -139,7 +139,8 @@ def _steering_xargs(state: SidecarState, body: dict[str, Any]) -> tuple[dict[str
         xargs[SCALE_KEY] = opts.scale
     if opts.alpha is not None:
         xargs[ALPHA_KEY] = opts.alpha
-    vectors = state.registry.manifest().vectors
+    manifest = state.registry.manifest()
+    vectors = manifest.vectors
     if opts.vectors is not None:
         xargs[VECTOR_KEY] = [v.name for v in opts.vectors]
         if any(v.scale is not None for v in opts.vectors):  # the rest: their default scale
@@ -156,7 +157,7 @@ def _steering_xargs(state: SidecarState, body: dict[str, Any]) -> tuple[dict[str
             if not isinstance(name, str):
                 raise ApiError(400, "steering", "steering needs a vector or a LoRA model name")
             names = [name]
-        comps = state.registry.manifest().compositions
+        comps = manifest.compositions
         if opts.vectors is None and names[0] not in vectors and names[0] in comps:
             comp = comps[names[0]]
             if not comp.enabled:
