@@ -13,7 +13,7 @@ from fastapi.concurrency import run_in_threadpool
 
 from .errors import install_handlers
 from .limits import BodyLimit
-from .routers import compositions, health, openai, vectors
+from .routers import compositions, health, openai, presets, vectors
 from .settings import SidecarSettings
 from .state import SidecarState
 
@@ -57,7 +57,7 @@ def create_app(
 
     # Innermost of the middleware (added first): the route reads through it directly, so its
     # 413 reaches the exception handlers rather than a middleware's task group.
-    app.add_middleware(BodyLimit, limit_for=body_limit)
+    app.add_middleware(BodyLimit, limit_for=body_limit, timeout=settings.body_timeout)
 
     @app.middleware("http")
     async def _timing(
@@ -72,6 +72,7 @@ def create_app(
 
     app.include_router(vectors.router)
     app.include_router(compositions.router)
+    app.include_router(presets.router)
     app.include_router(health.router)
     app.include_router(openai.router)
     return app

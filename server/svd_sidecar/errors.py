@@ -12,6 +12,7 @@ from fastapi import FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import ValidationError
+from starlette.requests import ClientDisconnect
 
 from svd_vllm.core.artifact import ArtifactError
 from svd_vllm.core.validation import pydantic_message
@@ -43,6 +44,7 @@ class ApiError(HTTPException):
     def __init__(self, status: int, code: str, message: str) -> None:
         super().__init__(status_code=status, detail={"code": code, "message": message})
         self.code = code
+        self.message = message
 
 
 def registry_status(e: RegistryError) -> int:
@@ -76,6 +78,12 @@ def install_handlers(app: FastAPI, metrics: SidecarMetrics) -> None:
         if exc.errno in (errno.ENOSPC, errno.EDQUOT):
             return refuse(507, "storage_full", "the registry's disk is full; nothing was changed")
         return refuse(503, "storage", f"the registry cannot be written: {exc.strerror or exc}")
+
+    @app.exception_handler(ClientDisconnect)
+    async def _client_left(_: Request, exc: ClientDisconnect) -> JSONResponse:
+        # The client closed the connection before its body was complete: nobody reads this
+        # answer, and it is not a server fault (counted, not logged as a crash).
+        return refuse(400, "client_disconnected", "the client left before sending its body")
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:

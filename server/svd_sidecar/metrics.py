@@ -22,6 +22,13 @@ class SidecarMetrics:
             "svd_sidecar_proxied_requests", "requests proxied to vLLM", ["endpoint", "steering"],
             registry=self.registry,
         )  # fmt: skip
+        self.upstream_faults = Counter(
+            "svd_sidecar_upstream_faults",
+            "vLLM failures seen by the front (timeout: no answer in time; dropped: refused or "
+            "cut off)",
+            ["endpoint", "kind"],
+            registry=self.registry,
+        )
         self.latency = Histogram(
             "svd_sidecar_request_seconds", "request latency through the sidecar", ["route"],
             registry=self.registry,

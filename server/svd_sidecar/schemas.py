@@ -87,7 +87,7 @@ class RegisterByPath(BaseModel):
         min_length=1, max_length=4096, description="artifact file under an allowed root"
     )
     name: str | None = Field(None, pattern=NAME_PATTERN, description="default: the artifact's name")
-    default_scale: float | None = Field(None, ge=-MAX_ABS_SCALE, le=MAX_ABS_SCALE)
+    default_scale: float | None = Field(None, strict=True, ge=-MAX_ABS_SCALE, le=MAX_ABS_SCALE)
 
     _f = field_validator("default_scale")(lambda cls, v, info: _finite(v, info))
 
@@ -102,7 +102,7 @@ class SteeringVector(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     name: str = Field(pattern=NAME_PATTERN)
-    scale: float | None = Field(None, ge=-MAX_ABS_SCALE, le=MAX_ABS_SCALE)
+    scale: float | None = Field(None, strict=True, ge=-MAX_ABS_SCALE, le=MAX_ABS_SCALE)
 
     _f = field_validator("scale")(lambda cls, v, info: _finite(v, info))
 
@@ -116,11 +116,11 @@ class SteeringOptions(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    enabled: bool | None = None
-    scale: float | None = Field(None, ge=-MAX_ABS_SCALE, le=MAX_ABS_SCALE)
-    vector: str | None = Field(None, pattern=NAME_PATTERN)
+    enabled: bool | None = Field(None, strict=True)
+    scale: float | None = Field(None, strict=True, ge=-MAX_ABS_SCALE, le=MAX_ABS_SCALE)
+    vector: str | None = Field(None, strict=True, pattern=NAME_PATTERN)
     vectors: list[SteeringVector] | None = Field(None, min_length=1, max_length=MAX_COMPOSED)
-    alpha: float | None = Field(None, gt=0.0, le=1.0)
+    alpha: float | None = Field(None, strict=True, gt=0.0, le=1.0)
 
     _f = field_validator("scale")(lambda cls, v, info: _finite(v, info))
 

@@ -31,7 +31,12 @@ class SidecarSettings(BaseSettings):
     )
     vocab_size: int | None = Field(None, gt=0, description="served model's logits width")
     model_dir: Path | None = Field(None, description="served model directory (to read vocab_size)")
-    proxy_timeout: float = Field(600.0, gt=0)
+    proxy_timeout: float = Field(
+        600.0, gt=0, description="seconds vLLM may take to answer, or between two stream reads"
+    )
+    body_timeout: float = Field(
+        60.0, gt=0, description="seconds a client may take to send a request body: else 408"
+    )
 
     @model_validator(mode="after")
     def _key_or_dev(self) -> SidecarSettings:

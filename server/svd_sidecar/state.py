@@ -32,6 +32,11 @@ class SidecarState:
         self._vocab: int | None = settings.vocab_size
         self._files = ManifestWatcher(self.registry)  # verifies each file once per change
 
+    @property
+    def served_vocab(self) -> int | None:
+        """The served model's vocab size, if known yet (``vocab_size()`` finds it out)."""
+        return self._vocab
+
     def problem(self, entry: VectorEntry) -> str | None:
         """Why ``entry``'s file cannot serve, or None (the same check vLLM's admission makes)."""
         return self._files.problem(entry, self._vocab)

@@ -50,11 +50,15 @@ class _HasErrors(Protocol):
     def errors(self) -> Sequence[Mapping[str, Any]]: ...
 
 
-def pydantic_message(e: _HasErrors, root: str = "body") -> str:
-    """``field.path: message`` per problem, ``; ``-joined (``root`` names a top-level problem).
+def pydantic_message(e: _HasErrors, root: str = "body", under: str = "") -> str:
+    """``field.path: message`` per problem, ``; ``-joined (``root`` names a top-level problem;
+    ``under`` prefixes every path, for a model that validates one field of a larger body).
 
     Takes pydantic's ``ValidationError`` and FastAPI's ``RequestValidationError`` alike.
     """
+    prefix = f"{under}." if under else ""
     return "; ".join(
-        f"{'.'.join(str(x) for x in err['loc']) or root}: {err['msg']}" for err in e.errors()
+        f"{prefix + '.'.join(str(x) for x in err['loc']) if err['loc'] else under or root}: "
+        f"{err['msg']}"
+        for err in e.errors()
     )

@@ -27,19 +27,21 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, ClassVar
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
 
 from ..core import artifact as _artifact
 from ..core.artifact import NAME_PATTERN, ArtifactError, SteeringArtifact, atomic_write_bytes
-from ..core.validation import MAX_ABS_SCALE, check_scale, finite
+from ..core.validation import MAX_ABS_SCALE, check_scale, finite, pydantic_message
 
 __all__ = [
     "DEFAULT_REGISTRY",
     "MANIFEST_FORMAT",
     "MAX_MEMBERS",
+    "PRESET_PATTERN",
     "CompositionEntry",
     "Manifest",
     "Member",
+    "PresetEntry",
     "Registry",
     "RegistryError",
     "SettingsPatch",
@@ -141,8 +143,8 @@ class Member(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    vector: str = Field(pattern=NAME_PATTERN)
-    scale: float | None = Field(None, ge=-MAX_ABS_SCALE, le=MAX_ABS_SCALE)
+    vector: str = Field(strict=True, pattern=NAME_PATTERN)
+    scale: float | None = Field(None, strict=True, ge=-MAX_ABS_SCALE, le=MAX_ABS_SCALE)
 
     @field_validator("scale")
     @classmethod
@@ -175,6 +177,32 @@ class CompositionEntry(BaseModel):
         return v
 
 
+#: A preset's name: the suffix of the steered model names it adds (``MODEL:svd-NAME``).
+PRESET_PATTERN = r"^[a-z0-9][a-z0-9_-]{0,31}$"
+_PRESET_RE = re.compile(PRESET_PATTERN)
+
+
+class PresetEntry(BaseModel):
+    """A named steering strength: every steered model is also offered as ``MODEL:svd-NAME``,
+    which steers with ``svd_scale = scale`` (and ``svd_alpha = alpha`` when set), for clients
+    that can only pick a model name."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str = Field(strict=True, pattern=PRESET_PATTERN)
+    scale: float = Field(strict=True, ge=-MAX_ABS_SCALE, le=MAX_ABS_SCALE)
+    alpha: float | None = Field(None, strict=True, gt=0.0, le=1.0)
+    version: int = Field(1, ge=1)
+    created: str = Field(default_factory=_now)
+    updated: str = Field(default_factory=_now)
+
+    @field_validator("scale", mode="before")
+    @classmethod
+    def _finite(cls, v: object, info: ValidationInfo) -> object:
+        # Before the bounds, so that NaN is called what it is.
+        return finite(v, str(info.field_name)) if isinstance(v, float) else v
+
+
 class Manifest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -185,6 +213,8 @@ class Manifest(BaseModel):
         default_factory=dict, description="highest version ever issued per name"
     )
     compositions: dict[str, CompositionEntry] = Field(default_factory=dict)
+    #: Written only when there are some, so engines of earlier releases still read the file.
+    presets: dict[str, PresetEntry] = Field(default_factory=dict)
 
 
 def servable(entry: VectorEntry | None, name: str) -> VectorEntry:
@@ -208,10 +238,14 @@ class SettingsPatch(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    default_scale: float | None = Field(None, ge=-MAX_ABS_SCALE, le=MAX_ABS_SCALE)
-    mu_bar: float | None = Field(None, ge=-1e6, le=1e6, description="override; null clears it")
-    alpha: float | None = Field(None, gt=0.0, le=1.0, description="override; null clears it")
-    enabled: bool | None = None
+    default_scale: float | None = Field(None, strict=True, ge=-MAX_ABS_SCALE, le=MAX_ABS_SCALE)
+    mu_bar: float | None = Field(
+        None, strict=True, ge=-1e6, le=1e6, description="override; null clears it"
+    )
+    alpha: float | None = Field(
+        None, strict=True, gt=0.0, le=1.0, description="override; null clears it"
+    )
+    enabled: bool | None = Field(None, strict=True)
 
     @field_validator("default_scale", "mu_bar")
     @classmethod
@@ -313,7 +347,8 @@ class Registry:
 
     def _commit(self, m: Manifest) -> None:
         m.generation += 1
-        atomic_write_bytes(self.manifest_path, m.model_dump_json(indent=2).encode())
+        omit = None if m.presets else {"presets"}
+        atomic_write_bytes(self.manifest_path, m.model_dump_json(indent=2, exclude=omit).encode())
 
     def add(
         self,
@@ -477,15 +512,18 @@ class Registry:
             old = m.compositions.get(name)
             if old is not None and not replace:
                 raise RegistryError(f"composition {name!r} exists (replace it)", code="conflict")
+            # Versions only grow, across delete and re-create too (the counter is shared with
+            # vectors: a name is one or the other), so a version never names two contents.
+            version = max(m.last_version.get(name, 0), old.version if old else 0) + 1
             try:
                 entry = CompositionEntry(
                     name=name, members=tuple(parts), alpha=alpha, enabled=enabled,
-                    version=(old.version + 1) if old is not None else 1,
-                    created=old.created if old is not None else _now(),
+                    version=version, created=old.created if old is not None else _now(),
                 )  # fmt: skip
             except ValueError as e:
                 raise RegistryError(f"invalid composition {name!r}: {e}", code="validation") from e
             m.compositions[name] = entry
+            m.last_version[name] = version
             self._commit(m)
         return entry
 
@@ -494,6 +532,47 @@ class Registry:
             old = m.compositions.pop(name, None)
             if old is None:
                 raise RegistryError(f"no composition named {name!r}", code="not_found")
+            m.last_version[name] = max(m.last_version.get(name, 0), old.version)
+            self._commit(m)
+        return old
+
+    # -- presets --------------------------------------------------------------------------
+    def presets(self) -> builtins.list[PresetEntry]:
+        return sorted(self.manifest().presets.values(), key=lambda p: p.name)
+
+    def set_preset(self, name: str, scale: float, *, alpha: float | None = None) -> PresetEntry:
+        """Create or change the preset ``name``; its version only grows (across removal too)."""
+        if not isinstance(name, str) or not _PRESET_RE.fullmatch(name):
+            raise RegistryError(
+                f"invalid preset name {name!r}: use 1-32 lowercase letters, digits, '_' or '-', "
+                "starting with a letter or digit",
+                code="invalid",
+            )
+        key = f"preset:{name}"
+        with self._locked() as m:
+            old = m.presets.get(name)
+            version = max(m.last_version.get(key, 0), old.version if old else 0) + 1
+            try:
+                entry = PresetEntry(
+                    name=name, scale=scale, alpha=alpha, version=version,
+                    created=old.created if old is not None else _now(),
+                )  # fmt: skip
+            except ValidationError as e:
+                raise RegistryError(
+                    f"invalid preset {name!r}: {pydantic_message(e)}", code="validation"
+                ) from e
+            m.presets[name] = entry
+            m.last_version[key] = version
+            self._commit(m)
+        return entry
+
+    def remove_preset(self, name: str) -> PresetEntry:
+        with self._locked() as m:
+            old = m.presets.pop(name, None)
+            if old is None:
+                raise RegistryError(f"no preset named {name!r}", code="not_found")
+            key = f"preset:{name}"
+            m.last_version[key] = max(m.last_version.get(key, 0), old.version)
             self._commit(m)
         return old
 

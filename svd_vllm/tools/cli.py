@@ -314,7 +314,19 @@ def _cmd_registry(args: argparse.Namespace) -> int:
         if args.registry_command == "list":
             rows = [e.model_dump() for e in reg.list()]
             rows += [{"composition": True, **c.model_dump()} for c in reg.compositions()]
+            rows += [{"preset": True, **p.model_dump()} for p in reg.presets()]
             print(json.dumps(rows, indent=2))
+        elif args.registry_command == "preset":
+            if args.remove:
+                p = reg.remove_preset(args.name)
+                print(f"removed preset {p.name} v{p.version}")
+            else:
+                if args.scale is None:
+                    raise CLIError("registry preset: give --scale (or --remove)")
+                p = reg.set_preset(args.name, args.scale, alpha=args.alpha)
+                print(f"preset {p.name} v{p.version}: scale {p.scale:g}"
+                      + (f", alpha {p.alpha:g}" if p.alpha is not None else "")
+                      + f" (every steered model is offered as MODEL:svd-{p.name})")  # fmt: skip
         elif args.registry_command == "compose":
             members = [_member_arg(v) for v in args.vector]
             try:
@@ -558,6 +570,15 @@ def build_parser() -> argparse.ArgumentParser:
     rc.add_argument("--disable", action="store_true")
     rc.add_argument("--replace", action="store_true")
     rc.set_defaults(func=_cmd_registry)
+    rp = rsub.add_parser(
+        "preset",
+        help="name a strength: every adapter that can steer is offered as MODEL:svd-NAME too",
+    )
+    rp.add_argument("name", help="lowercase letters, digits, '_' or '-' (e.g. strong)")
+    rp.add_argument("--scale", type=float, help="the svd_scale it stands for")
+    rp.add_argument("--alpha", type=float, help="the svd_alpha it stands for (default: none)")
+    rp.add_argument("--remove", action="store_true", help="remove the preset")
+    rp.set_defaults(func=_cmd_registry)
     rr = rsub.add_parser("remove", help="remove a vector or a composition")
     rr.add_argument("name")
     rr.set_defaults(func=_cmd_registry)

@@ -25,7 +25,7 @@ from __future__ import annotations
 import functools
 import os
 import threading
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -33,6 +33,7 @@ from ..core.validation import MAX_ABS_SCALE, check_alpha, check_scale, finite
 from ..registry import (
     MAX_MEMBERS,
     CompositionEntry,
+    Manifest,
     Registry,
     RegistryError,
     VectorEntry,
@@ -49,9 +50,14 @@ __all__ = [
     "MAX_COMPOSED",
     "PIN_KEY",
     "SCALE_KEY",
+    "STEERING_KEYS",
     "VECTOR_KEY",
+    "XARGS_NAMES",
+    "ArgNames",
+    "SteeringError",
     "SteeringRequest",
     "admission_pin",
+    "check_request",
     "default_on",
     "parse_request_args",
     "reset_state",
@@ -71,6 +77,8 @@ LORA_KEY = "svd_lora_name"
 PIN_KEY = "svd_pinned"
 #: The keys only the plugin may write; client-sent values are dropped at admission.
 INTERNAL_KEYS = (LORA_KEY, PIN_KEY)
+#: The keys a client steers with.
+STEERING_KEYS = (ENABLE_KEY, VECTOR_KEY, SCALE_KEY, ALPHA_KEY)
 #: The most vectors one request may compose (the registry's rule for compositions, too).
 MAX_COMPOSED = MAX_MEMBERS
 
@@ -301,120 +309,159 @@ def reset_state() -> None:
         _state.watchers.clear()
 
 
+class SteeringError(ValueError):
+    """A request vLLM (and the sidecar) refuses with a 400; ``code`` says why, for the sidecar:
+    ``steering`` (bad arguments), ``unknown_vector``, ``disabled_vector``, ``vocab_size`` or
+    ``unloadable_vector``. A ``ValueError``, so vLLM's admission answers it with a 400."""
+
+    def __init__(self, message: str, code: str = "steering") -> None:
+        super().__init__(message)
+        self.code = code
+
+
+@dataclass(frozen=True)
+class ArgNames:
+    """How errors name the fields a client sent: ``vllm_xargs`` keys for the engine, the
+    ``steering`` object's fields for the sidecar's front."""
+
+    enable: str = f"vllm_xargs.{ENABLE_KEY}"
+    vector: str = f"vllm_xargs.{VECTOR_KEY}"
+
+
+XARGS_NAMES = ArgNames()
+
+
+def check_request(
+    extra_args: Mapping[str, Any] | None,
+    manifest: Manifest,
+    problem: Callable[[VectorEntry], str | None],
+    served_vocab: int | None,
+    *,
+    stamping: bool = True,
+    server_default: bool | None = None,
+    names: ArgNames = XARGS_NAMES,
+    unservable_default: Callable[[str, str], None] | None = None,
+) -> SteeringRequest:
+    """The one rule for "can this request steer as it asks": its arguments parse, and every
+    vector it asks for by name (or with ``svd=1``) exists, is enabled, has the served vocab size
+    and loads (``problem(entry)`` is None). Used by vLLM's admission and by the sidecar's front,
+    so the front never forwards a request the engine refuses. ``SteeringError`` otherwise.
+
+    A request steered only by the server default is never refused: ``unservable_default(name,
+    reason)`` hears about an enabled vector of its adapter that cannot serve.
+    """
+    if not stamping:
+        sent = sorted(k for k in INTERNAL_KEYS if k in (extra_args or {}))
+        if sent:
+            raise SteeringError(
+                f"vllm_xargs.{sent[0]} is written by svd-vllm's vLLM plugin only (it is not "
+                "active in this server: see VLLM_PLUGINS); clients may not send it"
+            )
+    try:
+        req = parse_request_args(extra_args, server_default=server_default)
+    except SteeringError:
+        raise
+    except ValueError as e:
+        raise SteeringError(str(e)) from None
+    named = req.vector
+    req = expand_composition(req, manifest.compositions, manifest.vectors, extra_args)
+    wants = req.vector_explicit or (req.explicit and req.enabled)
+    check = _Checker(manifest, problem, served_vocab, req.enabled)
+    if req.composed:
+        for i, name in enumerate(req.members):
+            field = (
+                f"{names.vector}[{i}]"
+                if req.composition is None
+                else f"composition {req.composition!r}, vector {i}"
+            )
+            if wants:
+                check.servable(name, field)
+            elif req.enabled and unservable_default is not None:
+                check.report_default(name, unservable_default)
+        return req
+    field = names.vector if req.vector_explicit else names.enable
+    comp = manifest.compositions.get(named or "")
+    if wants and comp is not None and not comp.enabled and named not in manifest.vectors:
+        raise SteeringError(f"{field}: composition {named!r} is disabled", "disabled_vector")
+    if not wants:
+        if req.enabled and req.vector is not None and unservable_default is not None:
+            check.report_default(req.vector, unservable_default)
+        return req
+    if req.vector is None:
+        why = "uses no LoRA adapter"
+        if not stamping:
+            why = "its LoRA adapter is unknown (svd-vllm's vLLM plugin is not active: VLLM_PLUGINS)"
+        raise SteeringError(f"{names.enable}=1 but the request names no {VECTOR_KEY} and {why}")
+    suffix = "" if req.vector_explicit else " for this request's LoRA adapter"
+    check.servable(req.vector, field, suffix)
+    return req
+
+
+@dataclass(frozen=True)
+class _Checker:
+    """``check_request``'s per-vector rule: exists; and when steering is on, enabled, the served
+    vocab size, and a file that loads."""
+
+    manifest: Manifest
+    problem: Callable[[VectorEntry], str | None]
+    served: int | None
+    enabled: bool
+
+    def servable(self, name: str, field: str, unknown_suffix: str = "") -> VectorEntry:
+        entry = self.manifest.vectors.get(name)
+        try:
+            if entry is None or self.enabled:  # naming a vector with svd=0 needs it to exist only
+                entry = servable(entry, name)
+        except RegistryError as e:
+            suffix = unknown_suffix if e.code == "unknown_vector" else ""
+            raise SteeringError(f"{field}: {e}{suffix}", e.code) from None
+        if self.served is not None and entry.vocab_size != self.served:
+            raise SteeringError(
+                f"{field}: steering vector {name!r} has vocab_size {entry.vocab_size} but the "
+                f"served model has {self.served}",
+                "vocab_size",
+            )
+        if self.enabled:  # asked for by name or by svd=1: it must load, never a quiet fallback
+            problem = self.problem(entry)
+            if problem is not None:
+                raise SteeringError(
+                    f"{field}: steering vector {name!r} ({entry.key}) cannot be loaded: {problem}",
+                    "unloadable_vector",
+                )
+        return entry
+
+    def report_default(self, name: str, report: Callable[[str, str], None]) -> None:
+        entry = self.manifest.vectors.get(name)
+        if entry is None or not entry.enabled:
+            return  # no vector for this adapter, or switched off on purpose: nothing is wrong
+        if self.served is not None and entry.vocab_size != self.served:
+            report(name, "vocab_size")
+        elif self.problem(entry) is not None:
+            report(name, "unloadable")
+
+
 def validate_steering_params(extra_args: Mapping[str, Any] | None) -> None:
-    """Admission check (HTTP 400 on ``ValueError``): arguments, vector existence, vocab size.
+    """vLLM's admission check (HTTP 400 on ``ValueError``): ``check_request`` against this
+    process's view of the registry and the served vocab size.
 
     Without the plugin's stamping (``VLLM_PLUGINS`` may leave it out), values under the internal
     keys can only have come from the client: they are refused, never trusted.
     """
-    if not _state.stamping:
-        sent = sorted(k for k in INTERNAL_KEYS if k in (extra_args or {}))
-        if sent:
-            raise ValueError(
-                f"vllm_xargs.{sent[0]} is written by svd-vllm's vLLM plugin only (it is not "
-                "active in this server: see VLLM_PLUGINS); clients may not send it"
-            )
-    req = parse_request_args(extra_args)
-    watcher = _state.watcher()
-    manifest = watcher.current()[0]
-    named = req.vector
-    req = expand_composition(req, manifest.compositions, manifest.vectors, extra_args)
-    wants = req.vector_explicit or (req.explicit and req.enabled)
-    if req.composed:
-        if wants:
-            _validate_members(req)
-        elif req.enabled:  # a default composition for this adapter: never refused, counted
-            for name in req.members:
-                _count_default_unservable(name)
-        return
-    comp = manifest.compositions.get(named or "")
-    if wants and comp is not None and not comp.enabled and named not in manifest.vectors:
-        raise ValueError(
-            f"vllm_xargs.{VECTOR_KEY if req.vector_explicit else ENABLE_KEY}: composition "
-            f"{named!r} is disabled"
-        )
-    if not wants:
-        if req.enabled and req.vector is not None:
-            _count_default_unservable(req.vector)
-        return
-    if req.vector is None:
-        why = "uses no LoRA adapter"
-        if not _state.stamping:
-            why = "its LoRA adapter is unknown (svd-vllm's vLLM plugin is not active: VLLM_PLUGINS)"
-        raise ValueError(
-            f"vllm_xargs.{ENABLE_KEY}=1 but the request names no {VECTOR_KEY} and {why}"
-        )
-    field = VECTOR_KEY if req.vector_explicit else ENABLE_KEY
-    entry = _state.watcher().entry(req.vector)
-    try:
-        if entry is None or req.enabled:  # naming a vector with svd=0 needs it to exist only
-            entry = servable(entry, req.vector)
-    except RegistryError as e:
-        what = (
-            ""
-            if req.vector_explicit or e.code != "unknown_vector"
-            else (" for this request's LoRA adapter")
-        )
-        raise ValueError(f"vllm_xargs.{field}: {e}{what}") from None
-    served = _state.vocab_size
-    if served is not None and entry.vocab_size != served:
-        raise ValueError(
-            f"vllm_xargs.{field}: steering vector {req.vector!r} has vocab_size "
-            f"{entry.vocab_size} but the served model has {served}"
-        )
-    if req.enabled:  # asked for by name or by svd=1: it must load, never a quiet fallback
-        problem = _state.watcher().problem(entry, served)
-        if problem is not None:
-            raise ValueError(
-                f"vllm_xargs.{field}: steering vector {req.vector!r} ({entry.key}) cannot be "
-                f"loaded: {problem}"
-            )
-
-
-def _validate_members(req: SteeringRequest) -> None:
-    """Every vector of a composition must exist, be enabled (when steering is on), match the
-    served vocab size and load; errors name ``vllm_xargs.svd_vector[i]``."""
     watcher = _state.watcher()
     served = _state.vocab_size
-    for i, name in enumerate(req.members):
-        field = (
-            f"vllm_xargs.{VECTOR_KEY}[{i}]"
-            if req.composition is None
-            else f"composition {req.composition!r}, vector {i}"
-        )
-        entry = watcher.entry(name)
-        try:
-            if entry is None or req.enabled:
-                entry = servable(entry, name)
-        except RegistryError as e:
-            raise ValueError(f"{field}: {e}") from None
-        if served is not None and entry.vocab_size != served:
-            raise ValueError(
-                f"{field}: steering vector {name!r} has vocab_size {entry.vocab_size} but the "
-                f"served model has {served}"
-            )
-        if req.enabled:
-            problem = watcher.problem(entry, served)
-            if problem is not None:
-                raise ValueError(
-                    f"{field}: steering vector {name!r} ({entry.key}) cannot be loaded: {problem}"
-                )
+    check_request(
+        extra_args,
+        watcher.current()[0],
+        lambda entry: watcher.problem(entry, served),
+        served,
+        stamping=_state.stamping,
+        unservable_default=_count_default_unservable,
+    )
 
 
-def _count_default_unservable(name: str) -> None:
+def _count_default_unservable(name: str, reason: str) -> None:
     """A request steered only by the server default whose registered, enabled vector cannot
     load proceeds unsteered; ``svd_vllm_default_unsteered_total`` counts it, by reason."""
-    watcher = _state.watcher()
-    entry = watcher.entry(name)
-    if entry is None or not entry.enabled:
-        return  # no vector for this adapter, or switched off on purpose: nothing is wrong
-    served = _state.vocab_size
-    if served is not None and entry.vocab_size != served:
-        reason = "vocab_size"
-    elif watcher.problem(entry, served) is not None:
-        reason = "unloadable"
-    else:
-        return
     counter = _unsteered_counter()
     if counter is not None:
         counter.labels(reason).inc()

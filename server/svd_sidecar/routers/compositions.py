@@ -28,8 +28,10 @@ class CompositionBody(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     members: list[Member] = Field(min_length=1, max_length=MAX_MEMBERS)
-    alpha: float | None = Field(None, gt=0.0, le=1.0, description="default: the members' min")
-    enabled: bool = True
+    alpha: float | None = Field(
+        None, strict=True, gt=0.0, le=1.0, description="default: the members' min"
+    )
+    enabled: bool = Field(True, strict=True)
 
 
 @router.get("", response_model=list[CompositionEntry])

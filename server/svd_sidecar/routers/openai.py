@@ -17,19 +17,33 @@ from __future__ import annotations
 import json
 from typing import Any
 
-import httpx
 from fastapi import APIRouter, Request, Response
 from fastapi.responses import StreamingResponse
 from pydantic import ValidationError
-from starlette.background import BackgroundTask
 
-from svd_vllm.registry import RegistryError, VectorEntry, servable
-from svd_vllm.vllm.admission import ALPHA_KEY, ENABLE_KEY, SCALE_KEY, VECTOR_KEY
+from svd_vllm.core.validation import pydantic_message
+from svd_vllm.registry import CompositionEntry, Manifest, VectorEntry
+from svd_vllm.vllm.admission import (
+    ALPHA_KEY,
+    ENABLE_KEY,
+    INTERNAL_KEYS,
+    LORA_KEY,
+    SCALE_KEY,
+    STEERING_KEYS,
+    VECTOR_KEY,
+    XARGS_NAMES,
+    ArgNames,
+    SteeringError,
+    check_request,
+)
 
+from .. import variants
 from ..deps import State
-from ..errors import ApiError, validation_error
+from ..errors import ApiError
+from ..json_body import parse_json_object
 from ..schemas import SteeringOptions, VectorInfo
 from ..state import SidecarState
+from ..upstream import forward
 
 __all__ = ["GENERATION_ENDPOINTS", "router"]
 
@@ -48,10 +62,11 @@ PASSTHROUGH = {"/tokenize": "tokenize", "/detokenize": "detokenize"}
 
 @router.get("/v1/models")
 async def models(request: Request, state: State) -> Response:
-    """vLLM's model list; each model gets ``svd_steering``: the vector its requests steer with
-    by default (the one named like the model, for a LoRA adapter), or null. Clients may ignore
-    the field."""
-    resp = await _forward(state, request, "GET", "/v1/models", None, "models", "none")
+    """vLLM's model list; each model gets ``svd_steering``: the vector or composition its
+    requests steer with by default (the one named like the model, for a LoRA adapter), or null,
+    with a ``status`` that says whether a request asking for it would be admitted. Clients may
+    ignore the field."""
+    resp = await forward(state, request, "GET", "/v1/models", None, "models", "none")
     if resp.status_code != 200 or isinstance(resp, StreamingResponse):
         return resp
     try:
@@ -69,10 +84,20 @@ async def models(request: Request, state: State) -> Response:
             if entry is not None:
                 info = _steering_info(state, entry)
             elif comp is not None:
-                info = {"composition": comp.name, "version": comp.version,
-                        "status": "ready" if comp.enabled else "disabled",
+                status, problem = _composition_status(state, manifest, comp)
+                info = {"composition": comp.name, "version": comp.version, "status": status,
+                        "problem": problem,
                         "vectors": [m.model_dump() for m in comp.members]}  # fmt: skip
             model["svd_steering"] = info
+    listing["data"] = [
+        entry
+        for model in data
+        for entry in (
+            [model, *variants.listed_variants(state, manifest, model)]
+            if isinstance(model, dict)
+            else [model]
+        )
+    ]
     return Response(json.dumps(listing), status_code=200, media_type="application/json")
 
 
@@ -80,6 +105,28 @@ def _steering_info(state: SidecarState, entry: VectorEntry) -> dict[str, Any]:
     info = VectorInfo.of(entry, state.problem(entry))
     return {"vector": info.name, "version": info.version, "status": info.status,
             "effective_mu": info.effective_mu, "effective_alpha": info.effective_alpha}  # fmt: skip
+
+
+def _composition_status(
+    state: SidecarState, manifest: Manifest, comp: CompositionEntry
+) -> tuple[str, str | None]:
+    """``ready`` exactly when a request steering with ``comp`` would be admitted (the engine's
+    rule); else ``disabled`` (it, or a member) or ``unloadable``, with the reason."""
+    try:
+        _check(state, manifest, {ENABLE_KEY: 1, VECTOR_KEY: comp.name})
+    except SteeringError as e:
+        return ("disabled" if e.code == "disabled_vector" else "unloadable"), str(e)
+    return "ready", None
+
+
+def _check(
+    state: SidecarState,
+    manifest: Manifest,
+    xargs: dict[str, Any],
+    names: ArgNames = XARGS_NAMES,
+) -> None:
+    """The engine's admission rule (``check_request``) against the sidecar's registry."""
+    check_request(xargs, manifest, state.problem, state.served_vocab, stamping=True, names=names)
 
 
 def _generation_route(path: str, label: str) -> None:
@@ -96,8 +143,9 @@ for _path, _label in GENERATION_ENDPOINTS.items():
 
 def _passthrough_route(path: str, label: str) -> None:
     async def passthrough(request: Request, state: State) -> Response:
-        body = await _json_body(request)
-        return await _forward(state, request, "POST", path, body, label, "none")
+        body = parse_json_object(await request.body())
+        body.pop("steering", None)  # meaningless here, and not vLLM's
+        return await forward(state, request, "POST", path, body, label, "none")
 
     passthrough.__name__ = f"proxy_{label}"
     router.add_api_route(path, passthrough, methods=["POST"], name=f"proxy {path}")
@@ -119,16 +167,20 @@ def not_proxied(path: str) -> ApiError:
 
 
 def _steering_xargs(state: SidecarState, body: dict[str, Any]) -> tuple[dict[str, Any], str]:
-    """The request's ``vllm_xargs`` with its ``steering`` field folded in, and a metric label."""
-    raw_opts = body.pop("steering")
+    """The request's ``vllm_xargs`` with its ``steering`` field folded in, checked by the
+    engine's own rule, and a metric label. ``vllm_xargs`` values that only the plugin may write
+    are dropped, as the plugin itself drops them."""
+    raw_opts = body.pop("steering", None)
     try:
         opts = SteeringOptions.model_validate(raw_opts if raw_opts is not None else {})
     except ValidationError as e:
-        raise validation_error(e, "steering", "invalid steering: ") from e
-    xargs = body.get("vllm_xargs") or {}
+        raise ApiError(400, "steering", pydantic_message(e, under="steering")) from e
+    xargs = body.get("vllm_xargs")
+    if xargs is None:
+        xargs = {}
     if not isinstance(xargs, dict):
-        raise ApiError(400, "steering", "vllm_xargs must be an object")
-    xargs = dict(xargs)
+        raise ApiError(400, "steering", f"vllm_xargs must be an object, got {type(xargs).__name__}")
+    xargs = {k: v for k, v in xargs.items() if k not in INTERNAL_KEYS}
     label = "default"
     if opts.enabled is not None:
         xargs[ENABLE_KEY] = 1 if opts.enabled else 0
@@ -139,104 +191,47 @@ def _steering_xargs(state: SidecarState, body: dict[str, Any]) -> tuple[dict[str
         xargs[SCALE_KEY] = opts.scale
     if opts.alpha is not None:
         xargs[ALPHA_KEY] = opts.alpha
-    manifest = state.registry.manifest()
-    vectors = manifest.vectors
     if opts.vectors is not None:
         xargs[VECTOR_KEY] = [v.name for v in opts.vectors]
-        if any(v.scale is not None for v in opts.vectors):  # the rest: their default scale
-            xargs[SCALE_KEY] = [
-                v.scale if v.scale is not None else _member(vectors, v.name, i).default_scale
-                for i, v in enumerate(opts.vectors)
-            ]
         label = "composed" if opts.enabled else label
-    if opts.enabled:
-        if opts.vectors is not None:
-            names = [v.name for v in opts.vectors]
-        else:
-            name = opts.vector or body.get("model")
-            if not isinstance(name, str):
-                raise ApiError(400, "steering", "steering needs a vector or a LoRA model name")
-            names = [name]
-        comps = manifest.compositions
-        if opts.vectors is None and names[0] not in vectors and names[0] in comps:
-            comp = comps[names[0]]
-            if not comp.enabled:
-                raise ApiError(400, "disabled_vector", f"composition {comp.name!r} is disabled")
-            names = [m.vector for m in comp.members]
-        for i, name in enumerate(names):
-            entry = _member(vectors, name, i if opts.vectors is not None else None)
-            problem = state.problem(entry)
-            if problem is not None:  # the engine would refuse it too: say so before proxying
-                raise ApiError(
-                    400, "unloadable_vector",
-                    f"steering vector {name!r} ({entry.key}) cannot be loaded: {problem}",
-                )  # fmt: skip
+    if not any(k in xargs for k in STEERING_KEYS):
+        return xargs, label  # nothing asked: the server default applies, never refused
+    manifest = state.registry.manifest()
+    names = XARGS_NAMES
+    if raw_opts is not None:
+        vector_field = "steering.vectors" if opts.vectors is not None else "steering.vector"
+        names = ArgNames(enable="steering.enabled", vector=vector_field)
+    if opts.vectors is not None and any(v.scale is not None for v in opts.vectors):
+        # The members without a scale: their vector's default scale, so the lists align (an
+        # unknown name's placeholder never leaves: the check below refuses it).
+        defaults = {n: e.default_scale for n, e in manifest.vectors.items()}
+        xargs[SCALE_KEY] = [
+            v.scale if v.scale is not None else defaults.get(v.name, 1.0) for v in opts.vectors
+        ]
+    model = body.get("model")
+    stamped = {**xargs, LORA_KEY: model} if isinstance(model, str) and model else xargs
+    try:
+        _check(state, manifest, stamped, names)
+    except SteeringError as e:
+        raise ApiError(400, e.code, str(e)) from None
     return xargs, label
 
 
-def _member(vectors: dict[str, VectorEntry], name: str, index: int | None) -> VectorEntry:
-    """``servable`` for one named vector; in a composition the error names
-    ``steering.vectors[i]``."""
-    try:
-        return servable(vectors.get(name), name)
-    except RegistryError as e:
-        if index is None:
-            raise
-        raise RegistryError(f"steering.vectors[{index}]: {e}", code=e.code) from None
-
-
-async def _json_body(request: Request) -> dict[str, Any]:
-    raw = await request.body()
-    try:
-        body = json.loads(raw)
-    except ValueError as e:
-        raise ApiError(400, "json", f"request body is not JSON: {e}") from e
-    except RecursionError:
-        raise ApiError(400, "json", "request body is nested too deeply") from None
-    if not isinstance(body, dict):
-        raise ApiError(400, "json", "request body must be a JSON object")
-    return body
-
-
 async def _generate(state: SidecarState, request: Request, path: str, endpoint: str) -> Response:
-    body = await _json_body(request)
-    label = "default"
-    if "steering" in body:
-        xargs, label = _steering_xargs(state, body)
-        if xargs:
-            body["vllm_xargs"] = xargs
-    return await _forward(state, request, "POST", path, body, endpoint, label)
-
-
-async def _forward(
-    state: SidecarState, request: Request, method: str, path: str, body: dict[str, Any] | None,
-    endpoint: str, steering: str,
-) -> Response:  # fmt: skip
-    settings = state.settings
-    client = state.http()
-    forward = ("authorization", "accept", "user-agent", "x-request-id", "x-api-key",
-               "anthropic-version", "anthropic-beta")  # fmt: skip
-    headers = {k: v for k, v in request.headers.items() if k.lower() in forward}
-    upstream = client.build_request(
-        method, settings.vllm_url + path, json=body, headers=headers, params=request.query_params
-    )
-    try:
-        resp = await client.send(upstream, stream=True)
-    except httpx.HTTPError as e:
-        raise ApiError(
-            502, "upstream", f"vLLM at {settings.vllm_url} is unreachable: {type(e).__name__}"
-        ) from e
-    state.metrics.proxied.labels(endpoint, steering).inc()
-    keep = ("content-type", "x-request-id", "cache-control")
-    passthrough = {k: v for k, v in resp.headers.items() if k.lower() in keep}
-    if "text/event-stream" in resp.headers.get("content-type", ""):
-        return StreamingResponse(
-            resp.aiter_raw(), status_code=resp.status_code, headers=passthrough,
-            background=BackgroundTask(resp.aclose),
-        )  # fmt: skip
-    content = await resp.aread()
-    await resp.aclose()
-    return Response(content, status_code=resp.status_code, headers=passthrough)
+    body = parse_json_object(await request.body())
+    variant = variants.resolve(state, body)
+    if variant is not None:  # a steered model by name: the model itself, steering on
+        body["model"] = variant.model
+        body["vllm_xargs"] = {**(body.get("vllm_xargs") or {}), **variant.xargs}
+    xargs, label = _steering_xargs(state, body)
+    if xargs:
+        body["vllm_xargs"] = xargs
+    else:
+        body.pop("vllm_xargs", None)
+    if variant is None:
+        return await forward(state, request, "POST", path, body, endpoint, label)
+    rename = (variant.model, variant.requested)
+    return await forward(state, request, "POST", path, body, endpoint, "variant", rename)
 
 
 @router.api_route(
