@@ -5,6 +5,7 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import httpx
 import pytest
@@ -202,3 +203,109 @@ def test_responses_and_messages_endpoints_steer_through_the_sidecar(stack: dict)
     bad = httpx.post(f"{sc.url}/v1/messages", headers=headers, timeout=60, json={
         **body, "steering": {"enabled": True, "vectors": [{"name": "lora1"}, {"name": "nope"}]}})  # fmt: skip
     assert bad.status_code == 400 and "steering.vectors[1]" in bad.text
+
+
+# -- steered models by name, through real clients -----------------------------------------------
+def _direct(srv: VLLMServer, path: str, body: dict, svd: int) -> dict:
+    r = httpx.post(f"{srv.base_url}{path}", json={**body, "vllm_xargs": {"svd": svd}}, timeout=120)
+    assert r.status_code == 200, r.text
+    return dict(r.json())
+
+
+PROMPTS = ["the color of sky is", "one two three", "a b c d", "hello world", "the cat sat on",
+           "red green blue", "up down left", "sun moon star"]  # fmt: skip
+
+
+def _variant_stack(stack: dict) -> tuple[VLLMServer, SidecarProcess]:
+    """lora1's vector registered at scale 1 (earlier tests change it)."""
+    sc, a = stack["sidecar"], stack["assets"]
+    data = artifact.to_bytes(a["vectors"]["lora1"])
+    r = httpx.post(f"{sc.url}/v1/steering/vectors?replace=true", headers=AUTH, timeout=30,
+                   files={"file": ("lora1.safetensors", data)})  # fmt: skip
+    assert r.status_code == 201, r.text
+    r = httpx.patch(f"{sc.url}/v1/steering/vectors/lora1", headers=AUTH, timeout=30,
+                    json={"default_scale": 1.0, "enabled": True})  # fmt: skip
+    assert r.status_code == 200, r.text
+    return stack["vllm"], sc
+
+
+def test_the_openai_sdk_and_langchain_pick_a_variant_by_name(stack: dict) -> None:
+    from langchain_openai import ChatOpenAI
+    from openai import OpenAI
+
+    srv, sc = _variant_stack(stack)
+    client = OpenAI(base_url=f"{sc.url}/v1", api_key="none")
+    listed = [m.id for m in client.models.list()]
+    assert "lora1:svd" in listed and "lora2:svd" not in listed  # lora2 has no vector here
+    changed = 0
+    for prompt in PROMPTS[:4]:
+        body = {"model": "lora1", "prompt": prompt, "max_tokens": 8, "temperature": 0}
+        got = client.completions.create(**{**body, "model": "lora1:svd"})
+        assert got.model == "lora1:svd"
+        on, off = _direct(srv, "/v1/completions", body, 1), _direct(srv, "/v1/completions", body, 0)
+        assert got.choices[0].text == on["choices"][0]["text"]
+        changed += on["choices"][0]["text"] != off["choices"][0]["text"]
+    assert changed >= 1  # steering changes answers here: the equality above can fail
+    chat = ChatOpenAI(model="lora1:svd", base_url=f"{sc.url}/v1", api_key="none", temperature=0,
+                      max_tokens=8)  # fmt: skip
+    changed = 0
+    for prompt in PROMPTS[:4]:
+        message = chat.invoke(prompt)
+        body = {"model": "lora1", "messages": [{"role": "user", "content": prompt}],
+                "max_tokens": 8, "temperature": 0}  # fmt: skip
+        on = _direct(srv, "/v1/chat/completions", body, 1)
+        off = _direct(srv, "/v1/chat/completions", body, 0)
+        assert message.content == on["choices"][0]["message"]["content"]
+        assert message.response_metadata["model_name"] == "lora1:svd"
+        changed += on["choices"][0]["message"] != off["choices"][0]["message"]
+    assert changed >= 1
+
+
+def test_lm_eval_harness_evaluates_a_variant_through_the_front(
+    stack: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """lm-evaluation-harness (``local-completions``) on a local JSONL ``generate_until`` task:
+    its answers for ``lora1:svd`` are those of the same requests sent with ``vllm_xargs``."""
+    import json
+
+    import lm_eval
+    from lm_eval.tasks import TaskManager
+
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "datasets"))
+    srv, sc = _variant_stack(stack)
+    docs = tmp_path / "docs.jsonl"
+    docs.write_text("".join(json.dumps({"question": p, "answer": "x"}) + "\n" for p in PROMPTS))
+    (tmp_path / "task.yaml").write_text(
+        "task: svd_local\ndataset_path: json\n"
+        f"dataset_kwargs:\n  data_files:\n    test: {docs}\ntest_split: test\n"
+        "output_type: generate_until\ndoc_to_text: '{{question}}'\ndoc_to_target: '{{answer}}'\n"
+        "generation_kwargs:\n  until: ['\\n']\n  max_gen_toks: 8\n  do_sample: false\n"
+        "metric_list:\n  - metric: exact_match\n"
+    )
+    out = lm_eval.simple_evaluate(
+        model="local-completions",
+        model_args={"model": "lora1:svd", "base_url": f"{sc.url}/v1/completions",
+                    "tokenizer_backend": None, "tokenized_requests": False,
+                    "num_concurrent": 1, "max_retries": 1},
+        tasks=["svd_local"], task_manager=TaskManager(include_path=str(tmp_path)),
+        log_samples=True,
+    )  # fmt: skip
+    assert out is not None
+    samples = sorted(out["samples"]["svd_local"], key=lambda s: s["doc_id"])
+    assert len(samples) == len(PROMPTS)
+    changed = 0
+    for s in samples:
+        prompt = s["doc"]["question"]
+        body = {
+            "model": "lora1",
+            "prompt": prompt,
+            "max_tokens": 8,
+            "temperature": 0,
+            "stop": ["\n"],
+            "seed": 1234,
+        }  # what local-completions sends
+        on, off = _direct(srv, "/v1/completions", body, 1), _direct(srv, "/v1/completions", body, 0)
+        assert s["resps"][0][0] == on["choices"][0]["text"], prompt
+        changed += on["choices"][0]["text"] != off["choices"][0]["text"]
+    assert changed >= 1, "steering changed no answer: the comparison could not fail"

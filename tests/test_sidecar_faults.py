@@ -432,3 +432,30 @@ def test_fuzzing_the_generation_endpoints_finds_no_5xx(front: dict) -> None:
     assert snapshot(root) == before
     assert c.get("/healthz").status_code == 200
     assert statuses.get(200, 0) > 10 and statuses.get(400, 0) > 10, statuses  # both kinds seen
+
+
+def test_a_real_sidecar_forwards_an_empty_bearer_as_a_valid_header(
+    tmp_path: Path, upstream: FaultyUpstream
+) -> None:
+    """lm-evaluation-harness sends ``Authorization: Bearer `` when no key is set; a header the
+    client to vLLM would refuse to send must not turn into a 502."""
+    import http.client
+
+    from tests.support.sidecar_proc import SidecarProcess
+
+    env = {"SVD_SIDECAR_DEV": "1", "SVD_SIDECAR_REGISTRY": str(tmp_path / "reg"),
+           "SVD_SIDECAR_VOCAB_SIZE": str(VOCAB), "SVD_SIDECAR_VLLM_URL": upstream.url}  # fmt: skip
+    sc = SidecarProcess(env, tmp_path / "sidecar.log").start()
+    try:
+        # http.client, like requests, sends the trailing space (httpx itself refuses to).
+        conn = http.client.HTTPConnection("127.0.0.1", sc.port, timeout=30)
+        conn.request("POST", "/v1/completions", body=json.dumps({"model": "ok", "prompt": "x"}),
+                     headers={"Authorization": "Bearer ", "X-Request-Id": " r1 ",
+                              "Content-Type": "application/json"})  # fmt: skip
+        r = conn.getresponse()
+        assert r.status == 200, r.read()
+        conn.close()
+        headers = upstream.seen[-1][0]
+        assert headers["authorization"] == "Bearer" and headers["x-request-id"] == "r1"
+    finally:
+        sc.stop()

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import re
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -52,7 +53,7 @@ async def forward(
     answer's ``model`` fields say ``requested`` where vLLM says ``served``."""
     settings = state.settings
     client = state.http()
-    headers = {k: v for k, v in request.headers.items() if k.lower() in _REQUEST_HEADERS}
+    headers = _request_headers(request)
     headers["accept-encoding"] = "identity"
     upstream = client.build_request(
         method, settings.vllm_url + path, json=body, headers=headers, params=request.query_params
@@ -79,6 +80,21 @@ async def forward(
         with contextlib.suppress(ValueError):
             content = json.dumps(rename_model(json.loads(content), *rename)).encode()
     return Response(content, status_code=resp.status_code, headers=passthrough)
+
+
+def _request_headers(request: Request) -> dict[str, str]:
+    """The client headers vLLM gets: the allow-listed ones, their values trimmed (some clients
+    send ``Authorization: Bearer `` with no key, which the HTTP client to vLLM would refuse to
+    send), and none with a control character."""
+    out = {}
+    for key, value in request.headers.items():
+        value = value.strip(" \t")
+        if key.lower() in _REQUEST_HEADERS and not _CONTROL.search(value):
+            out[key] = value
+    return out
+
+
+_CONTROL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
 
 
 def _fault(state: SidecarState, endpoint: str, e: httpx.HTTPError, when: str) -> ApiError:
