@@ -383,16 +383,96 @@ def _member_arg(value: str) -> tuple[str, float | None]:
         raise CLIError(f"--vector {value!r}: the scale after '=' must be a number") from None
 
 
-def _cmd_serve(args: argparse.Namespace) -> int:
-    from ..registry import Registry, default_registry_path
-    from .serve import LocalStack, StackConfig
+def _floats(value: str) -> list[float]:
+    """``-0.5,0,1`` as numbers (argparse type for comma-separated lists)."""
+    try:
+        out = [float(v) for v in value.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{value!r}: use comma-separated numbers") from None
+    if not out:
+        raise argparse.ArgumentTypeError("give at least one number")
+    return out
 
+
+def _loras(specs: Sequence[str] | None) -> dict[str, Path]:
     loras = {}
-    for spec in args.lora or []:
+    for spec in specs or []:
         name, sep, path = spec.partition("=")
         if not sep or not Path(path).is_dir():
             raise CLIError(f"--lora {spec!r}: use NAME=DIR with an existing adapter directory")
         loras[name] = Path(path)
+    return loras
+
+
+def _cmd_tune(args: argparse.Namespace) -> int:
+    from ..offline.assets import AssetError
+    from ..offline.tasks import load_items
+    from ..registry import Registry, RegistryError, default_registry_path
+    from .serve import LocalStack, StackConfig
+    from .tune import TuneError, apply_choice, markdown, run_tune, write_report
+
+    vector = args.vector or args.adapter
+    registry = Path(args.registry) if args.registry else default_registry_path()
+    try:
+        items = load_items(args.dev, limit=args.limit)
+        manifest = Registry(registry).manifest()
+    except (AssetError, RegistryError) as e:
+        raise CLIError(str(e)) from e
+    entry = manifest.vectors.get(vector)
+    if entry is None:
+        what = "a composition: tune a vector" if vector in manifest.compositions else "not there"
+        raise CLIError(
+            f"steering vector {vector!r} is {what} (registry {registry}); register "
+            "it first (svd-vllm registry add, or the sidecar)"
+        )
+    if not entry.enabled:
+        raise CLIError(f"steering vector {vector!r} is disabled (svd-vllm registry set --enable)")
+    if (args.url is None) == (args.model is None):
+        raise CLIError(
+            "give --url (a running vLLM with the plugin) or --model and --lora (tune starts one)"
+        )
+    out_dir = Path(args.out) if args.out else Path(f"tune-{vector}")
+    kwargs = {
+        "scales": args.scales,
+        "alphas": args.alphas or (),
+        "max_tokens": args.max_tokens,
+        "concurrency": args.concurrency,
+    }
+    try:
+        if args.url is not None:
+            report = run_tune(args.url, args.adapter, vector, items, **kwargs)
+        else:
+            loras = _loras(args.lora)
+            if args.adapter not in loras:
+                raise CLIError(f"--adapter {args.adapter!r} is none of the --lora names")
+            cfg = StackConfig(
+                model=args.model,
+                loras=loras,
+                registry=registry,
+                dtype=args.dtype,
+                max_model_len=args.max_model_len,
+                log_dir=out_dir.parent / f".{out_dir.name}-logs",
+                extra_vllm_args=["--logprobs-mode", "processed_logprobs", *(args.vllm_arg or [])],
+            )
+            with LocalStack(cfg) as stack:
+                print(f"starting vLLM on {stack.vllm_url} (logs in {stack.log_dir}) ...")
+                stack.wait_ready()
+                report = run_tune(stack.vllm_url, args.adapter, vector, items, **kwargs)
+    except TuneError as e:
+        raise CLIError(str(e)) from e
+    paths = write_report(report, out_dir)
+    print(markdown(report))
+    print(f"report: {paths['md']}, {paths['json']}, plot: {paths['png']}")
+    if args.apply:
+        print(apply_choice(registry, report))
+    return 0
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    from ..registry import Registry, default_registry_path
+    from .serve import LocalStack, StackConfig
+
+    loras = _loras(args.lora)
     registry = Path(args.registry) if args.registry else default_registry_path()
     for v in args.vector or []:
         e = Registry(registry).add_file(v, replace=True)
@@ -591,6 +671,65 @@ def build_parser() -> argparse.ArgumentParser:
     en.add_argument("--enable", action="store_true")
     en.add_argument("--disable", action="store_true")
     rs.set_defaults(func=_cmd_registry)
+
+    tu = sub.add_parser(
+        "tune",
+        help="choose a vector's default scale on your labelled dev set, through vLLM",
+        description="Send a labelled dev set through vLLM at a sweep of scales; report "
+        "accuracy per scale with paired 95%% CIs against the plain adapter (scale 0), answers "
+        "changed, a plot and JSON + Markdown; --apply sets the best scale only when its CI "
+        "lies above 0.",
+    )
+    tu.add_argument(
+        "--dev",
+        type=_existing_file,
+        required=True,
+        help="labelled JSONL: {prompt, completion}, {prompt, choices, answer} or the "
+        "options format `svd-vllm assets tasks` writes",
+    )
+    tu.add_argument("--adapter", required=True, help="the served LoRA adapter (model name)")
+    tu.add_argument("--vector", help="registered vector to tune (default: the adapter's name)")
+    tu.add_argument(
+        "--registry", help="registry directory the engine reads (default: $SVD_VLLM_REGISTRY)"
+    )
+    tu.add_argument(
+        "--url",
+        help="a running vLLM with the plugin, e.g. http://127.0.0.1:8000 "
+        "(start it with --logprobs-mode processed_logprobs for the "
+        "first-token score)",
+    )
+    tu.add_argument(
+        "--model",
+        type=_existing_dir,
+        help="base model directory: tune starts vLLM itself (with --lora)",
+    )
+    tu.add_argument("--lora", action="append", help="NAME=DIR, with --model (repeatable)")
+    tu.add_argument("--dtype", default="auto", help="vLLM --dtype, with --model")
+    tu.add_argument("--max-model-len", type=_positive, help="vLLM --max-model-len, with --model")
+    tu.add_argument("--vllm-arg", action="append", help="extra vLLM argument, with --model")
+    tu.add_argument(
+        "--scales",
+        type=_floats,
+        default=[-0.5, 0.0, 0.25, 0.5, 1.0, 2.0],
+        help="comma-separated svd_scale values, e.g. --scales=-0.5,0,1 (0: the plain adapter; "
+        "default -0.5,0,0.25,0.5,1,2)",
+    )
+    tu.add_argument(
+        "--alphas",
+        type=_floats,
+        help="also sweep these mask thresholds (comma-separated, in (0, 1])",
+    )
+    tu.add_argument("--max-tokens", type=_positive, default=32, help="tokens per answer")
+    tu.add_argument("--limit", type=_positive, help="use the first N dev items")
+    tu.add_argument("--concurrency", type=_positive, default=16, help="requests in flight")
+    tu.add_argument("--out", help="report directory (default: ./tune-VECTOR)")
+    tu.add_argument(
+        "--apply",
+        action="store_true",
+        help="set the vector's default scale to the best one, only if its 95%% CI "
+        "against the plain adapter lies above 0",
+    )
+    tu.set_defaults(func=_cmd_tune)
 
     sv = sub.add_parser("serve", help="start vLLM (plugin + LoRA adapters) and the sidecar locally")
     sv.add_argument("--model", type=_existing_dir, required=True)
