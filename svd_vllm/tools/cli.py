@@ -436,6 +436,7 @@ def _cmd_tune(args: argparse.Namespace) -> int:
         "scales": args.scales,
         "alphas": args.alphas or (),
         "max_tokens": args.max_tokens,
+        "stop": args.stop or (),
         "concurrency": args.concurrency,
     }
     try:

@@ -2,10 +2,12 @@
 
 SmolLM2-135M from its PyPI package -> ARC-Easy (options listed in the prompt, answered by
 generation) with deterministic splits -> a LoRA warm start (1 epoch) -> steering vector
-extraction and calibration -> vLLM (plugin + the adapter) and the sidecar on 127.0.0.1 ->
-the vector registered through the sidecar API -> the test split answered through the
-OpenAI-compatible front by the base model, the LoRA, and the LoRA with SVD -> a table with
-paired 95% CIs and a plot -> every process stopped. Re-runs reuse the cache.
+extraction and calibration -> vLLM (plugin + the adapter, ``processed_logprobs``) and the sidecar
+on 127.0.0.1 -> the vector registered through the sidecar API -> the test split answered by the
+base model through the OpenAI-compatible front, then by the LoRA at ``svd-vllm tune``'s sweep of
+scales (0 = the plain LoRA), with paired 95% CIs, answers changed and the scale tune would
+choose -> a spot check that the steered model picked by name (``ADAPTER:svd``) answers as the
+sweep's scale 1 -> every process stopped. Re-runs reuse the cache.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ MODEL = "smollm2-135m"
 TASK = "arc_easy"
 ADAPTER = "arc-easy-lora"
 LR = 3e-4  # the paper's 5e-5 barely moves a 135M model in one epoch (see the accuracy study)
+SPOT_CHECK = 40  # test items also asked for by the steered model's name (``ADAPTER:svd``)
 
 
 def _step(n: int, text: str) -> None:
@@ -66,29 +69,12 @@ async def _answers(url: str, items: list[Item], model: str, steering: dict[str, 
         return list(await asyncio.gather(*(one(it) for it in items)))
 
 
-def _plot(rows: list[dict[str, Any]], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 3.5))
-    names = [r["method"] for r in rows]
-    acc = [100 * r["acc"] for r in rows]
-    err = [[100 * (r["acc"] - r["lo"]) for r in rows], [100 * (r["hi"] - r["acc"]) for r in rows]]
-    ax.bar(names, acc, yerr=err, capsize=4, color=["#999999", "#1f77b4", "#ff7f0e"])
-    ax.set_ylabel("ARC-Easy accuracy (%), 95% CI")
-    ax.set_title(f"SmolLM2-135M, n={rows[0]['n']}, greedy generation through vLLM", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
 def run_demo(workdir: Path | None = None) -> int:
     from ..offline.extraction import CalibrationItem, extract_vector
     from ..offline.reference import ReferenceDecoder
     from ..offline.warmstart import WarmStartConfig, train_adapter
     from .serve import LocalStack, StackConfig
+    from .tune import markdown, run_tune, write_report
 
     t0 = time.time()
     root = (workdir or cache_dir()) / "demo"
@@ -129,10 +115,10 @@ def run_demo(workdir: Path | None = None) -> int:
     registry = root / "registry"
     cfg = StackConfig(
         model=model_dir, loras={ADAPTER: adapter}, registry=registry, max_model_len=1024,
-        extra_vllm_args=["--served-model-name", "base", "--max-num-seqs", "32"],
+        extra_vllm_args=["--served-model-name", "base", "--max-num-seqs", "32",
+                         "--logprobs-mode", "processed_logprobs"],
         dtype="float32", log_dir=root / "logs",
     )  # fmt: skip
-    results: dict[str, Any] = {}
     with LocalStack(cfg) as stack:
         stack.wait_ready()
         print(f"      vLLM {stack.vllm_url}, sidecar {stack.sidecar_url} (logs in {stack.log_dir})")
@@ -142,49 +128,54 @@ def run_demo(workdir: Path | None = None) -> int:
         r = httpx.post(url, headers=auth, files=files, timeout=60)
         r.raise_for_status()
         print(f"      registered through the sidecar: {r.json()['name']} v{r.json()['version']}")
-        _step(6, f"evaluation: {len(test)} test questions through the OpenAI-compatible front")
-        runs = {
-            "base": ("base", None),
-            "LoRA": (ADAPTER, {"enabled": False}),
-            "LoRA+SVD": (ADAPTER, {"enabled": True}),
-        }
+        _step(6, f"evaluation: {len(test)} test questions, greedy, through vLLM")
         t_eval = time.time()
-        for name, (model, steering) in runs.items():
-            texts = asyncio.run(_answers(stack.sidecar_url, test, model, steering))
-            results[name] = [
-                float(generation_correct(t, it.options, it.gold))
-                for t, it in zip(texts, test, strict=True)
-            ]
-            print(f"      {name:9s} accuracy {100 * np.mean(results[name]):5.1f}%")
-        print(f"      {3 * len(test)} requests in {time.time() - t_eval:.0f}s")
+        texts = asyncio.run(_answers(stack.sidecar_url, test, "base", None))
+        base = [float(generation_correct(t, it.options, it.gold))
+                for t, it in zip(texts, test, strict=True)]  # fmt: skip
+        print(f"      base model (through the sidecar's front): {100 * np.mean(base):5.1f}%")
+        print("      svd-vllm tune: the LoRA at a sweep of svd_scale (0 = the plain LoRA)")
+        report = run_tune(stack.vllm_url, ADAPTER, ADAPTER, test, max_tokens=24, stop=["\n"])
+        # A client that can only pick a model name: the steered variant, through the front.
+        spot = test[:SPOT_CHECK]
+        by_name = asyncio.run(_answers(stack.sidecar_url, spot, f"{ADAPTER}:svd", None))
+        scale1 = next(p for p in report.points if p.scale == 1.0 and p.alpha is None)
+        same = sum(a == b for a, b in zip(by_name, scale1.texts, strict=False))
+        print(f"      `{ADAPTER}:svd` by name through the front: {same}/{len(spot)} answers "
+              "identical to tune's scale 1")  # fmt: skip
+        print(
+            f"      {len(test) * (len(report.points) + 1) + len(spot)} generations in "
+            f"{time.time() - t_eval:.0f}s"
+        )
     _step(7, "results (stopped vLLM and the sidecar)")
-    rows: list[dict[str, Any]] = []
-    for name, vals in results.items():
-        ci = paired_bootstrap(vals, results["LoRA"]) if name != "LoRA" else None
-        boot = paired_bootstrap(vals, np.zeros(len(vals)))
-        acc = float(np.mean(vals))
-        rows.append(
-            {
-                "method": name,
-                "n": len(vals),
-                "acc": acc,
-                "lo": boot["lo"],
-                "hi": boot["hi"],
-                "vs_lora": ci,
-            }
-        )
-    print(f"\n  {'method':10s} {'n':>4s} {'accuracy':>9s}   difference to LoRA [95% CI]")
-    for row in rows:
-        d = row["vs_lora"]
-        diff = (
-            ""
-            if d is None
-            else f"{100 * d['diff']:+.1f} [{100 * d['lo']:+.1f}, {100 * d['hi']:+.1f}] points"
-        )
-        print(f"  {row['method']:10s} {row['n']:4d} {100 * row['acc']:8.1f}%   {diff}")
-    out = {"rows": rows, "vector": m.model_dump(mode="json"), "seconds": time.time() - t0}
+    base_ci = paired_bootstrap(base, np.zeros(len(base)))
+    plain = next(p for p in report.points if p.scale == 0.0)
+    vs = paired_bootstrap(base, plain.correct)
+    print(
+        f"\n  base model {100 * np.mean(base):.1f}% (95% CI {100 * base_ci['lo']:.1f}-"
+        f"{100 * base_ci['hi']:.1f}); LoRA {100 * plain.accuracy:.1f}%: base - LoRA = "
+        f"{100 * vs['diff']:+.1f} [{100 * vs['lo']:+.1f}, {100 * vs['hi']:+.1f}] points\n"
+    )
+    print(markdown(report))
+    chosen = report.chosen
+    verdict = f"choose scale {chosen['scale']:g}" if chosen["apply"] else "keep it"
+    print(
+        f"  the vector's calibrated default is scale 1 (mu_bar {m.mu_bar:+.3f}); "
+        f"`svd-vllm tune --apply` would {verdict}: {chosen['reason']}"
+    )
+    out = {
+        "n": len(test),
+        "base": {"accuracy": float(np.mean(base)), "vs_lora": vs},
+        "tune": report.to_json(),
+        "by_name_spot_check": {"model": f"{ADAPTER}:svd", "n": len(spot), "identical": same},
+        "vector": m.model_dump(mode="json"),
+        "seconds": time.time() - t0,
+    }
     (root / "demo-results.json").write_text(json.dumps(out, indent=2))
-    _plot(rows, root / "demo.png")
-    print(f"\n  plot: {root / 'demo.png'}\n  results: {root / 'demo-results.json'}")
+    write_report(report, root)
+    print(
+        f"\n  plot: {root / 'tune.png'}\n  results: {root / 'demo-results.json'}, "
+        f"{root / 'tune.md'}"
+    )
     print(f"  done in {(time.time() - t0) / 60:.1f} min")
     return 0

@@ -157,6 +157,7 @@ async def _sweep(
     items: Sequence[Item],
     grid: Sequence[tuple[float, float | None]],
     max_tokens: int,
+    stop: Sequence[str],
     concurrency: int,
     progress: bool,
 ) -> tuple[list[Point], int, str]:
@@ -196,6 +197,8 @@ async def _sweep(
                 "temperature": 0,
                 "vllm_xargs": xargs,
             }
+            if stop:
+                body["stop"] = list(stop)
             async with sem:
                 out = await _post(client, f"{url}/v1/completions", body)
             bar.update()
@@ -318,6 +321,7 @@ def run_tune(
     scales: Sequence[float] = DEFAULT_SCALES,
     alphas: Sequence[float] = (),
     max_tokens: int = 32,
+    stop: Sequence[str] = (),
     concurrency: int = 16,
     progress: bool = True,
 ) -> TuneReport:
@@ -334,7 +338,9 @@ def run_tune(
     grid += [(s, a) for a in alphas for s in scales if s != 0.0]
     t0 = time.time()
     points, n_first, note = asyncio.run(
-        _sweep(url.rstrip("/"), adapter, vector, items, grid, max_tokens, concurrency, progress)
+        _sweep(
+            url.rstrip("/"), adapter, vector, items, grid, max_tokens, stop, concurrency, progress
+        )
     )
     _summarise(points)
     return TuneReport(
