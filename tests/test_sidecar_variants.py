@@ -125,6 +125,7 @@ def test_unknown_or_unservable_variants_are_404s_in_openai_shape(
     assert r.status_code == 404, r.text
     error = r.json()["error"]
     assert error["code"] == "model_not_found" and f"`{model}`" in error["message"]
+    assert error["type"] == "invalid_request_error" and error["param"] == "model"  # OpenAI's shape
     assert why in error["message"] and up.seen == []
 
 

@@ -7,6 +7,7 @@ handlers here turn them into responses and count each refusal by its code.
 from __future__ import annotations
 
 import errno
+from typing import Any
 
 from fastapi import FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
@@ -24,6 +25,7 @@ from .schemas import ErrorBody
 __all__ = [
     "ERROR_RESPONSES",
     "ApiError",
+    "error_body",
     "install_handlers",
     "registry_status",
     "validation_error",
@@ -38,11 +40,22 @@ ERROR_RESPONSES: dict[int | str, dict[str, object]] = {
 _REGISTRY_STATUS = {"not_found": 404, "conflict": 409, "unreadable": 503}
 
 
-class ApiError(HTTPException):
-    """A refusal with an HTTP status, a stable machine-readable code and a message."""
+def error_body(status: int, code: str, message: str, param: str | None = None) -> dict[str, Any]:
+    """``{"error": {...}}`` in OpenAI's shape (``message``, ``type``, ``param``, ``code``), so
+    OpenAI SDKs surface the message and code of every refusal, ours as vLLM's."""
+    kind = _ERROR_TYPES.get(status, "api_error" if status >= 500 else "invalid_request_error")
+    return {"error": {"code": code, "message": message, "type": kind, "param": param}}
 
-    def __init__(self, status: int, code: str, message: str) -> None:
-        super().__init__(status_code=status, detail={"code": code, "message": message})
+
+_ERROR_TYPES = {401: "authentication_error", 408: "timeout_error", 504: "timeout_error"}
+
+
+class ApiError(HTTPException):
+    """A refusal with an HTTP status, a stable machine-readable code and a message (``param``:
+    the request field it is about, when there is one)."""
+
+    def __init__(self, status: int, code: str, message: str, param: str | None = None) -> None:
+        super().__init__(status_code=status, detail=error_body(status, code, message, param))
         self.code = code
         self.message = message
 
@@ -58,12 +71,12 @@ def install_handlers(app: FastAPI, metrics: SidecarMetrics) -> None:
 
     def refuse(status: int, code: str, message: str) -> JSONResponse:
         metrics.rejections.labels(code).inc()
-        return JSONResponse({"error": {"code": code, "message": message}}, status_code=status)
+        return JSONResponse(error_body(status, code, message), status_code=status)
 
     @app.exception_handler(ApiError)
     async def _api_error(_: Request, exc: ApiError) -> JSONResponse:
         metrics.rejections.labels(exc.code).inc()
-        return JSONResponse({"error": exc.detail}, status_code=exc.status_code)
+        return JSONResponse(exc.detail, status_code=exc.status_code)
 
     @app.exception_handler(RegistryError)
     async def _registry_error(_: Request, exc: RegistryError) -> JSONResponse:

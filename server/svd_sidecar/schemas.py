@@ -29,6 +29,8 @@ def _finite(v: float | None, info: ValidationInfo) -> float | None:
 class ErrorDetail(BaseModel):
     code: str
     message: str
+    type: str = Field(description="OpenAI's error type, e.g. invalid_request_error")
+    param: str | None = Field(None, description="the request field it is about, if any")
 
 
 class ErrorBody(BaseModel):

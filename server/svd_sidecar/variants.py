@@ -76,7 +76,9 @@ def _problem(state: SidecarState, manifest: Manifest, model: str) -> str | None:
 
 
 def _not_found(name: str, why: str) -> ApiError:
-    return ApiError(404, "model_not_found", f"The model `{name}` does not exist: {why}")
+    return ApiError(
+        404, "model_not_found", f"The model `{name}` does not exist: {why}", param="model"
+    )
 
 
 def resolve(state: SidecarState, body: dict[str, Any]) -> Variant | None:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import signal
 import sys
 import time
 from collections.abc import Sequence
@@ -486,30 +485,25 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     if args.api_key:
         cfg.api_key = args.api_key
 
-    def _on_sigterm(signum: int, frame: object) -> None:
-        raise KeyboardInterrupt  # docker stop / systemd / k8s: stop the children as on Ctrl-C
-
-    previous = signal.signal(signal.SIGTERM, _on_sigterm)
-    stack = LocalStack(cfg).start()
-    try:
-        print(f"starting vLLM on {stack.vllm_url} and the sidecar on {stack.sidecar_url} ...")
-        stack.wait_ready()
-        pids = ", ".join(f"{n} pid {p.pid}" for n, p in stack.procs.items())
-        print(f"ready. vLLM: {stack.vllm_url}  sidecar: {stack.sidecar_url}  registry: {registry}")
-        print(f"children: {pids}", flush=True)
-        print(
-            f"sidecar API key (mutations): {cfg.api_key}\n"
-            f"logs: {stack.log_dir}  (Ctrl-C stops both)"
-        )
-        while all(p.poll() is None for p in stack.procs.values()):
-            time.sleep(1)
-        print("a child process exited; stopping", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        return 0
-    finally:
-        stack.stop()
-        signal.signal(signal.SIGTERM, previous)
+    with LocalStack(cfg) as stack:  # SIGTERM stops the children as Ctrl-C does
+        try:
+            print(f"starting vLLM on {stack.vllm_url} and the sidecar on {stack.sidecar_url} ...")
+            stack.wait_ready()
+            pids = ", ".join(f"{n} pid {p.pid}" for n, p in stack.procs.items())
+            print(
+                f"ready. vLLM: {stack.vllm_url}  sidecar: {stack.sidecar_url}  registry: {registry}"
+            )
+            print(f"children: {pids}", flush=True)
+            print(
+                f"sidecar API key (mutations): {cfg.api_key}\n"
+                f"logs: {stack.log_dir}  (Ctrl-C stops both)"
+            )
+            while all(p.poll() is None for p in stack.procs.values()):
+                time.sleep(1)
+            print("a child process exited; stopping", file=sys.stderr)
+            return 1
+        except KeyboardInterrupt:
+            return 0
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
@@ -721,8 +715,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="also sweep these mask thresholds (comma-separated, in (0, 1])",
     )
     tu.add_argument("--max-tokens", type=_positive, default=32, help="tokens per answer")
+    tu.add_argument("--stop", action="append", help="stop string for answers (repeatable)")
     tu.add_argument("--limit", type=_positive, help="use the first N dev items")
-    tu.add_argument("--concurrency", type=_positive, default=16, help="requests in flight")
+    tu.add_argument("--concurrency", type=_positive, default=32, help="requests in flight")
     tu.add_argument("--out", help="report directory (default: ./tune-VECTOR)")
     tu.add_argument(
         "--apply",

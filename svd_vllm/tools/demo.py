@@ -115,7 +115,7 @@ def run_demo(workdir: Path | None = None) -> int:
     registry = root / "registry"
     cfg = StackConfig(
         model=model_dir, loras={ADAPTER: adapter}, registry=registry, max_model_len=1024,
-        extra_vllm_args=["--served-model-name", "base", "--max-num-seqs", "32",
+        extra_vllm_args=["--served-model-name", "base", "--max-num-seqs", "64",
                          "--logprobs-mode", "processed_logprobs"],
         dtype="float32", log_dir=root / "logs",
     )  # fmt: skip

@@ -11,10 +11,12 @@ import secrets
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import httpx
 
@@ -183,6 +185,7 @@ class LocalStack:
         self.sidecar_url = f"http://{cfg.host}:{self.sidecar_port}"
         self.procs: dict[str, ChildProcess] = {}
         self.log_dir = cfg.log_dir or (cfg.registry.parent / "logs")
+        self._previous: Any = None
 
     def _env(self) -> dict[str, str]:
         env = dict(os.environ)
@@ -231,7 +234,21 @@ class LocalStack:
             proc.finish()
 
     def __enter__(self) -> LocalStack:
+        """Start; until ``__exit__``, SIGTERM (``docker stop``, systemd, Kubernetes, ``kill``)
+        raises ``KeyboardInterrupt`` in the main thread, so the children are stopped as on
+        Ctrl-C instead of being left running."""
+        self._previous = None
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGTERM, _sigterm_as_interrupt)
         return self.start()
 
     def __exit__(self, *exc: object) -> None:
-        self.stop()
+        try:
+            self.stop()
+        finally:
+            if self._previous is not None:
+                signal.signal(signal.SIGTERM, self._previous)
+
+
+def _sigterm_as_interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt

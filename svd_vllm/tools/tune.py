@@ -182,64 +182,53 @@ async def _sweep(
             )
         option_ids = await _first_token_ids(client, url, adapter, items)
         scorable = [i for i, ids in enumerate(option_ids) if ids is not None]
-        bar = tqdm(
-            total=len(grid) * (len(items) + len(scorable)),
-            desc="tune",
-            unit="req",
-            disable=not progress,
-        )
+        bar = tqdm(total=len(grid) * len(items), desc="tune", unit="req", disable=not progress)
 
-        async def generate(item: Item, xargs: dict[str, Any]) -> str:
-            body = {
+        async def answer(i: int, xargs: dict[str, Any]) -> tuple[str, list[float] | None]:
+            """The greedy answer; for a first-token-scorable item, in the same request, the
+            log-probabilities of each option's first token at the first position."""
+            body: dict[str, Any] = {
                 "model": adapter,
-                "prompt": item.prompt,
+                "prompt": items[i].prompt,
                 "max_tokens": max_tokens,
                 "temperature": 0,
                 "vllm_xargs": xargs,
             }
             if stop:
                 body["stop"] = list(stop)
-            async with sem:
-                out = await _post(client, f"{url}/v1/completions", body)
-            bar.update()
-            return str(out["choices"][0]["text"])
-
-        async def first_token_logprobs(i: int, xargs: dict[str, Any]) -> list[float] | None:
             ids = option_ids[i]
-            assert ids is not None
-            body = {
-                "model": adapter,
-                "prompt": items[i].prompt,
-                "max_tokens": 1,
-                "temperature": 0,
-                "logprobs": 1,
-                "logprob_token_ids": ids,
-                "return_tokens_as_token_ids": True,
-                "vllm_xargs": xargs,
-            }
+            if ids is not None:
+                body.update(logprobs=1, logprob_token_ids=ids, return_tokens_as_token_ids=True)
             async with sem:
                 out = await _post(client, f"{url}/v1/completions", body)
             bar.update()
+            choice = out["choices"][0]
+            if ids is None:
+                return str(choice["text"]), None
             try:
-                top = out["choices"][0]["logprobs"]["top_logprobs"][0]
-                return [float(top[f"token_id:{t}"]) for t in ids]
+                top = choice["logprobs"]["top_logprobs"][0]
+                return str(choice["text"]), [float(top[f"token_id:{t}"]) for t in ids]
             except (KeyError, IndexError, TypeError):
-                return None  # this vLLM does not return chosen ids' logprobs
+                return str(choice["text"]), None  # no logprobs of chosen ids from this vLLM
 
-        points, logprobs = [], []
+        # Every point at once: the engine batches across scales (a CPU engine is far from
+        # saturated by one scale's requests).
         try:
-            for scale, alpha in grid:
-                xargs = _xargs(vector, scale, alpha)
-                texts = await asyncio.gather(*(generate(it, xargs) for it in items))
-                lps = await asyncio.gather(*(first_token_logprobs(i, xargs) for i in scorable))
-                correct = [
-                    float(generation_correct(t, it.options, it.gold))
-                    for t, it in zip(texts, items, strict=True)
-                ]
-                points.append(Point(scale, alpha, list(texts), correct))
-                logprobs.append(lps)
+            answers = await asyncio.gather(
+                *(answer(i, _xargs(vector, s, a)) for s, a in grid for i in range(len(items)))
+            )
         finally:
             bar.close()
+        points, logprobs = [], []
+        for k, (scale, alpha) in enumerate(grid):
+            rows = answers[k * len(items) : (k + 1) * len(items)]
+            texts = [t for t, _ in rows]
+            correct = [
+                float(generation_correct(t, it.options, it.gold))
+                for t, it in zip(texts, items, strict=True)
+            ]
+            points.append(Point(scale, alpha, texts, correct))
+            logprobs.append([rows[i][1] for i in scorable])
     note = _score_first_tokens(points, logprobs, [items[i] for i in scorable])
     return points, len(scorable), note
 
@@ -322,7 +311,7 @@ def run_tune(
     alphas: Sequence[float] = (),
     max_tokens: int = 32,
     stop: Sequence[str] = (),
-    concurrency: int = 16,
+    concurrency: int = 32,
     progress: bool = True,
 ) -> TuneReport:
     """Sweep ``scales`` (x ``alphas``: each alpha beside the vector's own) through the vLLM at
