@@ -359,7 +359,7 @@ def markdown(report: TuneReport) -> str:
     if ft:
         head += [f"first-token acc. (n = {report.first_token_items})", "Δ [95% CI]"]
     lines = [
-        f"# `svd-vllm tune`: {report.vector} on {report.adapter}",
+        f"# `svd-vllm tune`: vector {report.vector}, adapter {report.adapter}",
         "",
         f"n = {report.n} dev items, greedy generation through vLLM at {report.url} "
         f"(at most {report.max_tokens} tokens); Δ = paired difference to scale 0 (the plain "
@@ -409,7 +409,7 @@ def plot(report: TuneReport, path: Path) -> None:
     ax.axhline(0, color="#888888", lw=0.8)
     ax.set_xlabel("svd_scale (0 = the plain adapter)")
     ax.set_ylabel("accuracy − adapter (points), 95% CI")
-    ax.set_title(f"{report.vector} on {report.adapter}, n = {report.n}", fontsize=9)
+    ax.set_title(f"vector {report.vector}, adapter {report.adapter}, n = {report.n}", fontsize=9)
     if alphas:
         ax.legend(fontsize=8)
     fig.tight_layout()
