@@ -23,9 +23,9 @@ import json
 import os
 import re
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
 
@@ -201,6 +201,9 @@ class PresetEntry(BaseModel):
     def _finite(cls, v: object, info: ValidationInfo) -> object:
         # Before the bounds, so that NaN is called what it is.
         return finite(v, str(info.field_name)) if isinstance(v, float) else v
+
+
+_Named = TypeVar("_Named", "CompositionEntry", "PresetEntry")
 
 
 class Manifest(BaseModel):
@@ -528,13 +531,7 @@ class Registry:
         return entry
 
     def remove_composition(self, name: str) -> CompositionEntry:
-        with self._locked() as m:
-            old = m.compositions.pop(name, None)
-            if old is None:
-                raise RegistryError(f"no composition named {name!r}", code="not_found")
-            m.last_version[name] = max(m.last_version.get(name, 0), old.version)
-            self._commit(m)
-        return old
+        return self._remove(name, "composition", name, lambda m: m.compositions)
 
     # -- presets --------------------------------------------------------------------------
     def presets(self) -> builtins.list[PresetEntry]:
@@ -567,11 +564,17 @@ class Registry:
         return entry
 
     def remove_preset(self, name: str) -> PresetEntry:
+        return self._remove(name, "preset", f"preset:{name}", lambda m: m.presets)
+
+    def _remove(
+        self, name: str, what: str, key: str, table: Callable[[Manifest], dict[str, _Named]]
+    ) -> _Named:
+        """Remove ``name`` from a manifest table; its version counter (``key``) is kept, so a
+        re-created entry never reuses a version."""
         with self._locked() as m:
-            old = m.presets.pop(name, None)
+            old = table(m).pop(name, None)
             if old is None:
-                raise RegistryError(f"no preset named {name!r}", code="not_found")
-            key = f"preset:{name}"
+                raise RegistryError(f"no {what} named {name!r}", code="not_found")
             m.last_version[key] = max(m.last_version.get(key, 0), old.version)
             self._commit(m)
         return old
