@@ -77,6 +77,9 @@ def test_models_list_a_variant_per_adapter_that_can_steer_and_per_preset(env: di
     assert back["parent"] == "lora-a" and back["root"] == "/l/lora-a"
     assert back["svd_steering"] == {"variant_of": "lora-a", "preset": "back",
                                     "vllm_xargs": {"svd": 1, "svd_scale": -0.5, "svd_alpha": 0.3}}  # fmt: skip
+    # A base model never gets variants (the engine steers LoRA requests), even with a vector.
+    assert upload(c, vec_bytes("base", seed=3)).status_code == 201
+    assert "base:svd" not in ids(c)
     # An adapter that can no longer steer loses its variants.
     c.patch("/v1/steering/vectors/lora-a", json={"enabled": False}, headers=AUTH)
     assert "lora-a:svd" not in ids(c) and "lora-b:svd" in ids(c)

@@ -118,9 +118,13 @@ def resolve(state: SidecarState, body: dict[str, Any]) -> Variant | None:
 def listed_variants(
     state: SidecarState, manifest: Manifest, model: dict[str, Any]
 ) -> list[dict[str, Any]]:
-    """The ``/v1/models`` entries of ``model``'s steered variants (none if it cannot steer)."""
+    """The ``/v1/models`` entries of ``model``'s steered variants: none for a base model (vLLM
+    lists LoRA adapters with a ``parent``; only their requests carry the adapter name the engine
+    steers by) or for an adapter that cannot steer."""
     name = str(model.get("id"))
-    if parse(name) is not None or _problem(state, manifest, name) is not None:
+    if not model.get("parent") or parse(name) is not None:
+        return []
+    if _problem(state, manifest, name) is not None:
         return []
     presets: list[PresetEntry | None] = [None, *sorted(manifest.presets.values(), key=_name)]
     out = []
