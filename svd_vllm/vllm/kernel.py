@@ -126,6 +126,14 @@ class SteeringKernel:
         if mod is not None and (self.device.type == "cuda" or os.environ.get("TRITON_INTERPRET")):
             self.workspace = mod.workspace(max(max_rows, 1), vocab_size, self.device)
 
+    @property
+    def name(self) -> str:
+        """Which implementation steers on this device: ``triton``, ``triton (interpreted)``
+        (Triton's CPU interpreter, tests only) or ``torch``."""
+        if self.workspace is None:
+            return "torch"
+        return "triton" if self.device.type == "cuda" else "triton (interpreted)"
+
     def __call__(
         self,
         logits: torch.Tensor,
