@@ -33,7 +33,8 @@ test-vllm031: $(VENV031)/.svd-vllm-installed
 MRV2_ENV = PYTHONPATH=$(CURDIR)/$(TRITON_DIR):$(CURDIR)/tests/support/mrv2 TRITON_INTERPRET=1 \
 	SVD_TEST_MRV2=1 VLLM_USE_V2_MODEL_RUNNER=1
 test-mrv2: setup
-	$(MRV2_ENV) $(PY) -m pytest -q -p no:cacheprovider tests/test_vllm_mrv2.py tests/test_vllm_offline.py
+	$(MRV2_ENV) $(PY) -m pytest -q -p no:cacheprovider tests/test_vllm_mrv2.py \
+		tests/test_vllm_offline.py tests/test_vllm_server.py
 
 # The vLLM releases without a CPU build: an interface check on each wheel's sources.
 compat: setup

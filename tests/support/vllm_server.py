@@ -51,6 +51,10 @@ class VLLMServer:
 
     def wait_ready(self, timeout: float = 240.0) -> None:
         self.child.wait_http(f"{self.base_url}/health", timeout)
+        if os.environ.get("SVD_TEST_MRV2") == "1":  # the MRV2 lane: no silent fallback
+            log = self.child.log_tail(1 << 22)
+            assert "Using V2 Model Runner" in log, "the MRV2 lane's server runs the V1 runner"
+            assert "v2 runner, triton (interpreted) kernel" in log, "no interpreted Triton kernel"
 
     def log_tail(self, n: int = 60) -> str:
         return "\n".join(self.child.log_tail(1 << 20).splitlines()[-n:])
