@@ -34,7 +34,7 @@ MRV2_ENV = PYTHONPATH=$(CURDIR)/$(TRITON_DIR):$(CURDIR)/tests/support/mrv2 TRITO
 	SVD_TEST_MRV2=1 VLLM_USE_V2_MODEL_RUNNER=1
 test-mrv2: setup
 	$(MRV2_ENV) $(PY) -m pytest -q -p no:cacheprovider tests/test_vllm_mrv2.py \
-		tests/test_vllm_offline.py tests/test_vllm_server.py
+		tests/test_vllm_offline.py tests/test_vllm_server.py tests/test_vllm_features.py
 
 # The vLLM releases without a CPU build: an interface check on each wheel's sources.
 compat: setup

@@ -62,6 +62,7 @@ __all__ = [
     "parse_request_args",
     "reset_state",
     "served_vocab_size",
+    "set_processors_skipped",
     "set_served_vocab_size",
     "set_stamping",
     "validate_steering_params",
@@ -272,6 +273,7 @@ class _AdmissionState:
         self.watchers: dict[str, ManifestWatcher] = {}
         self.vocab_size: int | None = None
         self.stamping = False  # the plugin's wrapper is installed in this process
+        self.skipped: str | None = None  # why the engine runs no logits processor, if it doesn't
 
     def watcher(self) -> ManifestWatcher:
         registry = Registry()
@@ -301,11 +303,18 @@ def set_stamping(active: bool) -> None:
     _state.stamping = active
 
 
+def set_processors_skipped(reason: str | None) -> None:
+    """Record that (and why) this server's engine applies no logits processor: requests that
+    ask for steering are then refused instead of silently running unsteered."""
+    _state.skipped = reason
+
+
 def reset_state() -> None:
     """Forget the served vocab size, the stamping flag and every watcher (tests, restarts)."""
     with _state.lock:
         _state.vocab_size = None
         _state.stamping = False
+        _state.skipped = None
         _state.watchers.clear()
 
 
@@ -449,7 +458,7 @@ def validate_steering_params(extra_args: Mapping[str, Any] | None) -> None:
     """
     watcher = _state.watcher()
     served = _state.vocab_size
-    check_request(
+    req = check_request(
         extra_args,
         watcher.current()[0],
         lambda entry: watcher.problem(entry, served),
@@ -457,6 +466,11 @@ def validate_steering_params(extra_args: Mapping[str, Any] | None) -> None:
         stamping=_state.stamping,
         unservable_default=_count_default_unservable,
     )
+    if _state.skipped is not None and req.enabled:
+        if req.vector_explicit or req.explicit:
+            raise SteeringError(f"vllm_xargs.{ENABLE_KEY}: {_state.skipped}")
+        if req.vector is not None or req.composed:
+            _count_default_unservable(req.vector or "", "processors_skipped")
 
 
 def _count_default_unservable(name: str, reason: str) -> None:

@@ -52,6 +52,22 @@ def check_vllm() -> None:
         )  # fmt: skip
 
 
+def _skips_processors(input_processor: Any) -> str | None:
+    """Why this engine runs no installed logits processor, or None. vLLM's V1 model runner with
+    speculative decoding refuses processors passed explicitly but silently skips the installed
+    ones (``build_logitsprocs``): steering would be a no-op that nobody sees."""
+    cfg = getattr(input_processor, "vllm_config", None)
+    if cfg is None or getattr(cfg, "speculative_config", None) is None:
+        return None
+    if bool(getattr(cfg, "use_v2_model_runner", False)):
+        return None  # MRV2 runs the processor on every draft row
+    return (
+        "this server runs speculative decoding on vLLM's V1 model runner, which skips logits "
+        "processors, so steering cannot apply (use the V2 model runner, the GPU default, or "
+        "serve without --speculative-config)"
+    )
+
+
 def register() -> None:
     """Entry point: check the vLLM, then patch ``InputProcessor.process_inputs`` once."""
     check_vllm()
@@ -71,6 +87,7 @@ def register() -> None:
         if isinstance(params, SamplingParams):
             if admission.served_vocab_size() is None:
                 admission.set_served_vocab_size(int(self.model_config.get_vocab_size()))
+                admission.set_processors_skipped(_skips_processors(self))
             lora = bound.arguments.get("lora_request")
             extra = dict(params.extra_args or {})
             for key in INTERNAL_KEYS:
