@@ -3,13 +3,13 @@
 Steering is injected (and the ``steering`` field stripped) on every generation endpoint vLLM
 serves: ``/v1/completions``, ``/v1/chat/completions``, ``/v1/responses`` (OpenAI Responses API)
 and ``/v1/messages`` (Anthropic-compatible), streamed or not (SSE passed through). ``/v1/models``
-is annotated with each model's steering vector, and ``/tokenize`` / ``/detokenize`` pass through.
-Any other path is an allow-list miss: a 404 that says so (vLLM's admin endpoints, such as LoRA
-loading, stay off this open port).
+is annotated with each model's steering and lists the steered variants (``ADAPTER:svd``, see
+``variants``), and ``/tokenize`` / ``/detokenize`` pass through. Any other path is an allow-list
+miss: a 404 that says so (vLLM's admin endpoints, such as LoRA loading, stay off this open port).
 
-The keys it writes and the "vector can serve" rule are the engine's own
-(``svd_vllm.vllm.admission``, ``svd_vllm.registry.servable``), so a request the sidecar lets
-through is one vLLM admits.
+The keys it writes and the admission rule it checks them with are the engine's own
+(``svd_vllm.vllm.admission.check_request``), so a request the sidecar lets through is one vLLM
+admits. Bodies are parsed by ``json_body`` and sent by ``upstream``.
 """
 
 from __future__ import annotations
