@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import contextlib
 import json
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import httpx
 
-from svd_vllm.registry import Registry, VectorEntry
+from svd_vllm.registry import Manifest, Registry, VectorEntry
 from svd_vllm.registry.vector_store import ManifestWatcher
+from svd_vllm.vllm.admission import XARGS_NAMES, ArgNames, SteeringRequest, check_request
 
 from .errors import ApiError
 from .metrics import SidecarMetrics
@@ -32,10 +35,12 @@ class SidecarState:
         self._vocab: int | None = settings.vocab_size
         self._files = ManifestWatcher(self.registry)  # verifies each file once per change
 
-    @property
-    def served_vocab(self) -> int | None:
-        """The served model's vocab size, if known yet (``vocab_size()`` finds it out)."""
-        return self._vocab
+    def admit(
+        self, xargs: Mapping[str, Any], manifest: Manifest, names: ArgNames = XARGS_NAMES
+    ) -> SteeringRequest:
+        """vLLM admission's own rule (``check_request``) against this sidecar's registry and
+        served vocab; ``SteeringError`` where the engine would refuse the request."""
+        return check_request(xargs, manifest, self.problem, self._vocab, names=names)
 
     def problem(self, entry: VectorEntry) -> str | None:
         """Why ``entry``'s file cannot serve, or None (the same check vLLM's admission makes)."""

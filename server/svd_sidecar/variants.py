@@ -26,7 +26,6 @@ from svd_vllm.vllm.admission import (
     SCALE_KEY,
     STEERING_KEYS,
     SteeringError,
-    check_request,
 )
 
 from .errors import ApiError
@@ -69,7 +68,7 @@ def _xargs(preset: PresetEntry | None) -> dict[str, Any]:
 def _problem(state: SidecarState, manifest: Manifest, model: str) -> str | None:
     """Why ``model``'s requests cannot steer by default (the engine's admission rule)."""
     try:
-        check_request({ENABLE_KEY: 1, LORA_KEY: model}, manifest, state.problem, state.served_vocab)
+        state.admit({ENABLE_KEY: 1, LORA_KEY: model}, manifest)
     except SteeringError as e:
         return str(e)
     return None

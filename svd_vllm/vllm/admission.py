@@ -368,8 +368,6 @@ def check_request(
             )
     try:
         req = parse_request_args(extra_args, server_default=server_default)
-    except SteeringError:
-        raise
     except ValueError as e:
         raise SteeringError(str(e)) from None
     named = req.vector

@@ -34,7 +34,6 @@ from svd_vllm.vllm.admission import (
     XARGS_NAMES,
     ArgNames,
     SteeringError,
-    check_request,
 )
 
 from .. import variants
@@ -113,20 +112,10 @@ def _composition_status(
     """``ready`` exactly when a request steering with ``comp`` would be admitted (the engine's
     rule); else ``disabled`` (it, or a member) or ``unloadable``, with the reason."""
     try:
-        _check(state, manifest, {ENABLE_KEY: 1, VECTOR_KEY: comp.name})
+        state.admit({ENABLE_KEY: 1, VECTOR_KEY: comp.name}, manifest)
     except SteeringError as e:
         return ("disabled" if e.code == "disabled_vector" else "unloadable"), str(e)
     return "ready", None
-
-
-def _check(
-    state: SidecarState,
-    manifest: Manifest,
-    xargs: dict[str, Any],
-    names: ArgNames = XARGS_NAMES,
-) -> None:
-    """The engine's admission rule (``check_request``) against the sidecar's registry."""
-    check_request(xargs, manifest, state.problem, state.served_vocab, stamping=True, names=names)
 
 
 def _generation_route(path: str, label: str) -> None:
@@ -204,17 +193,22 @@ def _steering_xargs(state: SidecarState, body: dict[str, Any]) -> tuple[dict[str
     if opts.vectors is not None and any(v.scale is not None for v in opts.vectors):
         # The members without a scale: their vector's default scale, so the lists align (an
         # unknown name's placeholder never leaves: the check below refuses it).
-        defaults = {n: e.default_scale for n, e in manifest.vectors.items()}
         xargs[SCALE_KEY] = [
-            v.scale if v.scale is not None else defaults.get(v.name, 1.0) for v in opts.vectors
+            v.scale if v.scale is not None else _default_scale(manifest, v.name)
+            for v in opts.vectors
         ]
     model = body.get("model")
     stamped = {**xargs, LORA_KEY: model} if isinstance(model, str) and model else xargs
     try:
-        _check(state, manifest, stamped, names)
+        state.admit(stamped, manifest, names)
     except SteeringError as e:
         raise ApiError(400, e.code, str(e)) from None
     return xargs, label
+
+
+def _default_scale(manifest: Manifest, name: str) -> float:
+    entry = manifest.vectors.get(name)
+    return entry.default_scale if entry is not None else 1.0
 
 
 async def _generate(state: SidecarState, request: Request, path: str, endpoint: str) -> Response:
