@@ -153,28 +153,54 @@ def ensure_vector(
     return art, summary, seconds
 
 
+def score_cache_dir(model: str, suite: Suite) -> Path:
+    """Where each task's per-item scores are kept, so that an interrupted study resumes."""
+    return cache_dir() / "scores" / model / suite.adapter
+
+
+def score_task(
+    dec: ReferenceDecoder, vec: Any, model: str, suite: Suite, task: str
+) -> dict[str, dict[str, list[float]]]:
+    """Per-item scores of every method on one test task (cached per suite, task and vector)."""
+    items = load_items(tasks_dir() / task / "test.jsonl", limit=suite.test_per_task)
+    key = {
+        "items": [it.id for it in items],
+        "vector": vec.meta.content_hash,
+        "methods": list(METHODS),
+        "generation": task in suite.generation_tasks,
+        "generation_limit": suite.generation_limit,
+    }
+    path = score_cache_dir(model, suite) / f"{task}.json"
+    if path.exists():
+        cached = json.loads(path.read_text())
+        if cached.get("key") == key:
+            return dict(cached["scores"])
+    scores = evaluate_items(
+        dec,
+        items,
+        method_specs(vec, include=METHODS),
+        generation=task in suite.generation_tasks,
+        gen_limit=suite.generation_limit or None,
+        desc=task,
+        batch_size=PLACEMENT["batch_size"],
+    )
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps({"key": key, "scores": scores}))
+    tmp.replace(path)
+    return scores
+
+
 def run_suite(model: str, model_dir: Path, suite: Suite) -> dict[str, Any]:
     t0 = time.time()
     adir, ws = ensure_adapter(model_dir, model, suite)
     dec = ReferenceDecoder(model_dir, adir, device=PLACEMENT["device"], dtype=PLACEMENT["dtype"])
     vec, vreport, _ = ensure_vector(dec, model, suite)
-    specs = method_specs(vec, include=METHODS)
     tasks: dict[str, Any] = {}
     raw: dict[str, Any] = {}
     for t in suite.test_tasks:
-        items = load_items(tasks_dir() / t / "test.jsonl", limit=suite.test_per_task)
-        gen = t in suite.generation_tasks
-        t1 = time.time()
-        scores = evaluate_items(
-            dec,
-            items,
-            specs,
-            generation=gen,
-            gen_limit=suite.generation_limit or None,
-            desc=t,
-            batch_size=PLACEMENT["batch_size"],
-        )
-        tasks[t] = task_summary(scores) | {"seconds": time.time() - t1}
+        scores = score_task(dec, vec, model, suite, t)
+        tasks[t] = task_summary(scores) | {"seconds": scores["peft"]["_seconds"][0]}
         raw[t] = {
             m: {k: v for k, v in s.items() if not k.startswith("_")} for m, s in scores.items()
         }

@@ -150,6 +150,9 @@ def config(vocab: int, max_seqs: int) -> Any:
     return types.SimpleNamespace(
         model_config=types.SimpleNamespace(get_vocab_size=lambda: vocab),
         scheduler_config=types.SimpleNamespace(max_num_seqs=max_seqs),
+        parallel_config=types.SimpleNamespace(
+            rank=0, tensor_parallel_size=1, pipeline_parallel_size=1
+        ),
     )
 
 

@@ -55,7 +55,9 @@ def _processor(registry_dir: Path, vocab: int, rows: int, n_vectors: int = 1, st
         if f"v{i}" not in have:
             reg.add(_vector(f"v{i}", vocab, seed=i))
     cfg = SimpleNamespace(model_config=SimpleNamespace(get_vocab_size=lambda: vocab),
-                          scheduler_config=SimpleNamespace(max_num_seqs=max(rows, 8)))  # fmt: skip
+                          scheduler_config=SimpleNamespace(max_num_seqs=max(rows, 8)),
+                          parallel_config=SimpleNamespace(rank=0, tensor_parallel_size=1,
+                                                          pipeline_parallel_size=1))  # fmt: skip
     p = SVDLogitsProcessor(cfg, "cpu", False)
     extra = {"svd": 1, "svd_vector": "v0"} if steered else {"svd": 0}
     per_row = extras or [extra] * rows

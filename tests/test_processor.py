@@ -55,6 +55,7 @@ def config(max_seqs: int = 8) -> SimpleNamespace:
     return SimpleNamespace(
         model_config=SimpleNamespace(get_vocab_size=lambda: V),
         scheduler_config=SimpleNamespace(max_num_seqs=max_seqs),
+        parallel_config=SimpleNamespace(rank=0, tensor_parallel_size=1, pipeline_parallel_size=1),
     )
 
 
@@ -242,6 +243,45 @@ def test_v2_slots_rows_and_recycling(registry: Registry) -> None:
     out = p.apply(z4.clone(), ctx)
     torch.testing.assert_close(out[:2], expected(z4[:2], a, 4.0, 0.1))
     assert torch.equal(out[2], z4[2])
+
+
+def sampler_warmup_params() -> SamplingParams:
+    """vLLM 0.33's ``SamplingParams.for_sampler_warmup()`` (copied where vLLM is older)."""
+    made = getattr(SamplingParams, "for_sampler_warmup", None)
+    if made is not None:
+        return made()
+    return SamplingParams(temperature=0.9, top_p=0.9, top_k=50, min_p=0.1,
+                          frequency_penalty=0.5, presence_penalty=0.5, repetition_penalty=1.2,
+                          min_tokens=2, logit_bias={0: -1.0, 1: 0.5}, logprobs=5,
+                          prompt_logprobs=1)  # fmt: skip
+
+
+def test_v2_sampler_warmup_leaves_no_state(registry: Registry) -> None:
+    """vLLM 0.33's V2 runner warms its sampler up by adding the warm-up params to every slot,
+    flushing, and sampling a dummy batch (``GPUModelRunner._dummy_sampler_run``), before any
+    real request. Afterwards the processor must be as new: slots a steered request held are
+    unsteered, nothing counts as active, and the next requests steer exactly as usual."""
+    req_states = SimpleNamespace(device=torch.device("cpu"), max_num_reqs=8)
+    p = SVDLogitsProcessor(config(), req_states)
+    fresh = SVDLogitsProcessor(config(max_seqs=4), SimpleNamespace(device=torch.device("cpu"),
+                                                                   max_num_reqs=8))  # fmt: skip
+    assert p.add_request(3, sp(svd=1, svd_vector="b")) is True  # e.g. left by a profile run
+    p.apply_staged_writes()
+    warm = sampler_warmup_params()
+    assert [p.add_request(i, warm) for i in range(8)] == [False] * 8
+    p.apply_staged_writes()
+    z = logits(8)
+    assert torch.equal(p.apply(z.clone(), fake_ctx(list(range(8)))), z)
+    assert p.steering.state.count == 0
+    # Real traffic after the warm-up: identical to a processor that never warmed up.
+    for proc in (p, fresh):
+        assert proc.add_request(3, sp(svd=1, svd_vector="a")) is True
+        assert proc.add_request(0, sp()) is False
+        proc.apply_staged_writes()
+    z2 = logits(2, seed=5)
+    torch.testing.assert_close(p.apply(z2.clone(), fake_ctx([0, 3])),
+                               fresh.apply(z2.clone(), fake_ctx([0, 3])))  # fmt: skip
+    assert torch.equal(p.apply(z2.clone(), fake_ctx([0, 3]))[0], z2[0])
 
 
 def test_second_instance_for_one_engine_is_inert(registry: Registry) -> None:

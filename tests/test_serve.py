@@ -10,7 +10,7 @@ import pytest
 
 from svd_vllm.core import artifact
 from svd_vllm.offline.reference import ReferenceDecoder
-from svd_vllm.tools.serve import LocalStack, StackConfig
+from svd_vllm.tools.serve import CPU_BIND_ENV, LocalStack, StackConfig, cpu_rank_binding
 
 pytestmark = pytest.mark.vllm
 
@@ -98,3 +98,47 @@ def test_serve_stops_its_children_on_sigterm(serving_assets: dict, tmp_path: Pat
         for p in pids:
             if _alive(p):
                 os.killpg(p, signal.SIGKILL)
+
+
+@pytest.mark.parametrize(
+    ("ranks", "cores", "binding"),
+    [(2, [0, 1], "0|1"), (2, range(8), "0-3|4-7"), (3, range(7), "0-1|2-3|4-5"),
+     (2, [6, 0, 4, 2], "0,2|4,6"), (1, [5], "5")],
+)  # fmt: skip
+def test_cpu_rank_binding_gives_each_rank_its_own_cores(
+    ranks: int, cores: list[int], binding: str
+) -> None:
+    assert cpu_rank_binding(ranks, cores) == binding
+
+
+def test_serve_sets_the_binding_only_where_vllm_cpu_needs_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv(CPU_BIND_ENV, raising=False)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda _pid: {0, 1})
+    monkeypatch.setattr("svd_vllm.tools.serve._has_gpu", lambda: False)
+    cfg = StackConfig(model=tmp_path, loras={}, registry=tmp_path / "r")
+    assert cfg.cpu_binding() is None  # one rank
+    cfg.tensor_parallel_size = 2
+    assert cfg.cpu_binding() == "0|1"
+    assert LocalStack(cfg)._env()[CPU_BIND_ENV] == "0|1"
+    cfg.pipeline_parallel_size = 2
+    with pytest.raises(ValueError, match="4 ranks need at least 4 cores; this process may use 2"):
+        cfg.cpu_binding()
+    monkeypatch.setenv(CPU_BIND_ENV, "0-1|0-1|0-1|0-1")  # the user's own choice wins
+    assert cfg.cpu_binding() is None
+    assert LocalStack(cfg)._env()[CPU_BIND_ENV] == "0-1|0-1|0-1|0-1"
+
+
+def test_serve_refuses_more_cpu_ranks_than_cores(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from svd_vllm.tools.cli import main
+
+    monkeypatch.delenv(CPU_BIND_ENV, raising=False)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda _pid: {0, 1})
+    monkeypatch.setattr("svd_vllm.tools.serve._has_gpu", lambda: False)
+    code = main(["serve", "--model", str(tmp_path), "--registry", str(tmp_path / "r"),
+                 "--tensor-parallel-size", "4"])  # fmt: skip
+    assert code != 0
+    assert "4 ranks need at least 4 cores" in capsys.readouterr().err

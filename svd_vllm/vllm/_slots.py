@@ -140,6 +140,15 @@ class SlotState:
             dev.copy_(host, non_blocking=True)
 
 
+def worker_rank(vllm_config: Any) -> str:
+    """This worker's place in the engine, for the log: every rank that samples builds a
+    processor and loads the vectors (vLLM numbers ranks pipeline-major)."""
+    par = vllm_config.parallel_config
+    tp, pp = int(par.tensor_parallel_size), int(par.pipeline_parallel_size)
+    rank = int(par.rank)
+    return f"rank {rank} (tp {rank % tp}/{tp}, pp {rank // tp}/{pp})"
+
+
 class EngineSteering:
     """What one engine's processor owns: the vector store, the slot state and the kernel."""
 
@@ -168,9 +177,10 @@ class EngineSteering:
         self.kernel = SteeringKernel(device, self.vocab_size, size)
         if self.store is not None:
             logger.info(
-                "svd-vllm: steering processor active (%s runner, %s kernel, registry %s, "
+                "svd-vllm: steering processor active (%s runner, %s kernel, %s, registry %s, "
                 "%d vectors)",
-                runner, self.kernel.name, self.store.registry.root, len(self.store.names()),
+                runner, self.kernel.name, worker_rank(vllm_config), self.store.registry.root,
+                len(self.store.names()),
             )  # fmt: skip
 
     def _resolve(self, params: SamplingParams | None) -> tuple[int, float, float] | None:

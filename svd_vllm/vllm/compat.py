@@ -65,6 +65,12 @@ REQUIREMENTS: tuple[Requirement, ...] = (
         params={"process_inputs": ("params", "lora_request")},
     ),
     Requirement("vllm.lora.request", "LoRARequest", fields=frozenset({"lora_name"})),
+    # The processor's start-up log names its worker's rank.
+    Requirement(
+        "vllm.config.parallel",
+        "ParallelConfig",
+        fields=frozenset({"rank", "tensor_parallel_size", "pipeline_parallel_size"}),
+    ),
     # V1 runner interface.
     Requirement(
         "vllm.v1.sample.logits_processor",

@@ -16,8 +16,35 @@ import os
 
 def _register_cpu_backend() -> None:
     from triton.backends import Backend, backends
-    from triton.backends.compiler import BaseBackend
+    from triton.backends.compiler import BaseBackend, GPUTarget
     from triton.backends.driver import DriverBase
+
+    target = GPUTarget("cpu", 0, 0)
+
+    class InterpreterCompiler(BaseBackend):
+        """Compiles nothing (the interpreter runs every kernel); it exists so that callers that
+        ask Triton for the active target's backend get one. torch.compile (vLLM compiles a few
+        helpers with inductor, e.g. tensor parallelism's vocabulary mask) hashes it into its
+        cache keys."""
+
+        @staticmethod
+        def supports_target(t: GPUTarget) -> bool:
+            return bool(t.backend == "cpu")
+
+        def hash(self) -> str:
+            return "svd-vllm-test-interpreter"
+
+        def parse_options(self, options: dict) -> object:
+            raise NotImplementedError("the interpreter compiles nothing")
+
+        def add_stages(self, stages: dict, options: object, language: object = None) -> None:
+            raise NotImplementedError("the interpreter compiles nothing")
+
+        def load_dialects(self, context: object) -> None:
+            return None
+
+        def get_module_map(self) -> dict:
+            return {}
 
     class InterpreterDriver(DriverBase):
         @classmethod
@@ -27,8 +54,8 @@ def _register_cpu_backend() -> None:
         def map_python_to_cpp_type(self, ty: str) -> str:
             return ty
 
-        def get_current_target(self) -> None:
-            return None
+        def get_current_target(self) -> GPUTarget:
+            return target
 
         def get_active_torch_device(self):  # type: ignore[no-untyped-def]
             import torch
@@ -40,7 +67,7 @@ def _register_cpu_backend() -> None:
 
             return do_bench
 
-    backends.setdefault("cpu", Backend(compiler=BaseBackend, driver=InterpreterDriver))
+    backends.setdefault("cpu", Backend(compiler=InterpreterCompiler, driver=InterpreterDriver))
 
 
 if os.environ.get("TRITON_INTERPRET") == "1" and os.environ.get("SVD_TEST_MRV2") == "1":

