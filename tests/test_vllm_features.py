@@ -255,10 +255,11 @@ def _preemptions(srv: VLLMServer) -> float:
 
 
 def test_preemption_resumes_steering_on_the_pinned_version(assets: dict) -> None:
-    """A KV cache of five blocks for eight requests of two blocks each: running requests are
-    preempted (vLLM's counter says so) and resumed. lora1's vector is replaced after the first
-    preemption, while most requests still run or wait to resume: each one keeps the version it
-    was admitted with, so every continuation equals the reference decoder's with the old one."""
+    """A KV cache of five blocks for eight requests of two blocks each: once requests cross
+    their first block, running ones are preempted (vLLM's counter says so) and resumed. lora1's
+    vector is replaced as soon as every request is admitted (its response headers are back),
+    while they run: every request keeps the version it was admitted with, preempted or not, so
+    every continuation equals the reference decoder's with the old one."""
     root = assets["root"] / "preempt"
     reg = Registry(root / "registry")
     for name in ("lora1", "lora2"):
@@ -276,38 +277,35 @@ def test_preemption_resumes_steering_on_the_pinned_version(assets: dict) -> None
     try:
         srv.wait_ready()
         assert _preemptions(srv) == 0
-        started = threading.Event()
-        results: list[list[list[int]]] = []
-        finished: list[float] = []
+        admitted = threading.Semaphore(0)  # released once per request whose headers are back
 
-        def batch() -> None:
-            def one(body: dict[str, Any]) -> list[list[int]]:
-                started.set()
-                out = run(srv, [body], max_tokens=n, min_tokens=n)[0]
-                finished.append(time.monotonic())
-                return out
+        def one(body: dict[str, Any]) -> list[list[int]]:
+            body = {**body, "max_tokens": n, "min_tokens": n, "temperature": 0, "stream": True,
+                    "return_token_ids": True}  # fmt: skip
+            ids: list[int] = []
+            with httpx.stream("POST", f"{srv.base_url}/v1/completions", json=body,
+                              timeout=600) as r:  # fmt: skip
+                admitted.release()  # vLLM answers headers after admission pinned the version
+                assert r.status_code == 200, r.read()
+                for line in r.iter_lines():
+                    if line.startswith("data: {"):
+                        ids += json.loads(line[6:])["choices"][0]["token_ids"]
+            return [ids]
 
-            with ThreadPoolExecutor(len(requests)) as pool:
-                results.extend(pool.map(one, requests))
-
-        worker = threading.Thread(target=batch)
-        worker.start()
-        assert started.wait(60)
-        deadline = time.monotonic() + 120
+        with ThreadPoolExecutor(len(requests)) as pool:
+            futures = [pool.submit(one, body) for body in requests]
+            for _ in requests:
+                assert admitted.acquire(timeout=120), "a request was never admitted"
+            replacement = SteeringArtifact.create(
+                assets["vectors"]["lora2"].shift, name="lora1", base_model="tiny",
+                adapter="lora1", tokenizer_fingerprint="t", mu_bar=-6.0, alpha=0.2,
+            )  # fmt: skip
+            reg.add(replacement, replace=True)
+            results = [f.result(timeout=600) for f in futures]
+        deadline = time.monotonic() + 60  # vLLM publishes its counters with some delay
         while _preemptions(srv) == 0 and time.monotonic() < deadline:
-            time.sleep(0.05)
-        before_swap = _preemptions(srv)
-        assert before_swap > 0, "the KV cache did not force a preemption"
-        replacement = SteeringArtifact.create(
-            assets["vectors"]["lora2"].shift, name="lora1", base_model="tiny", adapter="lora1",
-            tokenizer_fingerprint="t", mu_bar=-6.0, alpha=0.2,
-        )  # fmt: skip
-        reg.add(replacement, replace=True)
-        swapped = time.monotonic()
-        worker.join(600)
-        assert len(results) == len(requests)
-        late = sum(t > swapped for t in finished)
-        assert late >= 4, f"only {late} requests were still running at the swap"
+            time.sleep(0.5)
+        assert _preemptions(srv) > 0, "the KV cache did not force a preemption"
     finally:
         srv.stop()
     for body, got in zip(requests, results, strict=True):
