@@ -9,7 +9,6 @@ readiness that must not lie, and the grace period of superseded files.
 from __future__ import annotations
 
 import errno
-import hashlib
 import os
 import time
 from collections.abc import Iterator
@@ -19,16 +18,7 @@ import pytest
 
 from svd_vllm.core import artifact
 from svd_vllm.registry import Registry
-from tests.test_sidecar import AUTH, VOCAB, sidecar_env, vec_bytes
-
-
-def snapshot(root: Path) -> dict[str, str]:
-    """Every file under the registry (uploads excluded) and its content hash."""
-    return {
-        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
-        for p in sorted(root.rglob("*"))
-        if p.is_file() and ".uploads" not in p.parts and p.name != "registry.lock"
-    }
+from tests.support.sidecar_app import AUTH, KEY, VOCAB, sidecar_env, snapshot, vec_bytes
 
 
 @pytest.fixture
@@ -252,7 +242,6 @@ def test_a_real_sidecar_refuses_a_chunked_stream_as_it_arrives(tmp_path: Path) -
     """Against a real uvicorn sidecar: no Content-Length, 1 MiB chunks. The 413 comes after
     about the cap, not after the whole stream, and nothing is left spooled."""
     from tests.support.sidecar_proc import SidecarProcess
-    from tests.test_sidecar import KEY
 
     cap = 2 << 20
     reg = tmp_path / "reg"

@@ -32,9 +32,6 @@ def backend(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> 
     if request.param == "triton":
         if not (HAVE_TRITON and INTERPRET):
             pytest.skip("Triton runs in the interpreter pass of `make test` (TRITON_INTERPRET=1)")
-        from svd_vllm.vllm import _triton_steer
-
-        monkeypatch.setattr(_triton_steer, "BLOCK", 64)  # several chunks per row at test sizes
         monkeypatch.delenv("SVD_VLLM_KERNEL", raising=False)
     else:
         monkeypatch.setenv("SVD_VLLM_KERNEL", "torch")
@@ -176,3 +173,34 @@ def test_triton_gpu_harness_dry_run_on_cpu(tmp_path: Path) -> None:
     (report,) = tmp_path.glob("gpu-*.json")
     check = json.loads(report.read_text())["check"]
     assert check["ok"] and check["v1"]["same_mask"] and check["v2"]["same_mask"]
+
+
+@pytest.mark.parametrize(
+    ("value", "setting"), [("", "auto"), ("auto", "auto"), (" Torch ", "torch")]
+)
+def test_kernel_setting_reads_svd_vllm_kernel(
+    monkeypatch: pytest.MonkeyPatch, value: str, setting: str
+) -> None:
+    monkeypatch.setenv("SVD_VLLM_KERNEL", value)
+    assert kernel.kernel_setting() == setting
+
+
+def test_an_unknown_kernel_setting_is_an_error_not_auto(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SVD_VLLM_KERNEL", "trition")
+    kernel._triton_module.cache_clear()
+    try:
+        with pytest.raises(ValueError, match="SVD_VLLM_KERNEL='trition' is not one of auto, torch"):
+            kernel.SteeringKernel("cpu", 16)
+    finally:
+        kernel._triton_module.cache_clear()
+
+
+@pytest.mark.skipif(not HAVE_TRITON, reason="Triton is not installed")
+def test_launch_settings_spread_every_row_over_several_programs() -> None:
+    from svd_vllm.vllm._triton_steer import LaunchSettings, launch_settings
+
+    assert launch_settings(151936) == LaunchSettings(block=4096, num_chunks=38, num_warps=8)
+    assert launch_settings(32000) == LaunchSettings(block=4096, num_chunks=8, num_warps=8)
+    assert launch_settings(700) == LaunchSettings(block=128, num_chunks=6, num_warps=1)
+    assert launch_settings(100) == LaunchSettings(block=16, num_chunks=7, num_warps=1)
+    assert launch_settings(1) == LaunchSettings(block=16, num_chunks=1, num_warps=1)

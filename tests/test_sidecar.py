@@ -2,106 +2,24 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
 import re
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
-import httpx
 import pytest
 import torch
 from fastapi.testclient import TestClient
 from safetensors.torch import save_file
 from svd_sidecar import SidecarSettings, create_app
 
-from svd_vllm.core import artifact
-from svd_vllm.core.artifact import SteeringArtifact
-
-KEY = "k" * 24
-AUTH = {"Authorization": f"Bearer {KEY}"}
-VOCAB = 32
-
-
-def vec_bytes(name: str = "v1", vocab: int = VOCAB, seed: int = 0, mu: float = -2.0) -> bytes:
-    g = torch.Generator().manual_seed(seed)
-    art = SteeringArtifact.create(
-        torch.randn(vocab, generator=g), name=name, base_model="b", adapter="a",
-        tokenizer_fingerprint="t", mu_bar=mu, alpha=0.1,
-    )  # fmt: skip
-    return artifact.to_bytes(art)
-
-
-class Upstream:
-    """A fake vLLM: records what it receives, answers like the OpenAI API."""
-
-    def __init__(self) -> None:
-        self.seen: list[dict] = []
-
-    def __call__(self, request: httpx.Request) -> httpx.Response:
-        if request.url.path == "/health":
-            return httpx.Response(200)
-        if request.url.path == "/v1/models":
-            return httpx.Response(
-                200, json={"object": "list", "data": [{"id": "m", "root": "/nowhere"}]}
-            )
-        body = json.loads(request.content)
-        self.seen.append(body)
-        if body.get("model") == "explode":
-            return httpx.Response(404, json={"error": {"message": "model explode does not exist"}})
-        if body.get("stream"):
-            chunks = (
-                b"".join(f"data: {json.dumps({'i': i})}\n\n".encode() for i in range(3))
-                + b"data: [DONE]\n\n"
-            )
-            return httpx.Response(
-                200, stream=httpx.ByteStream(chunks), headers={"content-type": "text/event-stream"}
-            )
-        return httpx.Response(200, json={"choices": [{"text": "ok"}], "echo": body})
-
-
-@contextlib.contextmanager
-def sidecar_env(
-    tmp_path: Path, raise_server_exceptions: bool = True, **overrides: Any
-) -> Iterator[dict]:
-    """A sidecar app on a fresh registry with a fake vLLM, and a client for it."""
-    upstream = Upstream()
-    allowed = tmp_path / "allowed"
-    allowed.mkdir()
-    settings = SidecarSettings(
-        api_key=KEY, registry=tmp_path / "reg", vocab_size=VOCAB, allowed_roots=[allowed],
-        max_upload_bytes=64 * 1024, **overrides,
-    )  # fmt: skip
-    app = create_app(settings, transport=httpx.MockTransport(upstream))
-    with TestClient(app, raise_server_exceptions=raise_server_exceptions) as client:
-        yield {
-            "client": client,
-            "upstream": upstream,
-            "allowed": allowed,
-            "settings": settings,
-            "tmp": tmp_path,
-            "root": tmp_path / "reg",
-        }
+from tests.support.sidecar_app import AUTH, KEY, VOCAB, sidecar_env, upload, vec_bytes
 
 
 @pytest.fixture
 def env(tmp_path: Path) -> Iterator[dict]:
     with sidecar_env(tmp_path) as e:
         yield e
-
-
-def upload(
-    client: TestClient, data: bytes, *, name: str | None = None, replace: bool = False, headers=AUTH
-):
-    files = {"file": ("v.safetensors", data, "application/octet-stream")}
-    form = {"name": name} if name else {}
-    return client.post(
-        f"/v1/steering/vectors?replace={'true' if replace else 'false'}",
-        files=files,
-        data=form,
-        headers=headers,
-    )
 
 
 def manifest_bytes(env: dict) -> bytes | None:

@@ -21,8 +21,7 @@ from svd_sidecar import SidecarSettings, create_app
 from svd_sidecar.json_body import MAX_JSON_DEPTH
 
 from tests.support.faulty_upstream import FaultyUpstream
-from tests.test_hostile_inputs import snapshot
-from tests.test_sidecar import AUTH, KEY, VOCAB, upload, vec_bytes
+from tests.support.sidecar_app import AUTH, KEY, VOCAB, snapshot, upload, vec_bytes
 
 GENERATION = ["/v1/completions", "/v1/chat/completions", "/v1/responses", "/v1/messages"]
 PROXY_TIMEOUT = 1.0

@@ -14,7 +14,7 @@ from fastapi.testclient import TestClient
 from svd_sidecar import SidecarSettings, create_app
 
 from svd_vllm.registry import Registry, RegistryError
-from tests.test_sidecar import AUTH, KEY, VOCAB, upload, vec_bytes
+from tests.support.sidecar_app import AUTH, KEY, VOCAB, upload, vec_bytes
 
 GENERATION = ["/v1/completions", "/v1/chat/completions", "/v1/responses", "/v1/messages"]
 

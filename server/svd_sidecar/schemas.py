@@ -9,7 +9,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validat
 from svd_vllm.core.artifact import NAME_PATTERN
 from svd_vllm.core.validation import MAX_ABS_SCALE, finite
 from svd_vllm.registry import SettingsPatch, VectorEntry
-from svd_vllm.vllm.admission import MAX_COMPOSED
+from svd_vllm.registry.directory import MAX_MEMBERS
 
 __all__ = [
     "ErrorBody",
@@ -112,7 +112,7 @@ class SteeringVector(BaseModel):
 class SteeringOptions(BaseModel):
     """The ``steering`` field the OpenAI-compatible front accepts on every generation endpoint.
 
-    ``vector``/``scale`` name one vector; ``vectors`` composes up to ``MAX_COMPOSED`` (their
+    ``vector``/``scale`` name one vector; ``vectors`` composes up to ``MAX_MEMBERS`` (their
     combined shift is applied at strength 1; alpha defaults to the smallest of theirs).
     """
 
@@ -121,7 +121,7 @@ class SteeringOptions(BaseModel):
     enabled: bool | None = Field(None, strict=True)
     scale: float | None = Field(None, strict=True, ge=-MAX_ABS_SCALE, le=MAX_ABS_SCALE)
     vector: str | None = Field(None, strict=True, pattern=NAME_PATTERN)
-    vectors: list[SteeringVector] | None = Field(None, min_length=1, max_length=MAX_COMPOSED)
+    vectors: list[SteeringVector] | None = Field(None, min_length=1, max_length=MAX_MEMBERS)
     alpha: float | None = Field(None, strict=True, gt=0.0, le=1.0)
 
     _f = field_validator("scale")(lambda cls, v, info: _finite(v, info))

@@ -39,7 +39,6 @@ __all__ = [
     "pooled_mu",
     "precomputed_delta",
     "steer",
-    "steer_precomputed_rows",
     "steer_table_rows_",
     "svd_logits",
 ]
@@ -304,38 +303,6 @@ def svd_logits(
     else:
         raise ValueError(f"unknown mode {mode!r}; use one of {', '.join(MODES)}")
     return _f32(steer(_f32(z_adapter), dz, mu, mask, filtered=filtered))
-
-
-def steer_precomputed_rows(
-    logits: torch.Tensor,
-    shift: torch.Tensor,
-    mu: torch.Tensor,
-    log_alpha: torch.Tensor,
-) -> torch.Tensor:
-    """The serving hot path: filtered precomputed SVD on ``[n, V]`` rows in few passes.
-
-    Equals ``steer(z, precomputed_delta(z, shift), mu, confidence_mask(z, alpha))`` with
-    ``log_alpha = log(alpha)``; ``mu`` and ``log_alpha`` are ``[n, 1]`` float32, ``shift`` is
-    ``[n, V]`` or ``[V]`` float32. Returns float32 ``[n, V]`` (a new tensor).
-    """
-    z = logits.float()
-    zmax = z.amax(dim=-1, keepdim=True)
-    finite_max = torch.isfinite(zmax)
-    zmax_safe = torch.where(finite_max, zmax, torch.zeros_like(zmax))
-    p = torch.exp(z - zmax_safe)  # all -inf rows: exp(-inf) = 0
-    total = p.sum(dim=-1, keepdim=True)
-    p.div_(torch.where(total > 0, total, torch.ones_like(total)))
-    ps = (
-        (p * shift).sum(dim=-1, keepdim=True)
-        if shift.dim() == 1
-        else torch.linalg.vecdot(p, shift).unsqueeze(-1)
-    )
-    # z + mu * (-p * (s - <p, s>)) == z + p * (mu * <p, s> - mu * s)
-    coef = torch.addcmul(mu * ps, shift, -mu) if shift.dim() > 1 else mu * ps - mu * shift
-    keep = z >= zmax + log_alpha
-    out = torch.addcmul(z, p, coef)
-    # Tokens outside the mask, -inf tokens and all -inf rows end up -inf (rows stay unchanged).
-    return out.masked_fill_(~keep | ~finite_max, -math.inf)
 
 
 def steer_table_rows_(

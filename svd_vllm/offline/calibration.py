@@ -90,10 +90,6 @@ class PositionStats:
         lse = torch.logsumexp(torch.cat([steered, self.lse_out.double()[:, None]], dim=-1), -1)
         return lse - (self.label_z.double() + mu * self.label_d.double())
 
-    def nll_grad(self, mu: float) -> float:
-        """d/dmu of the mean NLL: E_steered[dz] - dz[label], averaged over positions."""
-        return float(_nll_grads(self, torch.tensor([float(mu)]), None)[0])
-
 
 def _nll_grads(
     stats: PositionStats, mu: torch.Tensor, weights: torch.Tensor | None

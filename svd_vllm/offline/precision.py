@@ -32,7 +32,6 @@ __all__ = [
     "resolve",
     "resolve_device",
     "resolve_dtype",
-    "use_cpu_bf16",
 ]
 
 DEVICES = ("auto", "cuda", "cpu")
@@ -64,11 +63,6 @@ def cpu_has_native_bf16() -> bool:
     """Whether this CPU computes bf16 natively (AVX512-BF16 or AMX tiles)."""
     checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
     return any(bool(getattr(torch.cpu, name, lambda: False)()) for name in checks)
-
-
-def use_cpu_bf16(requested: bool | None) -> bool:
-    """``requested`` if given, else bf16 exactly where the CPU has it natively."""
-    return cpu_has_native_bf16() if requested is None else requested
 
 
 def resolve_device(device: str | torch.device = "auto") -> torch.device:

@@ -19,7 +19,6 @@ import builtins
 import contextlib
 import datetime as _dt
 import fcntl
-import json
 import os
 import re
 import time
@@ -612,7 +611,3 @@ class Registry:
                     p.unlink()
                     removed += 1
         return removed
-
-    def describe(self) -> dict[str, Any]:
-        m = self.manifest()
-        return dict(json.loads(m.model_dump_json()))

@@ -191,7 +191,6 @@ class VectorStore:
         self._refs: dict[int, int] = {}
         self._idle: OrderedDict[int, None] = OrderedDict()
         self._free: list[int] = list(range(3, -1, -1))
-        self.generation = 0  # bumps whenever the set of current versions changes
         self.refresh()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -288,7 +287,6 @@ class VectorStore:
                 self._old.popitem(last=False)
             self._current = new_current
             self._compositions = dict(manifest.compositions)
-            self.generation += 1
         if reads > self.host_capacity:
             release_free_memory()  # the verification pass freed more than the cache keeps
         if fresh:

@@ -1,6 +1,6 @@
 """Triton kernels for ``kernel.steer_rows_`` (imported lazily: only where Triton is installed).
 
-Grid (row, chunk) of ``BLOCK`` tokens each, two launches, no host sync:
+Grid (row, chunk) of ``block`` tokens each, two launches, no host sync:
 
 1. ``_partials``: per chunk, ``m = max z``, ``l = sum exp(z - m)``, ``q = sum exp(z - m) s``
    into the workspace (a row's chunks are spread over many SMs, so batch 1 is not one SM's work).
@@ -9,11 +9,13 @@ Grid (row, chunk) of ``BLOCK`` tokens each, two launches, no host sync:
    ``z + mu p (<p,s> - s)`` on the mask ``z >= M + log alpha`` and ``-inf`` elsewhere; ``s`` is
    read only where the mask holds.
 
-Rows whose state has ``table_idx < 0`` return at once in both launches; all ``-inf`` rows are
+Rows whose state has ``table_row < 0`` return at once in both launches; all ``-inf`` rows are
 left untouched. Traffic: the logits are read twice and written once.
 """
 
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import torch
 import triton
@@ -21,84 +23,120 @@ import triton.language as tl
 
 from .kernel import SlotTensors
 
-__all__ = ["BLOCK", "steer_rows_", "workspace"]
+__all__ = ["LaunchSettings", "launch_settings", "steer_rows_", "workspace"]
 
-#: Tokens per program. 4096 fp32 = 16 KiB per program: 38 programs for one 152k row.
-BLOCK = 4096
-
-
-def _chunks(vocab: int) -> int:
-    return int(triton.cdiv(vocab, BLOCK))
+#: Tokens per program at most: 4096 fp32 = 16 KiB per program, 38 programs for a 152k row.
+MAX_BLOCK = 4096
+#: Chunks per row at least (small vocabularies still spread a row over several programs).
+MIN_CHUNKS = 4
 
 
-def workspace(rows: int, vocab: int, device: torch.device) -> torch.Tensor:
+class LaunchSettings(NamedTuple):
+    block: int  # tokens per program, a power of two
+    num_chunks: int  # programs per row
+    num_warps: int
+
+
+def launch_settings(vocab_size: int) -> LaunchSettings:
+    """The one place block size and warps are chosen: ``MAX_BLOCK`` tokens per program, fewer
+    (a power of two, down to 16) where that would leave a row fewer than ``MIN_CHUNKS``
+    programs."""
+    per_chunk = triton.cdiv(vocab_size, MIN_CHUNKS)
+    block = max(16, min(MAX_BLOCK, 1 << (per_chunk.bit_length() - 1)))
+    return LaunchSettings(block, triton.cdiv(vocab_size, block), max(1, min(8, block // 512)))
+
+
+def workspace(rows: int, vocab_size: int, device: torch.device) -> torch.Tensor:
     """The per-(row, chunk) partials buffer: ``[rows, chunks, 3]`` float32."""
-    return torch.empty((rows, _chunks(vocab), 3), dtype=torch.float32, device=device)
+    chunks = launch_settings(vocab_size).num_chunks
+    return torch.empty((rows, chunks, 3), dtype=torch.float32, device=device)
 
 
 @triton.jit
-def _row_state(state_ptr, tidx_ptr, HAS_STATE: tl.constexpr):
+def _row_state(row_state_ptr, table_row_ptr, HAS_ROW_STATE: tl.constexpr):
     """This program's logits row, its state index and its table row (-1: not steered)."""
     row = tl.program_id(0).to(tl.int64)
-    if HAS_STATE:
-        st = tl.load(state_ptr + row).to(tl.int64)
+    if HAS_ROW_STATE:
+        state_idx = tl.load(row_state_ptr + row).to(tl.int64)
     else:
-        st = row
-    return row, st, tl.load(tidx_ptr + st).to(tl.int64)
+        state_idx = row
+    return row, state_idx, tl.load(table_row_ptr + state_idx).to(tl.int64)
 
 
 @triton.jit
 def _partials(
-    z_ptr, z_stride, state_ptr, tidx_ptr, table_ptr, t_stride, part_ptr, V, NCHUNK,
-    HAS_STATE: tl.constexpr, BLOCK: tl.constexpr,
-):  # fmt: skip
-    row, _, t = _row_state(state_ptr, tidx_ptr, HAS_STATE)
+    logits_ptr,
+    logits_row_stride,
+    row_state_ptr,
+    table_row_ptr,
+    table_ptr,
+    table_row_stride,
+    partials_ptr,
+    vocab_size,
+    num_chunks,
+    HAS_ROW_STATE: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    row, _, table_row = _row_state(row_state_ptr, table_row_ptr, HAS_ROW_STATE)
     chunk = tl.program_id(1)
-    if t >= 0:
+    if table_row >= 0:
         offs = chunk * BLOCK + tl.arange(0, BLOCK)
-        inb = offs < V
-        z = tl.load(z_ptr + row * z_stride + offs, mask=inb, other=-float("inf")).to(tl.float32)
-        s = tl.load(table_ptr + t * t_stride + offs, mask=inb, other=0.0)
-        m = tl.max(z, axis=0)
-        m_safe = tl.where(m == -float("inf"), 0.0, m)
-        e = tl.exp(z - m_safe)  # -inf tokens (and padding) give 0
-        base = part_ptr + (row * NCHUNK + chunk) * 3
-        tl.store(base, m)
-        tl.store(base + 1, tl.sum(e, axis=0))
-        tl.store(base + 2, tl.sum(e * s, axis=0))
+        in_vocab = offs < vocab_size
+        z_ptrs = logits_ptr + row * logits_row_stride + offs
+        z = tl.load(z_ptrs, mask=in_vocab, other=-float("inf")).to(tl.float32)
+        s = tl.load(table_ptr + table_row * table_row_stride + offs, mask=in_vocab, other=0.0)
+        chunk_max = tl.max(z, axis=0)
+        safe_max = tl.where(chunk_max == -float("inf"), 0.0, chunk_max)
+        e = tl.exp(z - safe_max)  # -inf tokens (and padding) give 0
+        out = partials_ptr + (row * num_chunks + chunk) * 3
+        tl.store(out, chunk_max)
+        tl.store(out + 1, tl.sum(e, axis=0))
+        tl.store(out + 2, tl.sum(e * s, axis=0))
 
 
 @triton.jit
 def _apply(
-    z_ptr, z_stride, state_ptr, tidx_ptr, mu_ptr, la_ptr, table_ptr, t_stride, part_ptr, V,
-    NCHUNK, HAS_STATE: tl.constexpr, BLOCK: tl.constexpr, CPAD: tl.constexpr,
-):  # fmt: skip
-    row, st, t = _row_state(state_ptr, tidx_ptr, HAS_STATE)
+    logits_ptr,
+    logits_row_stride,
+    row_state_ptr,
+    table_row_ptr,
+    mu_ptr,
+    log_alpha_ptr,
+    table_ptr,
+    table_row_stride,
+    partials_ptr,
+    vocab_size,
+    num_chunks,
+    HAS_ROW_STATE: tl.constexpr,
+    BLOCK: tl.constexpr,
+    CHUNKS_POW2: tl.constexpr,
+):
+    row, state_idx, table_row = _row_state(row_state_ptr, table_row_ptr, HAS_ROW_STATE)
     chunk = tl.program_id(1)
-    if t >= 0:
-        c = tl.arange(0, CPAD)
-        cm = c < NCHUNK
-        pbase = part_ptr + (row * NCHUNK + c) * 3
-        pm = tl.load(pbase, mask=cm, other=-float("inf"))
-        pl = tl.load(pbase + 1, mask=cm, other=0.0)
-        pq = tl.load(pbase + 2, mask=cm, other=0.0)
-        big = tl.max(pm, axis=0)
-        if big > -float("inf"):  # an all -inf row stays as it is
-            w = tl.exp(pm - big)
-            total = tl.sum(pl * w, axis=0)
-            ps = tl.sum(pq * w, axis=0) / total
-            mu = tl.load(mu_ptr + st)
-            thr = big + tl.load(la_ptr + st)
+    if table_row >= 0:
+        c = tl.arange(0, CHUNKS_POW2)
+        is_chunk = c < num_chunks
+        partials = partials_ptr + (row * num_chunks + c) * 3
+        chunk_max = tl.load(partials, mask=is_chunk, other=-float("inf"))
+        chunk_sum = tl.load(partials + 1, mask=is_chunk, other=0.0)
+        chunk_dot = tl.load(partials + 2, mask=is_chunk, other=0.0)
+        row_max = tl.max(chunk_max, axis=0)
+        if row_max > -float("inf"):  # an all -inf row stays as it is
+            w = tl.exp(chunk_max - row_max)
+            total = tl.sum(chunk_sum * w, axis=0)
+            ps = tl.sum(chunk_dot * w, axis=0) / total
+            mu = tl.load(mu_ptr + state_idx)
+            threshold = row_max + tl.load(log_alpha_ptr + state_idx)
             offs = chunk * BLOCK + tl.arange(0, BLOCK)
-            inb = offs < V
-            zp = z_ptr + row * z_stride + offs
-            zin = tl.load(zp, mask=inb, other=-float("inf"))
-            z = zin.to(tl.float32)
-            keep = (z >= thr) & inb
-            s = tl.load(table_ptr + t * t_stride + offs, mask=keep, other=0.0)
-            p = tl.exp(z - big) / total
+            in_vocab = offs < vocab_size
+            z_ptrs = logits_ptr + row * logits_row_stride + offs
+            z_in = tl.load(z_ptrs, mask=in_vocab, other=-float("inf"))
+            z = z_in.to(tl.float32)
+            keep = (z >= threshold) & in_vocab
+            s = tl.load(table_ptr + table_row * table_row_stride + offs, mask=keep, other=0.0)
+            p = tl.exp(z - row_max) / total
             out = tl.where(keep, z + mu * p * (ps - s), -float("inf"))
-            tl.store(zp, out.to(zin.dtype), mask=inb)
+            tl.store(z_ptrs, out.to(z_in.dtype), mask=in_vocab)
 
 
 def steer_rows_(
@@ -109,20 +147,42 @@ def steer_rows_(
     work: torch.Tensor,
 ) -> None:
     """Launch both kernels on the current stream (see the module doc)."""
-    rows, vocab = logits.shape
+    rows, vocab_size = logits.shape
     if rows == 0:
         return
-    table_idx, mu, log_alpha = slots
-    nchunk = _chunks(vocab)
-    grid = (rows, nchunk)
-    state = row_state if row_state is not None else table_idx  # unused when HAS_STATE is False
-    has_state = row_state is not None
+    table_row, mu, log_alpha = slots
+    launch = launch_settings(vocab_size)
+    grid = (rows, launch.num_chunks)
+    has_row_state = row_state is not None
+    row_state = row_state if row_state is not None else table_row  # unread without row state
     _partials[grid](
-        logits, logits.stride(0), state, table_idx, table, table.stride(0), work, vocab, nchunk,
-        HAS_STATE=has_state, BLOCK=BLOCK, num_warps=8,
-    )  # fmt: skip
+        logits_ptr=logits,
+        logits_row_stride=logits.stride(0),
+        row_state_ptr=row_state,
+        table_row_ptr=table_row,
+        table_ptr=table,
+        table_row_stride=table.stride(0),
+        partials_ptr=work,
+        vocab_size=vocab_size,
+        num_chunks=launch.num_chunks,
+        HAS_ROW_STATE=has_row_state,
+        BLOCK=launch.block,
+        num_warps=launch.num_warps,
+    )
     _apply[grid](
-        logits, logits.stride(0), state, table_idx, mu, log_alpha, table, table.stride(0), work,
-        vocab, nchunk, HAS_STATE=has_state, BLOCK=BLOCK, CPAD=triton.next_power_of_2(nchunk),
-        num_warps=8,
-    )  # fmt: skip
+        logits_ptr=logits,
+        logits_row_stride=logits.stride(0),
+        row_state_ptr=row_state,
+        table_row_ptr=table_row,
+        mu_ptr=mu,
+        log_alpha_ptr=log_alpha,
+        table_ptr=table,
+        table_row_stride=table.stride(0),
+        partials_ptr=work,
+        vocab_size=vocab_size,
+        num_chunks=launch.num_chunks,
+        HAS_ROW_STATE=has_row_state,
+        BLOCK=launch.block,
+        CHUNKS_POW2=triton.next_power_of_2(launch.num_chunks),
+        num_warps=launch.num_warps,
+    )

@@ -8,7 +8,7 @@ arrives as ``1``):
 * ``svd``        -- 1 on / 0 off; absent = the server default (``SVD_VLLM_DEFAULT=off|on``).
                     An explicit 0 always wins.
 * ``svd_vector`` -- vector name; default = the request's LoRA adapter name. A list of up to
-                    ``MAX_COMPOSED`` distinct names composes them (``vllm_xargs`` takes lists).
+                    ``MAX_MEMBERS`` distinct names composes them (``vllm_xargs`` takes lists).
 * ``svd_scale``  -- multiplier on the vector's strength (default: the vector's default scale);
                     with a list of vectors, a list of as many scales.
 * ``svd_alpha``  -- confidence-mask threshold override in (0, 1]; for a composition the default
@@ -47,7 +47,6 @@ __all__ = [
     "INTERNAL_KEYS",
     "LORA_KEY",
     "MAX_ABS_SCALE",
-    "MAX_COMPOSED",
     "PIN_KEY",
     "SCALE_KEY",
     "STEERING_KEYS",
@@ -81,7 +80,6 @@ INTERNAL_KEYS = (LORA_KEY, PIN_KEY)
 #: The keys a client steers with.
 STEERING_KEYS = (ENABLE_KEY, VECTOR_KEY, SCALE_KEY, ALPHA_KEY)
 #: The most vectors one request may compose (the registry's rule for compositions, too).
-MAX_COMPOSED = MAX_MEMBERS
 
 _TRUE = {"1", "true", "on", "yes"}
 _FALSE = {"0", "false", "off", "no"}
@@ -232,10 +230,10 @@ def _composition(
 ) -> tuple[tuple[str, ...], tuple[float | None, ...]]:
     """The checked names and scales of a composed request (``ValueError`` names the field)."""
     if not names:
-        raise ValueError(f"vllm_xargs.{VECTOR_KEY} is an empty list: name 1 to {MAX_COMPOSED}")
-    if len(names) > MAX_COMPOSED:
+        raise ValueError(f"vllm_xargs.{VECTOR_KEY} is an empty list: name 1 to {MAX_MEMBERS}")
+    if len(names) > MAX_MEMBERS:
         raise ValueError(
-            f"vllm_xargs.{VECTOR_KEY} lists {len(names)} vectors; at most {MAX_COMPOSED} compose"
+            f"vllm_xargs.{VECTOR_KEY} lists {len(names)} vectors; at most {MAX_MEMBERS} compose"
         )
     for i, n in enumerate(names):
         if not isinstance(n, str) or not n:

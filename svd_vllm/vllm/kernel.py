@@ -31,13 +31,37 @@ import torch
 
 from ..core.steering import steer_table_rows_
 
-__all__ = ["SlotTensors", "SteeringKernel", "steer_rows_", "triton_available"]
+__all__ = [
+    "KERNEL_CHOICES",
+    "SlotTensors",
+    "SteeringKernel",
+    "interpreting",
+    "kernel_setting",
+    "steer_rows_",
+]
+
+
+#: ``SVD_VLLM_KERNEL``: ``auto`` (Triton on CUDA when importable) or ``torch`` (always torch).
+KERNEL_CHOICES = ("auto", "torch")
+
+
+def kernel_setting() -> str:
+    """``SVD_VLLM_KERNEL``, checked: a typo is an error at start-up, not a silent ``auto``."""
+    value = os.environ.get("SVD_VLLM_KERNEL", "auto").strip().lower() or "auto"
+    if value not in KERNEL_CHOICES:
+        raise ValueError(f"SVD_VLLM_KERNEL={value!r} is not one of {', '.join(KERNEL_CHOICES)}")
+    return value
+
+
+def interpreting() -> bool:
+    """Whether Triton runs kernels in its CPU interpreter (``TRITON_INTERPRET=1``: tests)."""
+    return os.environ.get("TRITON_INTERPRET") == "1"
 
 
 @functools.cache
 def _triton_module() -> ModuleType | None:
     """The Triton implementation, imported on first use (CPU installs never need Triton)."""
-    if os.environ.get("SVD_VLLM_KERNEL", "auto") == "torch":
+    if kernel_setting() == "torch":
         return None
     if importlib.util.find_spec("triton") is None:
         return None
@@ -46,14 +70,8 @@ def _triton_module() -> ModuleType | None:
     return _triton_steer
 
 
-def triton_available() -> bool:
-    """Whether the Triton kernel can be used (``SVD_VLLM_KERNEL=torch`` turns it off)."""
-    return _triton_module() is not None
-
-
 def _use_triton(logits: torch.Tensor) -> bool:
-    interpret = os.environ.get("TRITON_INTERPRET") == "1"
-    return (logits.is_cuda or interpret) and _triton_module() is not None
+    return (logits.is_cuda or interpreting()) and _triton_module() is not None
 
 
 class SlotTensors(NamedTuple):
@@ -123,7 +141,7 @@ class SteeringKernel:
         self._prepared: _Prepared | None = None
         self._prepared_key: tuple[int, int] | None = None
         mod = _triton_module()
-        if mod is not None and (self.device.type == "cuda" or os.environ.get("TRITON_INTERPRET")):
+        if mod is not None and (self.device.type == "cuda" or interpreting()):
             self.workspace = mod.workspace(max(max_rows, 1), vocab_size, self.device)
 
     @property
