@@ -58,4 +58,4 @@ clean:
 # CPU benchmarks (numbers go to benchmarks/results/, wall times to bench-times.md); see
 # benchmarks/run_all.py. The full accuracy studies are run by hand (hours on 2 cores).
 bench: setup
-	$(PY) benchmarks/run_all.py
+	$(PY) -m benchmarks.run_all

@@ -6,8 +6,8 @@ cached, extracts and calibrates the vector on the calibration split, and scores 
 ``peft``, ``peft+svd-exact``, ``peft+svd-precomputed`` and ``peft+logit-bias`` on the test
 split. Every difference to ``peft`` is paired (same items) with a 95% bootstrap CI.
 
-    python benchmarks/accuracy.py            # full run (see SUITES for sizes)
-    python benchmarks/accuracy.py --quick    # <= 10 minutes, a smoke-sized study
+    python -m benchmarks.accuracy            # full run (see SUITES for sizes)
+    python -m benchmarks.accuracy --quick    # <= 10 minutes, a smoke-sized study
 
 Writes ``benchmarks/results/accuracy-<model>[-quick].{json,md,png}``.
 """

@@ -1,12 +1,12 @@
 """The GPU serving path without vLLM: both processors on CUDA, checked and timed in one run.
 
-The GPU machines have torch and Triton but no vLLM, so this script stubs the few vLLM names the
-processors import (as vllm-lens's unit tests do) and drives ``SVDLogitsProcessorV1`` and
+The GPU machines have torch and Triton but no vLLM, so this script stubs the vLLM names the
+plugin relies on (``compat.REQUIREMENTS``; as vllm-lens's unit tests do) and drives ``SVDLogitsProcessorV1`` and
 ``SVDLogitsProcessorV2`` directly:
 
 1. correctness: a mixed batch (unsteered rows, 3 vectors, 2 strengths, an all ``-inf`` row,
-   ``-inf`` entries, +-1e4 logits, alpha 1, and for V2 repeated slots as speculative decoding
-   makes them) against the torch reference, row by row;
+   ``-inf`` entries, +-1e4 logits, alpha 1, and for V2 a request with several rows, as speculative
+   decoding makes them) against the torch reference, row by row;
 2. no host sync: ``apply`` under ``torch.cuda.set_sync_debug_mode("error")``;
 3. timings: the kernel at B in {1, 256, 512} x V in {152064, 262144} (fp32, CUDA events), the
    share of the copy bandwidth measured in the same run, B = 1 GPU time inside a CUDA graph of
@@ -14,9 +14,9 @@ processors import (as vllm-lens's unit tests do) and drives ``SVDLogitsProcessor
 
 Results go to ``benchmarks/results/gpu-<device>.{json,md}``. Budget: about 2 minutes on an H100.
 
-    python benchmarks/gpu_harness.py                  # on a GPU machine (Triton + CUDA)
+    python -m benchmarks.gpu_harness                  # on a GPU machine (Triton + CUDA)
     TRITON_INTERPRET=1 PYTHONPATH=.triton-interp \\
-        python benchmarks/gpu_harness.py --device cpu --vocab 4096 --quick   # a dry run on CPU
+        python -m benchmarks.gpu_harness --device cpu --vocab 4096 --quick   # a dry run on CPU
 """
 
 from __future__ import annotations
@@ -30,91 +30,51 @@ import sys
 import tempfile
 import time
 import types
-from abc import ABC, abstractmethod
-from dataclasses import dataclass
-from enum import Enum
+from abc import ABC, ABCMeta, abstractmethod
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
+if TYPE_CHECKING:
+    from svd_vllm.vllm.compat import Requirement
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 
-# -- vLLM stubs: only the names svd_vllm.vllm.processor imports ---------------------------------
+# -- vLLM stubs, built from compat.REQUIREMENTS (the names the plugin relies on) --------------
+def _stub_class(req: Requirement) -> type:
+    """A stand-in for one required vLLM class. An interface (``params``) becomes an ABC whose
+    abstract methods are ``abstract_within`` (other methods: no-ops); a record (``fields``)
+    takes its fields as keyword arguments and names each as a class attribute, so enum members
+    (``MoveDirectionality.SWAP``) compare equal to themselves."""
+    ns: dict[str, Any] = {name: name for name in req.fields}
+    if req.params:
+        abstract = req.abstract_within or frozenset()
+        for method in {*req.params, *abstract}:
+            ns[method] = abstractmethod(_noop) if method in abstract else _noop
+        return ABCMeta(req.name, (ABC,), ns)
+
+    def __init__(self: Any, **values: Any) -> None:
+        self.__dict__.update(values)
+
+    ns["__init__"] = __init__
+    return type(req.name, (), ns)
+
+
+def _noop(*args: Any, **kwargs: Any) -> None:
+    return None
+
+
 def install_vllm_stubs() -> None:
-    class MoveDirectionality(Enum):
-        UNIDIRECTIONAL = 0
-        SWAP = 1
+    """``sys.modules`` entries for every module of ``compat.REQUIREMENTS`` (and its parents)."""
+    from svd_vllm.vllm.compat import REQUIREMENTS
 
-    @dataclass(frozen=True)
-    class BatchUpdate:
-        batch_size: int
-        removed: list[int]
-        added: list[tuple[int, Any, Any, Any]]
-        moved: list[tuple[int, int, MoveDirectionality]]
-
-    class V1LogitsProcessor(ABC):
-        @classmethod
-        def validate_params(cls, sampling_params: Any) -> None:
-            return None
-
-        @abstractmethod
-        def apply(self, logits: torch.Tensor) -> torch.Tensor: ...
-
-        @abstractmethod
-        def is_argmax_invariant(self) -> bool: ...
-
-        @abstractmethod
-        def update_state(self, batch_update: Any) -> None: ...
-
-    class V2LogitsProcessor(ABC):
-        @classmethod
-        def validate_params(cls, sampling_params: Any) -> None:
-            return None
-
-        def add_request(self, req_idx: int, sampling_params: Any) -> bool:
-            return True
-
-        def apply_staged_writes(self) -> None:  # noqa: B027
-            pass
-
-        @abstractmethod
-        def apply(self, logits: torch.Tensor, ctx: Any) -> torch.Tensor: ...
-
-    @dataclass(frozen=True)
-    class LogitsContext:
-        expanded_idx_mapping: torch.Tensor
-        idx_mapping: torch.Tensor
-        idx_mapping_np: Any
-        expanded_local_pos: torch.Tensor
-        input_ids: torch.Tensor
-        pos: torch.Tensor
-        seq_lens_upper_bound_np: Any
-
-    def module(name: str, **attrs: Any) -> None:
-        m = types.ModuleType(name)
-        m.__dict__.update(attrs)
-        sys.modules[name] = m
-
-    module("vllm", SamplingParams=object)
-    module("vllm.v1")
-    module("vllm.v1.sample")
-    module(
-        "vllm.v1.sample.logits_processor",
-        BatchUpdate=BatchUpdate,
-        MoveDirectionality=MoveDirectionality,
-        LogitsProcessor=V1LogitsProcessor,
-    )
-    module("vllm.v1.worker")
-    module("vllm.v1.worker.gpu")
-    module("vllm.v1.worker.gpu.sample")
-    module(
-        "vllm.v1.worker.gpu.sample.logits_processor",
-        LogitsProcessor=V2LogitsProcessor,
-        LogitsContext=LogitsContext,
-    )
+    for req in REQUIREMENTS:
+        parts = req.module.split(".")
+        for i in range(1, len(parts) + 1):
+            sys.modules.setdefault(".".join(parts[:i]), types.ModuleType(".".join(parts[:i])))
+        setattr(sys.modules[req.module], req.name, _stub_class(req))
 
 
 class Params:
@@ -315,7 +275,8 @@ def timings(device: torch.device, quick: bool) -> dict[str, Any]:
 def time_shape(device: torch.device, rows: int, vocab: int) -> dict[str, Any]:
     """Kernel and torch-reference time for one shape, all rows steered by one vector."""
     from svd_vllm.core.steering import steer_table_rows_
-    from svd_vllm.vllm.kernel import SlotTensors, SteeringKernel
+    from svd_vllm.vllm.kernel import SteeringKernel
+    from svd_vllm.vllm.request_state import StateTensors
 
     g = torch.Generator(device=device).manual_seed(0)
     z0 = torch.randn(rows, vocab, device=device, generator=g) * 3
@@ -324,21 +285,21 @@ def time_shape(device: torch.device, rows: int, vocab: int) -> dict[str, Any]:
     mu = torch.full((rows,), -3.0, device=device)
     la = torch.full((rows,), math.log(0.1), device=device)
     kern = SteeringKernel(device, vocab, rows)
-    slots = SlotTensors(tidx, mu, la)
+    state = StateTensors(tidx, mu, la)
     z = z0.clone()
     used = torch.zeros(1, dtype=torch.long, device=device)
-    row_slot = torch.zeros(rows, dtype=torch.long, device=device)
+    row_vec = torch.zeros(rows, dtype=torch.long, device=device)
 
     def run_copy() -> None:
         z.copy_(z0)  # every timed call starts from fresh logits: steering -infs most of a row
 
     def run_kernel() -> None:
         z.copy_(z0)
-        kern(z, table, slots)
+        kern(z, table, state)
 
     def run_torch() -> None:
         z.copy_(z0)
-        steer_table_rows_(z, table, used, row_slot, mu, la)
+        steer_table_rows_(z, table, used, row_vec, mu, la)
 
     iters = 200 if rows == 1 else 50
     copy_us = cuda_time_us(run_copy, iters)
@@ -356,17 +317,17 @@ def time_shape(device: torch.device, rows: int, vocab: int) -> dict[str, Any]:
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
             for _ in range(3):
-                kern(z, table, slots)
+                kern(z, table, state)
         torch.cuda.current_stream().wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
             for _ in range(100):
-                kern(z, table, slots)
+                kern(z, table, state)
         entry["graph_us_per_call"] = cuda_time_us(graph.replay, 20) / 100
         torch.cuda.synchronize()
         t0 = time.perf_counter()
         for _ in range(200):
-            kern(z, table, slots)
+            kern(z, table, state)
         entry["host_launch_us"] = (time.perf_counter() - t0) * 1e6 / 200
         torch.cuda.synchronize()
     return entry

@@ -18,13 +18,13 @@ status=0
 STEPS=${1:-all}
 if [ "$STEPS" = all ]; then
 echo "== 1/3 serving-path harness"
-timeout 200 python3 benchmarks/gpu_harness.py --out "$OUT" > "$OUT/harness.log" 2>&1 || { echo "harness failed ($?)"; status=1; }
+timeout 200 python3 -m benchmarks.gpu_harness --out "$OUT" > "$OUT/harness.log" 2>&1 || { echo "harness failed ($?)"; status=1; }
 tail -n 25 "$OUT/harness.log"
 fi
 echo "== 2/3 CUDA bf16 vs CPU float32 extraction"
 timeout 120 python3 -m pytest -q -p no:cacheprovider tests/test_offline_scale.py -k "cuda or batched" > "$OUT/pytest-offline.log" 2>&1 || { echo "pytest failed ($?)"; status=1; }
 tail -n 15 "$OUT/pytest-offline.log"
 echo "== 3/3 offline tools, 8B-class shape"
-timeout 240 python3 benchmarks/offline.py --out "$OUT" > "$OUT/offline.log" 2>&1 || { echo "offline failed ($?)"; status=1; }
+timeout 240 python3 -m benchmarks.offline --out "$OUT" > "$OUT/offline.log" 2>&1 || { echo "offline failed ($?)"; status=1; }
 tail -n 30 "$OUT/offline.log"
 exit $status

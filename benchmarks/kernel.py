@@ -8,7 +8,7 @@ the minimum traffic (logits read + written, one vector read) over the time: the 
 distance to the memory-bandwidth bound, shown against the device's measured copy bandwidth
 (and ``--peak-gbs``, the datasheet figure, when given: 3350 for an H100 SXM). Runs on CUDA when available (CUDA events), else CPU.
 
-    python benchmarks/kernel.py [--quick] [--device cuda|cpu]
+    python -m benchmarks.kernel [--quick] [--device cuda|cpu]
 """
 
 from __future__ import annotations
@@ -74,14 +74,14 @@ def run_case(
     base = (torch.randn(n, vocab, generator=g) * 3).to(device=device, dtype=dtype)
     table = torch.randn(4, vocab, generator=g).to(device)
     used = torch.tensor([2], device=device)
-    row_slot = torch.zeros(n, dtype=torch.long, device=device)
+    row_vec = torch.zeros(n, dtype=torch.long, device=device)
     mu = torch.full((n,), -1.0, device=device)
     log_alpha = torch.full((n,), math.log(0.1), device=device)
 
     def step(z: torch.Tensor) -> torch.Tensor:
         if kernel == "sparse":
             zf = z if z.dtype == torch.float32 else z.float()
-            steer_table_rows_(zf, table, used, row_slot, mu, log_alpha)
+            steer_table_rows_(zf, table, used, row_vec, mu, log_alpha)
             return zf if z.dtype == torch.float32 else zf.to(z.dtype)
         out = steer_precomputed_rows(z, table[2], mu[:, None], log_alpha[:, None])
         return out.to(z.dtype)

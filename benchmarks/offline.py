@@ -15,8 +15,8 @@ Measured, in this order (each result is written as soon as it exists):
 2. warm start (``train_encoded``): 1 epoch of 2,000 examples of ~128 tokens at batch 16, and a
    short run at the paper's batch size 1 to project the paper's setting.
 
-    python benchmarks/offline.py                          # GPU: the 8B shape
-    python benchmarks/offline.py --shape tiny --quick     # CPU dry run (seconds)
+    python -m benchmarks.offline                          # GPU: the 8B shape
+    python -m benchmarks.offline --shape tiny --quick     # CPU dry run (seconds)
 
 Writes ``benchmarks/results/offline-<device>.{json,md}``.
 """
@@ -35,13 +35,12 @@ from typing import Any
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from svd_vllm.offline.extraction import EncodedItem, extract_vector, length_batches
+from svd_vllm.offline.precision import resolve
+from svd_vllm.offline.reference import ReferenceDecoder
+from svd_vllm.offline.warmstart import WarmStartConfig, train_encoded
 
-from svd_vllm.offline.extraction import EncodedItem, extract_vector, length_batches  # noqa: E402
-from svd_vllm.offline.precision import resolve  # noqa: E402
-from svd_vllm.offline.reference import ReferenceDecoder  # noqa: E402
-from svd_vllm.offline.warmstart import WarmStartConfig, train_encoded  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 SHAPES: dict[str, dict[str, int]] = {
     "8b": dict(hidden_size=4096, num_hidden_layers=32, num_attention_heads=32,

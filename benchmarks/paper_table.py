@@ -5,7 +5,7 @@ Reads ``benchmarks/results/accuracy-<model>.json`` (every model that has one) an
 per suite, one row per method (PEFT, +SVD exact, +SVD precomputed) with the per-task score and
 the average over tasks, and the average gain over PEFT with its paired 95% bootstrap CI.
 
-    python benchmarks/paper_table.py
+    python -m benchmarks.paper_table
 """
 
 from __future__ import annotations

@@ -8,7 +8,7 @@ Part 2: vLLM decode throughput on SmolLM2-135M with a LoRA, batch 32: plugin NOT
 (entry points hidden), installed but idle, all rows steered. Engines alternate, configs
 interleave inside an engine, medians over rounds, ratios to the no-plugin baseline.
 
-    python benchmarks/processor.py [--skip-vllm] [--rounds 3]
+    python -m benchmarks.processor [--skip-vllm] [--rounds 3]
 """
 
 from __future__ import annotations
@@ -156,7 +156,7 @@ def part1(reps: int) -> dict[str, Any]:
         single = statistics.median(csamples["single vectors"])
         out["composition"] = [
             {"batch": rows, "vocab": vocab, "rows": name, "ms": 1e3 * statistics.median(v),
-             "ratio_to_single": statistics.median(v) / single, "slots": built[name].store.slots_in_use(),
+             "ratio_to_single": statistics.median(v) / single, "slots": built[name].store.rows_in_use(),
              "build_and_admit_ms": admit_ms[name]}
             for name, v in csamples.items()
         ]  # fmt: skip

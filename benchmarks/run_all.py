@@ -6,7 +6,7 @@ configurations, accuracy through the vLLM path vs the reference decoder, the sid
 quick accuracy study. The full accuracy studies (``benchmarks/accuracy.py`` without
 ``--quick``, and ``--model gemma3-270m``) take hours on 2 cores and are run by hand.
 
-    python benchmarks/run_all.py [--only serving ...]
+    python -m benchmarks.run_all [--only serving ...]
 
 Writes ``benchmarks/results/bench-times.{json,md}``.
 """
@@ -22,12 +22,12 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 STEPS: dict[str, list[str]] = {
-    "kernel": ["kernel.py"],
-    "processor": ["processor.py", "--skip-vllm"],
-    "serving": ["serving.py"],
-    "serving_accuracy": ["serving_accuracy.py"],
-    "sidecar": ["sidecar.py"],
-    "accuracy_quick": ["accuracy.py", "--quick"],
+    "kernel": ["kernel"],
+    "processor": ["processor", "--skip-vllm"],
+    "serving": ["serving"],
+    "serving_accuracy": ["serving_accuracy"],
+    "sidecar": ["sidecar"],
+    "accuracy_quick": ["accuracy", "--quick"],
 }
 
 
@@ -45,7 +45,9 @@ def main(argv: list[str] | None = None) -> int:
             continue
         print(f"[bench] {name}: {' '.join(cmd)}", flush=True)
         t = time.time()
-        rc = subprocess.call([sys.executable, str(HERE / cmd[0]), *cmd[1:]])
+        rc = subprocess.call(
+            [sys.executable, "-m", f"benchmarks.{cmd[0]}", *cmd[1:]], cwd=HERE.parent
+        )
         times[name] = time.time() - t
         print(
             f"[bench] {name}: {'ok' if rc == 0 else f'FAILED (exit {rc})'} in {times[name] / 60:.1f} min",

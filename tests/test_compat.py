@@ -80,11 +80,19 @@ def test_the_source_check_names_each_change(copied_vllm: Path) -> None:
     ]
 
 
-def test_a_missing_v2_interface_is_allowed_a_missing_v1_is_not(copied_vllm: Path) -> None:
+def test_a_release_without_either_runner_interface_is_refused(copied_vllm: Path) -> None:
+    # The processor module imports both interfaces: a release lacking one cannot load it.
     shutil.rmtree(copied_vllm / "vllm/v1/worker")
-    assert compat.source_problems(copied_vllm) == []  # V2 is optional (a V1-only release)
+    assert (
+        compat.source_problems(copied_vllm)
+        == ["vllm.v1.worker.gpu.sample.logits_processor is missing"] * 3
+    )
     shutil.rmtree(copied_vllm / "vllm/v1/sample")
-    assert compat.source_problems(copied_vllm)[0] == "vllm.v1.sample.logits_processor is missing"
+    assert (
+        compat.source_problems(copied_vllm)
+        == ["vllm.v1.sample.logits_processor is missing"] * 3
+        + ["vllm.v1.worker.gpu.sample.logits_processor is missing"] * 3
+    )
 
 
 def test_engine_start_fails_loudly_on_a_changed_interface(monkeypatch: pytest.MonkeyPatch) -> None:

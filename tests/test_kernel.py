@@ -21,7 +21,7 @@ import torch
 
 from svd_vllm.core.steering import confidence_mask, precomputed_delta, steer
 from svd_vllm.vllm import kernel
-from svd_vllm.vllm.kernel import SlotTensors
+from svd_vllm.vllm.request_state import StateTensors
 
 HAVE_TRITON = importlib.util.find_spec("triton") is not None
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
@@ -40,12 +40,12 @@ def backend(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> 
     kernel._triton_module.cache_clear()
 
 
-def reference(z, table, table_idx, mu, alpha, row_state=None) -> torch.Tensor:  # type: ignore[no-untyped-def]
+def reference(z, table, table_row, mu, alpha, row_state=None) -> torch.Tensor:  # type: ignore[no-untyped-def]
     """Row by row with the documented maths (``steer`` of ``precomputed_delta``)."""
     out = z.clone()
     for r in range(z.shape[0]):
         i = r if row_state is None else int(row_state[r])
-        t = int(table_idx[i])
+        t = int(table_row[i])
         if t < 0:
             continue
         zr = z[r : r + 1].float()
@@ -54,9 +54,9 @@ def reference(z, table, table_idx, mu, alpha, row_state=None) -> torch.Tensor:  
     return out
 
 
-def run(z, table, table_idx, mu, alpha, row_state=None) -> torch.Tensor:  # type: ignore[no-untyped-def]
+def run(z, table, table_row, mu, alpha, row_state=None) -> torch.Tensor:  # type: ignore[no-untyped-def]
     out = z.clone()
-    got = kernel.steer_rows_(out, table, SlotTensors(table_idx, mu, alpha.log()), row_state)
+    got = kernel.steer_rows_(out, table, StateTensors(table_row, mu, alpha.log()), row_state)
     assert got is out  # in place
     return out
 
@@ -68,10 +68,10 @@ def assert_same(out: torch.Tensor, ref: torch.Tensor, tol: float = 1e-5) -> None
     torch.testing.assert_close(out[fin].float(), ref[fin].float(), rtol=tol, atol=tol)
 
 
-def make(rows: int, vocab: int, slots: int = 3, seed: int = 0):  # type: ignore[no-untyped-def]
+def make(rows: int, vocab: int, vectors: int = 3, seed: int = 0):  # type: ignore[no-untyped-def]
     g = torch.Generator().manual_seed(seed)
     z = torch.randn(rows, vocab, generator=g) * 3
-    table = torch.randn(slots, vocab, generator=g) * 2
+    table = torch.randn(vectors, vocab, generator=g) * 2
     return z, table, g
 
 
@@ -83,11 +83,11 @@ def test_mixed_batch_with_edge_rows(backend: str) -> None:
     z[3] = 1e4  # huge logits and ties everywhere: no NaN, alpha 1 keeps all ties
     z[3, 7] = -1e4
     z[5] = torch.linspace(-1e4, 1e4, 300)
-    table_idx = torch.tensor([0, 2, 1, 1, -1, 0, 2], dtype=torch.int32)
+    table_row = torch.tensor([0, 2, 1, 1, -1, 0, 2], dtype=torch.int32)
     mu = torch.tensor([-3.0, 2.0, 1.0, -5.0, 0.0, 4.0, -1.0])
     alpha = torch.tensor([0.1, 0.5, 0.1, 1.0, 0.1, 1e-3, 1.0])
-    out = run(z, table, table_idx, mu, alpha)
-    assert_same(out, reference(z, table, table_idx, mu, alpha))
+    out = run(z, table, table_row, mu, alpha)
+    assert_same(out, reference(z, table, table_row, mu, alpha))
     assert torch.equal(out[2], z[2]) and torch.equal(out[4], z[4])  # all -inf; not steered
     assert torch.isneginf(out[1, [5, 17]]).all()
     assert torch.isfinite(out[3]).sum() == 299  # every tie at the maximum is kept
@@ -101,34 +101,34 @@ def test_ties_at_the_threshold_are_kept(backend: str) -> None:
     thr = torch.tensor(2.0) + torch.tensor(0.25).log()  # float32, as both kernels form it
     z[0, [20, 30]] = thr
     z[0, 40] = torch.nextafter(thr, torch.tensor(-math.inf))  # just below: out
-    table_idx = torch.tensor([0], dtype=torch.int32)
+    table_row = torch.tensor([0], dtype=torch.int32)
     mu, alpha = torch.tensor([-2.0]), torch.tensor([0.25])
-    out = run(z, table, table_idx, mu, alpha)
+    out = run(z, table, table_row, mu, alpha)
     assert torch.isfinite(out[0]).nonzero().flatten().tolist() == [10, 20, 30]
-    assert_same(out, reference(z, table, table_idx, mu, alpha))
+    assert_same(out, reference(z, table, table_row, mu, alpha))
 
 
-def test_rows_map_to_slots_with_repeats(backend: str) -> None:
-    """V2: rows are not slots; speculative decoding gives one slot several rows."""
+def test_rows_map_to_request_states_with_repeats(backend: str) -> None:
+    """V2: rows are not request indices; speculative decoding gives one request several rows."""
     z, table, _ = make(6, 257)
-    table_idx = torch.tensor([-1, 0, -1, 2, 1, -1, -1, 1], dtype=torch.int32)
+    table_row = torch.tensor([-1, 0, -1, 2, 1, -1, -1, 1], dtype=torch.int32)
     mu = torch.linspace(-4, 4, 8)
     alpha = torch.full((8,), 0.2)
     row_state = torch.tensor([7, 7, 3, 0, 1, 1], dtype=torch.int32)
-    out = run(z, table, table_idx, mu, alpha, row_state)
-    assert_same(out, reference(z, table, table_idx, mu, alpha, row_state))
-    assert torch.equal(out[3], z[3])  # slot 0 is not steered
+    out = run(z, table, table_row, mu, alpha, row_state)
+    assert_same(out, reference(z, table, table_row, mu, alpha, row_state))
+    assert torch.equal(out[3], z[3])  # request index 0 is not steered
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_half_precision_logits_are_steered_in_float32(backend: str, dtype: torch.dtype) -> None:
     z, table, _ = make(3, 300)
     z = z.to(dtype)
-    table_idx = torch.tensor([0, 1, 2], dtype=torch.int32)
+    table_row = torch.tensor([0, 1, 2], dtype=torch.int32)
     mu, alpha = torch.tensor([-3.0, 1.0, 2.0]), torch.tensor([0.1, 0.3, 0.05])
-    out = run(z, table, table_idx, mu, alpha)
+    out = run(z, table, table_row, mu, alpha)
     assert out.dtype == dtype
-    assert_same(out, reference(z, table, table_idx, mu, alpha), tol=1e-2)
+    assert_same(out, reference(z, table, table_row, mu, alpha), tol=1e-2)
 
 
 @pytest.mark.parametrize("seed", range(6))
@@ -136,14 +136,14 @@ def test_random_shapes_match_the_reference(backend: str, seed: int) -> None:
     g = torch.Generator().manual_seed(100 + seed)
     rows = int(torch.randint(1, 9, (1,), generator=g))
     vocab = int(torch.randint(1, 700, (1,), generator=g))
-    slots = int(torch.randint(1, 4, (1,), generator=g))
-    z, table, _ = make(rows, vocab, slots, seed=seed)
+    vectors = int(torch.randint(1, 4, (1,), generator=g))
+    z, table, _ = make(rows, vocab, vectors, seed=seed)
     z[torch.rand(rows, vocab, generator=g) < 0.05] = -math.inf
-    table_idx = torch.randint(-1, slots, (rows,), generator=g, dtype=torch.int32)
+    table_row = torch.randint(-1, vectors, (rows,), generator=g, dtype=torch.int32)
     mu = (torch.rand(rows, generator=g) - 0.5) * 20
     alpha = torch.rand(rows, generator=g).clamp_min(1e-4)
-    out = run(z, table, table_idx, mu, alpha)
-    assert_same(out, reference(z, table, table_idx, mu, alpha))
+    out = run(z, table, table_row, mu, alpha)
+    assert_same(out, reference(z, table, table_row, mu, alpha))
 
 
 def test_bad_arguments_are_refused() -> None:
@@ -151,13 +151,13 @@ def test_bad_arguments_are_refused() -> None:
     one = torch.tensor([0, 0], dtype=torch.int32)
     f = torch.zeros(2)
     with pytest.raises(ValueError, match="table must be float32"):
-        kernel.steer_rows_(z, table[:, :5], SlotTensors(one, f, f))
+        kernel.steer_rows_(z, table[:, :5], StateTensors(one, f, f))
     with pytest.raises(ValueError, match="one length"):
-        kernel.steer_rows_(z, table, SlotTensors(one, torch.zeros(3), f))
+        kernel.steer_rows_(z, table, StateTensors(one, torch.zeros(3), f))
     with pytest.raises(ValueError, match="one entry per logits row"):
-        kernel.steer_rows_(z, table, SlotTensors(one[:1], f[:1], f[:1]))
+        kernel.steer_rows_(z, table, StateTensors(one[:1], f[:1], f[:1]))
     with pytest.raises(TypeError, match="dtype"):
-        kernel.steer_rows_(z.long(), table, SlotTensors(one, f, f))
+        kernel.steer_rows_(z.long(), table, StateTensors(one, f, f))
 
 
 @pytest.mark.skipif(not (HAVE_TRITON and INTERPRET), reason="runs in the interpreter pass")

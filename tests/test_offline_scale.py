@@ -40,7 +40,7 @@ def decoder(tiny_dirs: tuple[Path, Path]) -> ReferenceDecoder:
 def test_auto_dtype_is_bf16_only_where_it_is_fast(
     monkeypatch: pytest.MonkeyPatch, native: bool
 ) -> None:
-    monkeypatch.setattr(precision, "cpu_has_native_bf16", lambda: native)
+    monkeypatch.setattr(precision, "cpu_bf16_is_fast", lambda: native)
     cpu = torch.device("cpu")
     assert precision.resolve_dtype("auto", cpu) == (torch.bfloat16 if native else torch.float32)
     assert precision.resolve_dtype("auto", torch.device("cuda")) == torch.bfloat16

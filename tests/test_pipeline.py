@@ -179,13 +179,13 @@ def test_warm_start_autocasts_to_bf16_only_on_native_bf16_cpus(
         seen.append(enabled)
         return real(device_type, *args, enabled=enabled, **kw)
 
-    monkeypatch.setattr(precision, "cpu_has_native_bf16", lambda: native)
+    monkeypatch.setattr(precision, "cpu_bf16_is_fast", lambda: native)
     monkeypatch.setattr(torch, "autocast", recording)
     examples = [("the color of sky is", " blue")] * 4
     train_adapter(
         tiny_dirs[0], examples, tmp_path / "ws", WarmStartConfig(batch_size=4), progress=False
     )
-    assert seen == ([True] if native else [])  # bf16 autocast exactly where it is native
+    assert seen == ([True] if native else [])  # bf16 autocast exactly where it is fast
 
 
 def test_warm_start_learns_and_loads(tiny_dirs: tuple[Path, Path], tmp_path: Path) -> None:

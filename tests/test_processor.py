@@ -28,16 +28,14 @@ from svd_vllm.vllm.admission import (
     validate_steering_params,
 )
 from svd_vllm.vllm.processor import SVDLogitsProcessor
+from tests.support.artifacts import random_vector
 
 V = 64
 
 
 def vec(name: str, seed: int, mu: float, alpha: float = 0.1, vocab: int = V) -> SteeringArtifact:
-    g = torch.Generator().manual_seed(seed)
-    return SteeringArtifact.create(
-        torch.randn(vocab, generator=g) * 3, name=name, base_model="b", adapter="a",
-        tokenizer_fingerprint="t", mu_bar=mu, alpha=alpha,
-    )  # fmt: skip
+    """This file's vectors: spread 3, so steering visibly moves a V-wide row."""
+    return random_vector(name, vocab=vocab, seed=seed, mu=mu, alpha=alpha, spread=3.0)
 
 
 @pytest.fixture
@@ -131,7 +129,7 @@ def test_v1_mixed_batch_moves_and_removals(registry: Registry) -> None:
     # Everything finishes: apply is a no-op and all table slots are released.
     p.update_state(BatchUpdate(batch_size=0, removed=[0, 1, 2, 3], added=[], moved=[]))
     z3 = logits(2)
-    assert p.apply(z3) is z3 and p.steering.state.count == 0 and p.store.slots_in_use() == 0
+    assert p.apply(z3) is z3 and p.steering.state.count == 0 and p.store.rows_in_use() == 0
 
 
 def test_v1_all_rows_steered_in_place_and_bf16(registry: Registry) -> None:
@@ -208,17 +206,17 @@ def test_registry_settings_apply_and_versions_are_pinned(registry: Registry) -> 
     assert torch.equal(p.apply(z3.clone())[1], z3[1])
 
 
-def fake_ctx(row_slots: list[int]) -> LogitsContext:
-    m = torch.tensor(row_slots, dtype=torch.int32)
-    n = len(row_slots)
+def fake_ctx(row_state: list[int]) -> LogitsContext:
+    m = torch.tensor(row_state, dtype=torch.int32)
+    n = len(row_state)
     return LogitsContext(
-        expanded_idx_mapping=m, idx_mapping=m, idx_mapping_np=np.array(row_slots, dtype=np.int32),
+        expanded_idx_mapping=m, idx_mapping=m, idx_mapping_np=np.array(row_state, dtype=np.int32),
         expanded_local_pos=torch.zeros(n, dtype=torch.int32), input_ids=torch.zeros(n, dtype=torch.int32),
         pos=torch.zeros(n, dtype=torch.int32), seq_lens_upper_bound_np=np.ones(n, dtype=np.int32),
     )  # fmt: skip
 
 
-def test_v2_slots_rows_and_recycling(registry: Registry) -> None:
+def test_v2_request_indices_rows_and_recycling(registry: Registry) -> None:
     req_states = SimpleNamespace(device=torch.device("cpu"), max_num_reqs=8)
     p = SVDLogitsProcessor(config(), req_states)
     assert p.runner == "v2"
@@ -354,7 +352,7 @@ def test_validate_params_accepts_good_requests_and_checks_vocab(
 def test_a_vector_that_cannot_load_is_refused_by_name_or_counted(
     registry: Registry, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """#16 item 2: an explicit request for a corrupt vector is a 400 naming it and the reason;
+    """An explicit request for a corrupt vector is a 400 naming it and the reason;
     one steered only by the server default proceeds unsteered and is counted."""
     from prometheus_client import REGISTRY
 
@@ -404,7 +402,7 @@ def test_parse_request_args_defaults() -> None:
     )
 
 
-# -- composition (#15) -------------------------------------------------------------------------
+# -- composition -------------------------------------------------------------------------
 def composed_expected(
     z: torch.Tensor, parts: list[tuple[SteeringArtifact, float]], alpha: float
 ) -> torch.Tensor:
@@ -437,9 +435,9 @@ def test_a_composition_steers_with_the_sum_of_its_vectors_terms(registry: Regist
     )
     torch.testing.assert_close(out[4], composed_expected(z[4:5], [(a, -2.0), (b, -9.0)], 0.5)[0])
     # Rows 0 and 4 share one combined slot (same versions and strengths); refcounted.
-    assert p.store.slots_in_use() == 3  # a+b, a, b+a+c
+    assert p.store.rows_in_use() == 3  # a+b, a, b+a+c
     p.update_state(BatchUpdate(batch_size=0, removed=[0, 1, 2, 3, 4], added=[], moved=[]))
-    assert p.store.slots_in_use() == 0
+    assert p.store.rows_in_use() == 0
 
 
 def test_a_composition_pins_every_member(registry: Registry) -> None:

@@ -14,17 +14,12 @@ import pytest
 import torch
 
 from svd_vllm.core import artifact
-from svd_vllm.core.artifact import SteeringArtifact
 from svd_vllm.registry import Registry, RegistryError
-from svd_vllm.registry.vector_store import ManifestWatcher, VectorStore
+from svd_vllm.registry.manifest_watcher import ManifestWatcher
+from svd_vllm.vllm.vector_store import VectorStore
+from tests.support.artifacts import random_vector
 
-
-def vec(name: str = "v", vocab: int = 16, seed: int = 0, mu: float = -1.0) -> SteeringArtifact:
-    g = torch.Generator().manual_seed(seed)
-    return SteeringArtifact.create(
-        torch.randn(vocab, generator=g), name=name, base_model="b", adapter="a",
-        tokenizer_fingerprint="t", mu_bar=mu, alpha=0.1,
-    )  # fmt: skip
+vec = random_vector
 
 
 def test_add_get_list_replace_remove(tmp_path: Path) -> None:
@@ -50,9 +45,9 @@ def test_update_settings_bumps_version_and_keeps_them_on_replace(tmp_path: Path)
     reg = Registry(tmp_path)
     reg.add(vec("a", mu=-2.0))
     e = reg.update("a", default_scale=0.5, alpha_override=0.2)
-    assert e.version == 2 and e.effective_mu == pytest.approx(-1.0) and e.effective_alpha == 0.2
+    assert e.version == 2 and e.strength() == pytest.approx(-1.0) and e.mask_alpha() == 0.2
     e = reg.update("a", mu_bar_override=-4.0, enabled=False)
-    assert e.version == 3 and e.effective_mu == pytest.approx(-2.0) and not e.enabled
+    assert e.version == 3 and e.strength() == pytest.approx(-2.0) and not e.enabled
     e = reg.add(vec("a", seed=5, mu=-3.0), replace=True)
     assert e.version == 4 and e.default_scale == 0.5 and e.mu_bar_override == -4.0 and not e.enabled
     with pytest.raises(RegistryError, match="unknown settings"):
@@ -236,7 +231,7 @@ def test_store_slots_are_reference_counted_and_bounded(tmp_path: Path) -> None:
     assert store.acquire(lvs[0]) == s0  # one copy per version
     assert torch.equal(store.table[s0], lvs[0].shift)
     slots = [store.acquire(lv) for lv in lvs[1:6]]
-    assert len(set(slots) | {s0}) == 6 and store.slots_in_use() == 6
+    assert len(set(slots) | {s0}) == 6 and store.rows_in_use() == 6
     for i, s in enumerate(slots):
         assert torch.equal(store.table[s], lvs[i + 1].shift)
     for s in slots:
@@ -305,25 +300,14 @@ def test_a_recreated_registry_never_serves_the_old_bytes(tmp_path: Path) -> None
     assert torch.equal(store.table[store.acquire(new)], vec("sv", seed=2).shift)
 
 
-def test_cli_composes_lists_and_removes_compositions(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str]
-) -> None:
-    from svd_vllm.tools.cli import main
+def test_a_member_is_named_by_vector_or_name_and_its_scale_is_a_scale() -> None:
+    from pydantic import ValidationError
 
-    reg = Registry(tmp_path)
-    reg.add(vec("a", seed=1))
-    reg.add(vec("b", seed=2))
-    base = ["registry", "--registry", str(tmp_path)]
-    assert main([*base, "compose", "mix", "--vector", "a=0.5", "--vector", "b"]) == 0
-    c = reg.manifest().compositions["mix"]
-    assert [(m.vector, m.scale) for m in c.members] == [("a", 0.5), ("b", None)]
-    assert main([*base, "compose", "mix", "--vector", "a"]) == 2  # exists: --replace
-    assert main([*base, "compose", "mix", "--vector", "a", "--replace", "--alpha", "0.4"]) == 0
-    assert reg.manifest().compositions["mix"].version == 2
-    assert main([*base, "compose", "x", "--vector", "a=half"]) == 2
-    assert main([*base, "compose", "x", "--vector", "a", "--alpha", "2"]) == 2
-    capsys.readouterr()
-    assert main([*base, "list"]) == 0
-    rows = json.loads(capsys.readouterr().out)
-    assert [r.get("name") for r in rows] == ["a", "b", "mix"] and rows[-1]["composition"]
-    assert main([*base, "remove", "mix"]) == 0 and reg.manifest().compositions == {}
+    from svd_vllm.registry import Member
+
+    assert Member.model_validate({"name": "a", "scale": 0.5}) == Member(vector="a", scale=0.5)
+    assert Member.model_validate({"vector": "a"}).model_dump() == {"vector": "a", "scale": None}
+    for bad in ({"vector": "a", "name": "b"}, {"name": "a", "scale": float("nan")},
+                {"name": "a", "scale": "0.5"}, {"name": "a", "scale": 1e6}):  # fmt: skip
+        with pytest.raises(ValidationError):
+            Member.model_validate(bad)

@@ -290,7 +290,7 @@ def test_openapi_schema_is_published(env: dict) -> None:
     )
 
 
-# -- composition and every generation endpoint (#15) -------------------------------------------
+# -- composition and every generation endpoint -------------------------------------------
 @pytest.mark.parametrize("path", ["/v1/completions", "/v1/chat/completions", "/v1/responses",
                                   "/v1/messages"])  # fmt: skip
 def test_every_generation_endpoint_folds_in_steering(env: dict, path: str) -> None:

@@ -10,29 +10,17 @@ from pathlib import Path
 
 import httpx
 import pytest
-import torch
 
-from svd_vllm.core import artifact
-from svd_vllm.core.artifact import SteeringArtifact
 from svd_vllm.registry import Registry
-from tests.support.sidecar_proc import SidecarProcess
+from svd_vllm.tools.child_servers import SidecarProcess
+from tests.support.artifacts import random_vector_bytes
 
 KEY = "d" * 32
 VOCAB = 1_000_000  # a 4 MB artifact: uploads take long enough to be interrupted
 
 
 def art_bytes(seed: int) -> bytes:
-    g = torch.Generator().manual_seed(seed)
-    return artifact.to_bytes(
-        SteeringArtifact.create(
-            torch.randn(VOCAB, generator=g),
-            name="big",
-            base_model="b",
-            adapter="a",
-            tokenizer_fingerprint="t",
-            mu_bar=-1.0 - seed,
-        )
-    )
+    return random_vector_bytes("big", vocab=VOCAB, seed=seed, mu=-1.0 - seed)
 
 
 def slow_body(data: bytes, boundary: str, delay: float, half_sent: threading.Event | None = None):  # type: ignore[no-untyped-def]

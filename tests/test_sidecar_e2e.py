@@ -13,7 +13,7 @@ import pytest
 from svd_vllm.core import artifact
 from svd_vllm.offline.reference import ReferenceDecoder
 from svd_vllm.registry import Registry
-from tests.support.sidecar_proc import SidecarProcess
+from svd_vllm.tools.child_servers import SidecarProcess
 from tests.support.vllm_server import VLLMServer
 
 pytestmark = pytest.mark.vllm
@@ -169,7 +169,7 @@ def test_concurrent_patches_and_requests(stack: dict) -> None:
 
 
 def test_responses_and_messages_endpoints_steer_through_the_sidecar(stack: dict) -> None:
-    """#15: the OpenAI client's Responses API and an Anthropic-style Messages request, through
+    """The OpenAI client's Responses API and an Anthropic-style Messages request, through
     the sidecar, steer exactly as the same request sent to vLLM with ``vllm_xargs``."""
     from openai import OpenAI
 

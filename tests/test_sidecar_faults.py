@@ -331,7 +331,7 @@ def _send_head(url: str, path: str, declared: int, sent: bytes, auth: bool) -> s
 def test_a_body_that_never_arrives_gets_a_408_and_a_vanishing_client_no_crash(
     tmp_path: Path,
 ) -> None:
-    from tests.support.sidecar_proc import SidecarProcess
+    from svd_vllm.tools.child_servers import SidecarProcess
 
     log = tmp_path / "sidecar.log"
     env = {"SVD_SIDECAR_API_KEY": KEY, "SVD_SIDECAR_REGISTRY": str(tmp_path / "reg"),
@@ -440,7 +440,7 @@ def test_a_real_sidecar_forwards_an_empty_bearer_as_a_valid_header(
     client to vLLM would refuse to send must not turn into a 502."""
     import http.client
 
-    from tests.support.sidecar_proc import SidecarProcess
+    from svd_vllm.tools.child_servers import SidecarProcess
 
     env = {"SVD_SIDECAR_DEV": "1", "SVD_SIDECAR_REGISTRY": str(tmp_path / "reg"),
            "SVD_SIDECAR_VOCAB_SIZE": str(VOCAB), "SVD_SIDECAR_VLLM_URL": upstream.url}  # fmt: skip

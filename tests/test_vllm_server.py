@@ -96,7 +96,7 @@ def test_parity_with_the_reference_decoder(
 def test_a_base_request_batched_with_every_lora_equals_it_alone(
     server, serving_assets: dict, client: httpx.Client
 ) -> None:
-    """#16 item 8: on vLLM's CPU backend a base row batched with LoRA rows read the last LoRA
+    """On vLLM's CPU backend a base row batched with LoRA rows read the last LoRA
     slot's weights when every slot was taken. ``vllm_command`` keeps one slot spare."""
     from concurrent.futures import ThreadPoolExecutor
 
@@ -232,7 +232,7 @@ def test_hot_registration_replace_and_in_flight_pinning(
 def test_compositions_in_a_mixed_batch_equal_each_request_alone(
     server, serving_assets: dict, client: httpx.Client
 ) -> None:
-    """#15 on a real engine: list-valued ``vllm_xargs`` compose vectors; a batch mixing
+    """On a real engine: list-valued ``vllm_xargs`` compose vectors; a batch mixing
     compositions, single vectors and unsteered requests gives each the tokens it gets alone,
     and a composition's tokens are the reference decoder's with the combined shift."""
     from concurrent.futures import ThreadPoolExecutor
@@ -278,7 +278,7 @@ def test_compositions_in_a_mixed_batch_equal_each_request_alone(
 def test_corrupted_artifact_is_refused_by_name_never_served_stale(
     server, serving_assets: dict, client: httpx.Client
 ) -> None:
-    """#16 item 2 on a real engine: a request that asks for a vector whose file is corrupt gets a
+    """On a real engine: a request that asks for a vector whose file is corrupt gets a
     400 naming the vector and the reason (not a quiet unsteered 200, and not the older version
     the manifest no longer names); unsteered requests keep working; a repair brings it back."""
     srv, registry = server
@@ -315,7 +315,7 @@ def test_corrupted_artifact_is_refused_by_name_never_served_stale(
 def test_a_reset_registry_never_serves_the_old_content(
     server, serving_assets: dict, client: httpx.Client
 ) -> None:
-    """#16 item 1 on a real engine: after the registry directory is deleted and a different
+    """On a real engine: after the registry directory is deleted and a different
     vector is registered under the same name (version numbers restart at 1), vLLM steers with
     the new content, never the old one it still holds for the same name@version."""
     srv, registry = server

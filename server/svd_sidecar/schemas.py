@@ -4,26 +4,19 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from svd_vllm.core.artifact import NAME_PATTERN
-from svd_vllm.core.validation import MAX_ABS_SCALE, finite
-from svd_vllm.registry import SettingsPatch, VectorEntry
-from svd_vllm.registry.directory import MAX_MEMBERS
+from svd_vllm.core.validation import Alpha, Scale
+from svd_vllm.registry import MAX_MEMBERS, Member, VectorEntry
 
 __all__ = [
     "ErrorBody",
     "RegisterByPath",
     "SteeringOptions",
-    "SteeringVector",
     "VectorDetail",
     "VectorInfo",
-    "VectorPatch",
 ]
-
-
-def _finite(v: float | None, info: ValidationInfo) -> float | None:
-    return None if v is None else finite(v, str(info.field_name))
 
 
 class ErrorDetail(BaseModel):
@@ -65,8 +58,8 @@ class VectorInfo(BaseModel):
         status = "unloadable" if problem else ("ready" if e.enabled else "disabled")
         return cls(
             **e.model_dump(exclude={"file"}),
-            effective_mu=e.effective_mu,
-            effective_alpha=e.effective_alpha,
+            effective_mu=e.strength(),
+            effective_alpha=e.mask_alpha(),
             status=status,
             problem=problem,
         )
@@ -89,24 +82,7 @@ class RegisterByPath(BaseModel):
         min_length=1, max_length=4096, description="artifact file under an allowed root"
     )
     name: str | None = Field(None, pattern=NAME_PATTERN, description="default: the artifact's name")
-    default_scale: float | None = Field(None, strict=True, ge=-MAX_ABS_SCALE, le=MAX_ABS_SCALE)
-
-    _f = field_validator("default_scale")(lambda cls, v, info: _finite(v, info))
-
-
-class VectorPatch(SettingsPatch):
-    """Strength settings; each accepted change bumps the vector's version."""
-
-
-class SteeringVector(BaseModel):
-    """One vector of a composition, with its scale (default: the vector's default scale)."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    name: str = Field(pattern=NAME_PATTERN)
-    scale: float | None = Field(None, strict=True, ge=-MAX_ABS_SCALE, le=MAX_ABS_SCALE)
-
-    _f = field_validator("scale")(lambda cls, v, info: _finite(v, info))
+    default_scale: Scale | None = None
 
 
 class SteeringOptions(BaseModel):
@@ -119,19 +95,19 @@ class SteeringOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     enabled: bool | None = Field(None, strict=True)
-    scale: float | None = Field(None, strict=True, ge=-MAX_ABS_SCALE, le=MAX_ABS_SCALE)
+    scale: Scale | None = None
     vector: str | None = Field(None, strict=True, pattern=NAME_PATTERN)
-    vectors: list[SteeringVector] | None = Field(None, min_length=1, max_length=MAX_MEMBERS)
-    alpha: float | None = Field(None, strict=True, gt=0.0, le=1.0)
-
-    _f = field_validator("scale")(lambda cls, v, info: _finite(v, info))
+    vectors: list[Member] | None = Field(
+        None, min_length=1, max_length=MAX_MEMBERS, description="each {name, scale}"
+    )
+    alpha: Alpha | None = None
 
     @model_validator(mode="after")
     def _one_form(self) -> SteeringOptions:
         if self.vectors is not None:
             if self.vector is not None or self.scale is not None:
                 raise ValueError("give either vector/scale or vectors, not both")
-            names = [v.name for v in self.vectors]
+            names = [v.vector for v in self.vectors]
             for i, n in enumerate(names):
                 if n in names[:i]:
                     raise ValueError(f"vectors[{i}]: {n!r} is listed twice")

@@ -11,7 +11,7 @@ from typing import Any
 import httpx
 
 from svd_vllm.registry import Manifest, Registry, VectorEntry
-from svd_vllm.registry.vector_store import ManifestWatcher
+from svd_vllm.registry.manifest_watcher import ManifestWatcher
 from svd_vllm.vllm.admission import XARGS_NAMES, ArgNames, SteeringRequest, check_request
 
 from .errors import ApiError

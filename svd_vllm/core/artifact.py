@@ -22,7 +22,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save as st_save
 
-from .validation import finite, pydantic_message
+from .validation import Alpha, FiniteFloat, pydantic_message
 
 __all__ = [
     "ARTIFACT_FORMAT",
@@ -81,10 +81,6 @@ class ArtifactError(ValueError):
         super().__init__(f"{self.source}: {problem}")
 
 
-def _finite(v: float | None, field: str) -> float | None:
-    return None if v is None else finite(v, field)
-
-
 class CalibrationStats(BaseModel):
     """What the strength calibration saw (all finite)."""
 
@@ -93,27 +89,15 @@ class CalibrationStats(BaseModel):
     items: int = Field(0, ge=0, description="calibration items (examples)")
     tokens: int = Field(0, ge=0, description="label tokens teacher-forced")
     positions: int = Field(0, ge=0, description="tokens with a non-zero masked dz (used for mu*)")
-    mu_mean: float = 0.0
-    mu_median: float = 0.0
-    mu_std: float = 0.0
-    estimators: dict[str, float] = Field(
+    mu_mean: FiniteFloat = 0.0
+    mu_median: FiniteFloat = 0.0
+    mu_std: FiniteFloat = 0.0
+    estimators: dict[str, FiniteFloat] = Field(
         default_factory=dict, description="mu from every estimator, by name"
     )
-    nll: dict[str, float] = Field(
+    nll: dict[str, FiniteFloat] = Field(
         default_factory=dict, description="calibration NLL per estimator / baseline"
     )
-
-    @field_validator("mu_mean", "mu_median", "mu_std")
-    @classmethod
-    def _check_finite(cls, v: float, info: Any) -> float:
-        return _finite(v, info.field_name)  # type: ignore[return-value]
-
-    @field_validator("estimators", "nll")
-    @classmethod
-    def _check_finite_dict(cls, v: dict[str, float], info: Any) -> dict[str, float]:
-        for k, x in v.items():
-            _finite(x, f"{info.field_name}[{k}]")
-        return v
 
 
 class ArtifactMeta(BaseModel):
@@ -127,9 +111,11 @@ class ArtifactMeta(BaseModel):
     adapter: str = Field(min_length=1, description="identity of the PEFT adapter")
     vocab_size: int = Field(gt=0, description="logits width of the served model")
     tokenizer_fingerprint: str = Field(min_length=1)
-    mu_bar: float = Field(description="strength for the precomputed direction")
-    mu_bar_exact: float | None = Field(None, description="strength for exact SVD, if calibrated")
-    alpha: float = Field(0.1, gt=0.0, le=1.0, description="confidence-mask threshold")
+    mu_bar: FiniteFloat = Field(description="strength for the precomputed direction")
+    mu_bar_exact: FiniteFloat | None = Field(
+        None, description="strength for exact SVD, if calibrated"
+    )
+    alpha: Alpha = Field(0.1, description="confidence-mask threshold")
     shift_weighting: str = Field("prob", description="'prob' (p-weighted) or 'mean'")
     estimator: str = Field("pooled", description="estimator that chose mu_bar")
     calibration: CalibrationStats = Field(default_factory=CalibrationStats)
@@ -137,11 +123,6 @@ class ArtifactMeta(BaseModel):
         default_factory=lambda: _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds")
     )
     content_hash: str = ""
-
-    @field_validator("mu_bar", "mu_bar_exact")
-    @classmethod
-    def _check_finite(cls, v: float | None, info: Any) -> float | None:
-        return _finite(v, info.field_name)
 
     @field_validator("format_version")
     @classmethod

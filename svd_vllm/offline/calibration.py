@@ -22,6 +22,7 @@ from ..core.steering import GN_EPS, aggregate_mu, gauss_newton_terms, pooled_mu
 __all__ = [
     "ESTIMATORS",
     "DirectionStats",
+    "Estimator",
     "EstimatorResult",
     "PositionStats",
     "bootstrap_ci",
@@ -32,8 +33,25 @@ __all__ = [
     "percentile_ci",
 ]
 
-#: Estimators of one scalar strength, in the order they are reported.
-ESTIMATORS: tuple[str, ...] = ("mean", "pooled", "median", "trimmed", "line_search")
+#: An estimator of one scalar strength: ``(num, den, stats) -> mu`` from the Gauss-Newton
+#: terms of the positions where ``den > 0`` and the soft-loss statistics of all positions.
+Estimator = Callable[[torch.Tensor, torch.Tensor, "PositionStats"], float]
+
+
+def _steps(num: torch.Tensor, den: torch.Tensor) -> torch.Tensor:
+    """Per-position Gauss-Newton steps ``num / den``."""
+    return (num / (den + GN_EPS)).float()
+
+
+#: Every estimator of the spec, by name, in the order they are reported (an artifact's
+#: ``estimator`` field names the one calibration chose).
+ESTIMATORS: dict[str, Estimator] = {
+    "mean": lambda num, den, _: aggregate_mu(_steps(num, den), "mean"),
+    "pooled": lambda num, den, _: pooled_mu(num, den),
+    "median": lambda num, den, _: aggregate_mu(_steps(num, den), "median"),
+    "trimmed": lambda num, den, _: aggregate_mu(_steps(num, den), "trimmed"),
+    "line_search": lambda _num, _den, stats: line_search_mu(stats),
+}
 
 
 @dataclass
@@ -234,12 +252,7 @@ class EstimatorResult:
 
 def _estimate(num: torch.Tensor, den: torch.Tensor, stats: PositionStats, how: str) -> float:
     keep = den > 0
-    if how == "pooled":
-        return pooled_mu(num[keep], den[keep])
-    if how == "line_search":
-        return line_search_mu(stats)
-    steps = num[keep] / (den[keep] + GN_EPS)
-    return aggregate_mu(steps.float(), how)  # type: ignore[arg-type]
+    return ESTIMATORS[how](num[keep], den[keep], stats)
 
 
 def bootstrap_ci(
@@ -274,18 +287,21 @@ def percentile_ci(vals: torch.Tensor, level: float = 0.95) -> tuple[float, float
 def calibrate(
     direction: DirectionStats,
     *,
-    estimators: Sequence[str] = ESTIMATORS,
+    estimators: Sequence[str] = tuple(ESTIMATORS),
     bootstrap_reps: int = 200,
     seed: int = 0,
 ) -> EstimatorResult:
     """Run every estimator, score each by calibration NLL, pick the lowest, bootstrap its CI."""
+    unknown = [e for e in estimators if e not in ESTIMATORS]
+    if unknown or not estimators:
+        raise ValueError(f"unknown estimators {unknown}; use some of {', '.join(ESTIMATORS)}")
     num, den, item, stats = direction.frozen()
     mus = {how: _estimate(num, den, stats, how) for how in estimators}
     mus = {k: (v if math.isfinite(v) else 0.0) for k, v in mus.items()}
     nlls = {k: float(stats.nll(v).mean()) for k, v in mus.items()}
     chosen = min(nlls, key=lambda k: (nlls[k], k != "pooled"))
     keep = den > 0
-    steps = (num[keep] / (den[keep] + GN_EPS)).float()
+    steps = _steps(num[keep], den[keep])
     n_items = int(item.max()) + 1 if item.numel() else 0
 
     if chosen == "line_search" and n_items > 0 and bootstrap_reps > 0:

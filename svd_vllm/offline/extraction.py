@@ -186,6 +186,123 @@ def _labels(items: Sequence[EncodedItem], batch: Sequence[int], device: torch.de
     return labels.to(device), owner
 
 
+@dataclass
+class _Passes:
+    """One extraction's items and batches, and its one progress bar over both passes."""
+
+    dec: ReferenceDecoder
+    enc: Sequence[EncodedItem]
+    batches: list[list[int]]
+    alpha: float
+    bar: Any
+
+    def logits(self, batch: list[int], *, adapter: bool) -> torch.Tensor:
+        return self.dec.teacher_forced(
+            [self.enc[i].ids for i in batch], [self.enc[i].n_ctx for i in batch], adapter=adapter
+        )
+
+    def tokens(self, batch: list[int]) -> int:
+        return sum(len(self.enc[i].ids) for i in batch)
+
+
+def _accumulate(run: _Passes) -> tuple[ShiftAccumulator, DirectionStats]:
+    """Pass 1 (base + adapter): the shift sums of ``r = log p_phi - log p_theta`` and the
+    exact-SVD calibration statistics."""
+    dec = run.dec
+    acc = ShiftAccumulator(dec.vocab_size, dec.device)
+    exact = DirectionStats()
+    for batch in run.batches:
+        z_a, z_b = run.logits(batch, adapter=True), run.logits(batch, adapter=False)
+        labels, owner = _labels(run.enc, batch, dec.device)
+        for c in float32_chunks(len(labels), dec.vocab_size):
+            za, zb = z_a[c].float(), z_b[c].float()
+            if not (torch.isfinite(za).all() and torch.isfinite(zb).all()):
+                bad = sorted({int(i) for i in owner[c]})
+                raise ValueError(f"calibration items {bad}: the model produced non-finite logits")
+            r = log_ratio(za, zb)
+            acc.add(r, torch.softmax(za, -1))
+            mask = confidence_mask(za, run.alpha)
+            exact.add(owner[c], za, exact_delta(za, zb), labels[c], mask)
+        run.bar.update(2 * run.tokens(batch))
+    return acc, exact
+
+
+def _shift_statistics(
+    run: _Passes, shifts: dict[str, torch.Tensor]
+) -> tuple[dict[str, DirectionStats], dict[str, DirectionStats]]:
+    """Pass 2 (adapter only): calibration statistics of the precomputed direction built from
+    each shift variant, and of the plain logit-bias baseline."""
+    dec = run.dec
+    pre = {v: DirectionStats() for v in shifts}
+    bias = {v: DirectionStats() for v in shifts}
+    on_device = {v: s.to(dec.device) for v, s in shifts.items()}
+    for batch in run.batches:
+        z_a = run.logits(batch, adapter=True)
+        labels, owner = _labels(run.enc, batch, dec.device)
+        for c in float32_chunks(len(labels), dec.vocab_size):
+            za = z_a[c].float()
+            mask = confidence_mask(za, run.alpha)
+            for v, s in on_device.items():
+                pre[v].add(owner[c], za, precomputed_delta(za, s), labels[c], mask)
+                bias[v].add(owner[c], za, s.expand_as(za), labels[c], mask)
+        run.bar.update(run.tokens(batch))
+    return pre, bias
+
+
+def _choose(
+    exact: DirectionStats,
+    pre: dict[str, DirectionStats],
+    bias: dict[str, DirectionStats],
+    *,
+    bootstrap_reps: int,
+    seed: int,
+) -> tuple[dict[str, EstimatorResult], str]:
+    """Calibrate every direction; the default shift variant is the one whose precomputed
+    direction reaches the lowest calibration NLL."""
+    results: dict[str, EstimatorResult] = {
+        "exact": calibrate(exact, bootstrap_reps=bootstrap_reps, seed=seed)
+    }
+    for v in SHIFT_VARIANTS:
+        results[f"precomputed-{v}"] = calibrate(pre[v], bootstrap_reps=bootstrap_reps, seed=seed)
+        # The logit-bias baseline: only the line search is meaningful (see the spec).
+        results[f"logit-bias-{v}"] = calibrate(
+            bias[v], estimators=("line_search",), bootstrap_reps=0, seed=seed
+        )
+    default = min(
+        SHIFT_VARIANTS,
+        key=lambda v: results[f"precomputed-{v}"].nll[results[f"precomputed-{v}"].chosen],
+    )
+    return results, default
+
+
+def _calibration_stats(
+    results: dict[str, EstimatorResult], default: str, items: int, tokens: int
+) -> CalibrationStats:
+    """What the artifact records of the calibration: every estimator's strength and NLL."""
+    chosen = results[f"precomputed-{default}"]
+    ex = results["exact"]
+    estimators = {f"precomputed_{k}": x for k, x in chosen.mu.items()}
+    estimators.update({f"exact_{k}": x for k, x in ex.mu.items()})
+    estimators["logit_bias_beta"] = results[f"logit-bias-{default}"].mu_bar
+    estimators["mu_bar_ci_low"], estimators["mu_bar_ci_high"] = (
+        (chosen.ci[0], chosen.ci[1]) if all(math.isfinite(c) for c in chosen.ci) else (0.0, 0.0)
+    )
+    nll = {f"precomputed_{k}": x for k, x in chosen.nll.items()}
+    nll.update({f"exact_{k}": x for k, x in ex.nll.items()})
+    nll["unsteered"] = chosen.nll_unsteered
+    nll["logit_bias"] = results[f"logit-bias-{default}"].nll["line_search"]
+    return CalibrationStats(
+        items=items,
+        tokens=tokens,
+        positions=chosen.positions,
+        mu_mean=chosen.mu_mean,
+        mu_median=chosen.mu_median,
+        mu_std=chosen.mu_std,
+        estimators=estimators,
+        nll=nll,
+    )
+
+
 def extract_vector(
     dec: ReferenceDecoder,
     items: Sequence[CalibrationItem] | Iterable[CalibrationItem],
@@ -203,6 +320,7 @@ def extract_vector(
 ) -> tuple[SteeringArtifact, ExtractionReport]:
     """Estimate the shift and every strength on ``items``; return the default artifact.
 
+    Accumulate (pass 1), statistics (pass 2), choose (calibration), build the artifact.
     ``batch_size`` items run per forward pass; ``max_length`` (default: the model's context)
     bounds an item's tokens. ``encoded`` passes items already tokenised (then ``items`` is
     ignored), e.g. for a benchmark on a model without a matching tokenizer.
@@ -219,84 +337,20 @@ def extract_vector(
     batches = length_batches(
         enc, size, max_rows=max(1, ROW_ELEMENTS // dec.vocab_size), max_tokens=TOKENS_PER_PASS
     )
-    acc = ShiftAccumulator(dec.vocab_size, dec.device)
-    exact = DirectionStats()
     total = sum(it.n_labels for it in enc)
     fed = sum(len(it.ids) for it in enc)
 
-    def run(batch: list[int], *, adapter: bool) -> torch.Tensor:
-        return dec.teacher_forced(
-            [enc[i].ids for i in batch], [enc[i].n_ctx for i in batch], adapter=adapter
-        )
-
     t0 = time.perf_counter()
     bar = tqdm(total=3 * fed, desc="extract", unit="tok", unit_scale=True, disable=not progress)
-    for batch in batches:
-        z_a, z_b = run(batch, adapter=True), run(batch, adapter=False)
-        labels, owner = _labels(enc, batch, dec.device)
-        for c in float32_chunks(len(labels), dec.vocab_size):
-            za, zb = z_a[c].float(), z_b[c].float()
-            if not (torch.isfinite(za).all() and torch.isfinite(zb).all()):
-                bad = sorted({int(i) for i in owner[c]})
-                raise ValueError(f"calibration items {bad}: the model produced non-finite logits")
-            r = log_ratio(za, zb)
-            acc.add(r, torch.softmax(za, -1))
-            mask = confidence_mask(za, alpha)
-            exact.add(owner[c], za, exact_delta(za, zb), labels[c], mask)
-        bar.update(2 * sum(len(enc[i].ids) for i in batch))
-
+    run = _Passes(dec, enc, batches, alpha, bar)
+    acc, exact = _accumulate(run)
     shifts = {v: acc.shift(v) for v in SHIFT_VARIANTS}
-    pre = {v: DirectionStats() for v in SHIFT_VARIANTS}
-    bias = {v: DirectionStats() for v in SHIFT_VARIANTS}
-    on_device = {v: s.to(dec.device) for v, s in shifts.items()}
-    for batch in batches:
-        z_a = run(batch, adapter=True)
-        labels, owner = _labels(enc, batch, dec.device)
-        for c in float32_chunks(len(labels), dec.vocab_size):
-            za = z_a[c].float()
-            mask = confidence_mask(za, alpha)
-            for v, s in on_device.items():
-                pre[v].add(owner[c], za, precomputed_delta(za, s), labels[c], mask)
-                bias[v].add(owner[c], za, s.expand_as(za), labels[c], mask)
-        bar.update(sum(len(enc[i].ids) for i in batch))
+    pre, bias = _shift_statistics(run, shifts)
     bar.close()
     seconds = time.perf_counter() - t0
 
-    results: dict[str, EstimatorResult] = {
-        "exact": calibrate(exact, bootstrap_reps=bootstrap_reps, seed=seed)
-    }
-    for v in SHIFT_VARIANTS:
-        results[f"precomputed-{v}"] = calibrate(pre[v], bootstrap_reps=bootstrap_reps, seed=seed)
-        # The logit-bias baseline: only the line search is meaningful (see the spec).
-        results[f"logit-bias-{v}"] = calibrate(
-            bias[v], estimators=("line_search",), bootstrap_reps=0, seed=seed
-        )
-    default = min(
-        SHIFT_VARIANTS,
-        key=lambda v: results[f"precomputed-{v}"].nll[results[f"precomputed-{v}"].chosen],
-    )
+    results, default = _choose(exact, pre, bias, bootstrap_reps=bootstrap_reps, seed=seed)
     chosen = results[f"precomputed-{default}"]
-    ex = results["exact"]
-    estimators = {f"precomputed_{k}": x for k, x in chosen.mu.items()}
-    estimators.update({f"exact_{k}": x for k, x in ex.mu.items()})
-    estimators["logit_bias_beta"] = results[f"logit-bias-{default}"].mu_bar
-    estimators["mu_bar_ci_low"], estimators["mu_bar_ci_high"] = (
-        (chosen.ci[0], chosen.ci[1]) if all(math.isfinite(c) for c in chosen.ci) else (0.0, 0.0)
-    )
-    nll = {f"precomputed_{k}": x for k, x in chosen.nll.items()}
-    nll.update({f"exact_{k}": x for k, x in ex.nll.items()})
-    nll["unsteered"] = chosen.nll_unsteered
-    nll["logit_bias"] = results[f"logit-bias-{default}"].nll["line_search"]
-    stats = CalibrationStats(
-        items=len(enc),
-        tokens=total,
-        positions=chosen.positions,
-        mu_mean=chosen.mu_mean,
-        mu_median=chosen.mu_median,
-        mu_std=chosen.mu_std,
-        estimators=estimators,
-        nll=nll,
-    )
     art = SteeringArtifact.create(
         shifts[default],
         name=name,
@@ -305,11 +359,11 @@ def extract_vector(
         vocab_size=dec.vocab_size,
         tokenizer_fingerprint=tokenizer_fingerprint(dec.tokenizer),
         mu_bar=chosen.mu_bar,
-        mu_bar_exact=ex.mu_bar,
+        mu_bar_exact=results["exact"].mu_bar,
         alpha=alpha,
         shift_weighting=default,
         estimator=chosen.chosen,
-        calibration=stats,
+        calibration=_calibration_stats(results, default, len(enc), total),
     )
     report = ExtractionReport(
         results=results, default_shift=default, items=len(enc), tokens=total,

@@ -2,10 +2,11 @@
 and how much memory one of their passes may take.
 
 * ``device="auto"``: CUDA when available, else CPU.
-* ``dtype="auto"``: bf16 on CUDA; on CPU bf16 only where the processor computes it natively
-  (AVX512-BF16 or AMX), float32 otherwise. On an AVX2-only CPU a bf16 matmul is tens of times
-  slower than float32 (measured 43x for 1024x576 @ 576x1536 on an AMD EPYC). Never assume one:
-  the project's machines vary.
+* ``dtype="auto"``: bf16 on CUDA; on CPU bf16 only with AMX tiles, float32 otherwise. Measured
+  (``benchmarks/cpu_dtype.py``, figures per CPU kind in ``benchmarks/results/cpu-dtype-*``): on
+  AVX2 a bf16 matmul is tens of times slower than float32 (43x for 1024x576 @ 576x1536 on an
+  AMD EPYC); with AVX512-BF16 but no AMX a SmolLM2-135M forward is 1.8x slower in bf16; with
+  AMX bf16 is faster. Never assume one: the project's machines vary.
 
 Whatever the weights' dtype, everything after the logits (log-softmax, the log ratio, the running
 sums of the shift and the Gauss-Newton terms) is computed in float32 or float64: see
@@ -27,7 +28,7 @@ __all__ = [
     "ROW_ELEMENTS",
     "TOKENS_PER_PASS",
     "Placement",
-    "cpu_has_native_bf16",
+    "cpu_bf16_is_fast",
     "float32_chunks",
     "resolve",
     "resolve_device",
@@ -59,10 +60,10 @@ def float32_chunks(n_rows: int, vocab_size: int) -> Iterator[slice]:
 
 
 @functools.cache
-def cpu_has_native_bf16() -> bool:
-    """Whether this CPU computes bf16 natively (AVX512-BF16 or AMX tiles)."""
-    checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
-    return any(bool(getattr(torch.cpu, name, lambda: False)()) for name in checks)
+def cpu_bf16_is_fast() -> bool:
+    """Whether bf16 beats float32 on this CPU: only with AMX tiles (AVX512-BF16 alone measured
+    slower than float32; see the module doc)."""
+    return bool(getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)())
 
 
 def resolve_device(device: str | torch.device = "auto") -> torch.device:
@@ -82,7 +83,7 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
 
 
 def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
-    """``auto`` (or None) -> bf16 on CUDA, bf16 on CPUs with native bf16, else float32."""
+    """``auto`` (or None) -> bf16 on CUDA, bf16 on CPUs with AMX, else float32."""
     if isinstance(dtype, torch.dtype):
         chosen: torch.dtype | None = dtype
     else:
@@ -93,7 +94,7 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torc
     if chosen is None:
         if device.type == "cuda":
             return torch.bfloat16
-        return torch.bfloat16 if cpu_has_native_bf16() else torch.float32
+        return torch.bfloat16 if cpu_bf16_is_fast() else torch.float32
     if chosen not in (torch.bfloat16, torch.float16, torch.float32):
         raise ValueError(f"unsupported dtype {chosen}; use one of {', '.join(DTYPES)}")
     return chosen

@@ -40,7 +40,7 @@ from tqdm.auto import tqdm
 from .precision import Placement, resolve
 
 __all__ = [
-    "METHODS",
+    "PEFT_METHODS",
     "WarmStartConfig",
     "WarmStartResult",
     "encode_examples",
@@ -49,7 +49,7 @@ __all__ = [
     "train_encoded",
 ]
 
-METHODS = ("lora", "ia3", "prompt", "ptuning")
+PEFT_METHODS = ("lora", "ia3", "prompt", "ptuning")
 
 
 @dataclass
@@ -132,7 +132,7 @@ def peft_config(cfg: WarmStartConfig, model):  # type: ignore[no-untyped-def]
             task_type=TaskType.CAUSAL_LM, num_virtual_tokens=cfg.virtual_tokens,
             encoder_hidden_size=128, encoder_num_layers=2,
         )  # fmt: skip
-    raise ValueError(f"unknown method {cfg.method!r}; use one of {', '.join(METHODS)}")
+    raise ValueError(f"unknown method {cfg.method!r}; use one of {', '.join(PEFT_METHODS)}")
 
 
 def _encode(tokenizer, prompt: str, completion: str, max_length: int) -> tuple[list[int], int]:  # type: ignore[no-untyped-def]
@@ -265,8 +265,8 @@ def train_adapter(
 
 
 def _check(cfg: WarmStartConfig) -> None:
-    if cfg.method not in METHODS:
-        raise ValueError(f"unknown method {cfg.method!r}; use one of {', '.join(METHODS)}")
+    if cfg.method not in PEFT_METHODS:
+        raise ValueError(f"unknown method {cfg.method!r}; use one of {', '.join(PEFT_METHODS)}")
     if not (cfg.lr > 0 and math.isfinite(cfg.lr)):
         raise ValueError(f"lr must be positive, got {cfg.lr}")
     for name in ("batch_size", "grad_accum"):
@@ -274,6 +274,52 @@ def _check(cfg: WarmStartConfig) -> None:
             raise ValueError(
                 f"{name.replace('_', '-')} must be at least 1, got {getattr(cfg, name)}"
             )
+
+
+def _schedule(
+    data: Sequence[tuple[list[int], int]], cfg: WarmStartConfig
+) -> tuple[list[list[int]], int, int]:
+    """(batches of example indices, examples used, optimizer steps): ``cfg.epochs`` passes over a
+    seeded shuffle (a fraction of one pass below 1), capped at ``cfg.max_examples``, in
+    length-bucketed batches."""
+    order = list(range(len(data)))
+    random.Random(cfg.seed).shuffle(order)
+    n_use = round(len(order) * cfg.epochs) if cfg.epochs < 1 else len(order) * int(cfg.epochs)
+    if cfg.max_examples is not None:
+        n_use = min(n_use, cfg.max_examples)
+    schedule = [order[i % len(order)] for i in range(n_use)]
+    batches = _length_bucketed(schedule, [len(ids) for ids, _ in data], cfg.batch_size, cfg.seed)
+    return batches, n_use, math.ceil(len(batches) / cfg.grad_accum)
+
+
+def _collate(
+    seqs: Sequence[tuple[list[int], int]], pad_id: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(input ids, attention mask, labels) of right-padded examples; only completion tokens
+    (``ids[n_ctx:]``) are labelled."""
+    width = max(len(ids) for ids, _ in seqs)
+    input_ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    attn = torch.zeros((len(seqs), width), dtype=torch.long)
+    labels = torch.full((len(seqs), width), -100, dtype=torch.long)
+    for r, (ids, n_ctx) in enumerate(seqs):
+        input_ids[r, : len(ids)] = torch.tensor(ids)
+        attn[r, : len(ids)] = 1
+        labels[r, n_ctx : len(ids)] = torch.tensor(ids[n_ctx:])
+    return input_ids, attn, labels
+
+
+def _save_adapter(
+    model: Any, out: Path, cfg: WarmStartConfig, result: WarmStartResult, base: str
+) -> None:
+    """Write the adapter and its record to ``out`` atomically (a ``.tmp`` sibling, renamed)."""
+    tmp = out.with_name(out.name + ".tmp")
+    model.save_pretrained(tmp)
+    (tmp / "svd_vllm_warmstart.json").write_text(
+        json.dumps({"config": asdict(cfg), "result": asdict(result), "base": base}, indent=2)
+    )
+    if out.exists():
+        shutil.rmtree(out)
+    tmp.replace(out)
 
 
 def train_encoded(
@@ -306,14 +352,7 @@ def train_encoded(
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.train()
 
-    order = list(range(len(data)))
-    random.Random(cfg.seed).shuffle(order)
-    n_use = round(len(order) * cfg.epochs) if cfg.epochs < 1 else len(order) * int(cfg.epochs)
-    if cfg.max_examples is not None:
-        n_use = min(n_use, cfg.max_examples)
-    schedule = [order[i % len(order)] for i in range(n_use)]
-    batches = _length_bucketed(schedule, [len(ids) for ids, _ in data], cfg.batch_size, cfg.seed)
-    n_steps = math.ceil(len(batches) / cfg.grad_accum)
+    batches, n_use, n_steps = _schedule(data, cfg)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: max(0.0, 1 - s / max(1, n_steps)))
@@ -336,15 +375,7 @@ def train_encoded(
     bar = tqdm(total=len(batches), initial=int(state["batch"]), desc=f"warm start ({cfg.method})",
                unit="batch", disable=not progress)  # fmt: skip
     for b in range(int(state["batch"]), len(batches)):
-        seqs = [data[i] for i in batches[b]]
-        width = max(len(ids) for ids, _ in seqs)
-        input_ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
-        attn = torch.zeros((len(seqs), width), dtype=torch.long)
-        labels = torch.full((len(seqs), width), -100, dtype=torch.long)
-        for r, (ids, n_ctx) in enumerate(seqs):
-            input_ids[r, : len(ids)] = torch.tensor(ids)
-            attn[r, : len(ids)] = 1
-            labels[r, n_ctx : len(ids)] = torch.tensor(ids[n_ctx:])
+        input_ids, attn, labels = _collate([data[i] for i in batches[b]], pad_id)
         with autocast:
             loss = model(
                 input_ids=input_ids.to(device), attention_mask=attn.to(device),
@@ -370,8 +401,6 @@ def train_encoded(
         bar.set_postfix(loss=f"{sum(losses[-20:]) / len(losses[-20:]):.3f}")
     bar.close()
     peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
-    tmp = out.with_name(out.name + ".tmp")
-    model.save_pretrained(tmp)
     result = WarmStartResult(
         out_dir=str(out), method=cfg.method, examples=n_use, steps=n_steps, tokens=tokens,
         seconds=time.time() - t0, first_loss=losses[0], last_loss=losses[-1],
@@ -379,12 +408,7 @@ def train_encoded(
         dtype=str(place.dtype).removeprefix("torch."), resumed_from_step=resumed,
         peak_memory_bytes=peak,
     )  # fmt: skip
-    (tmp / "svd_vllm_warmstart.json").write_text(
-        json.dumps({"config": asdict(cfg), "result": asdict(result), "base": base}, indent=2)
-    )
-    if out.exists():
-        shutil.rmtree(out)
-    tmp.replace(out)
+    _save_adapter(model, out, cfg, result, base)
     ckpt.remove()
     if hasattr(model, "unload"):  # hand the caller's base model back without adapter layers
         model.unload()

@@ -1,7 +1,10 @@
 """The steering-vector registry: the shared store that the sidecar and CLI write and engines read.
 
 * ``directory`` -- the on-disk registry (immutable artifact files and one atomic manifest).
-* ``vector_store`` -- what an engine holds of it: a watched manifest, a host cache, a device table.
+* ``manifest_watcher`` -- the current manifest as a long-lived process sees it (admission, sidecar).
+
+The engine's host cache and device table of vectors live with the engine code:
+``svd_vllm.vllm.vector_store``.
 """
 
 from . import directory as _directory

@@ -24,13 +24,20 @@ import re
 import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Any, ClassVar, TypeVar
+from typing import Any, ClassVar, Literal, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
+from pydantic import (
+    AliasChoices,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+)
 
 from ..core import artifact as _artifact
 from ..core.artifact import NAME_PATTERN, ArtifactError, SteeringArtifact, atomic_write_bytes
-from ..core.validation import MAX_ABS_SCALE, check_scale, finite, pydantic_message
+from ..core.validation import Alpha, FiniteFloat, Scale, check_scale, pydantic_message
 
 __all__ = [
     "DEFAULT_REGISTRY",
@@ -66,12 +73,24 @@ def _now() -> str:
     return _dt.datetime.now(_dt.UTC).isoformat(timespec="milliseconds")
 
 
+#: Why a registry operation failed (``RegistryError.code``; the sidecar answers with it).
+RegistryErrorCode = Literal[
+    "invalid",  # a bad name or argument
+    "validation",  # a manifest, entry or patch that fails its schema
+    "not_found",  # no vector / composition / preset of that name
+    "conflict",  # the name is taken, or a composition still uses the vector
+    "unreadable",  # the manifest cannot be parsed
+    "empty_patch",  # a settings change that changes nothing
+    "unknown_vector",  # ``servable``: no such vector
+    "disabled_vector",  # ``servable``: the vector is switched off
+]
+
+
 class RegistryError(ValueError):
     """A registry operation that cannot be done; nothing was written."""
 
-    def __init__(self, message: str, *, code: str = "invalid") -> None:
-        # "not_found" | "conflict" | "invalid"; ``servable`` and ``SettingsPatch`` add theirs
-        self.code = code
+    def __init__(self, message: str, *, code: RegistryErrorCode = "invalid") -> None:
+        self.code: RegistryErrorCode = code
         super().__init__(message)
 
 
@@ -87,19 +106,16 @@ class VectorEntry(BaseModel):
     vocab_size: int = Field(gt=0)
     base_model: str
     adapter: str
-    mu_bar: float = Field(description="calibrated strength from the artifact")
-    alpha: float = Field(gt=0.0, le=1.0, description="calibrated mask threshold")
-    mu_bar_override: float | None = None
-    alpha_override: float | None = Field(None, gt=0.0, le=1.0)
-    default_scale: float = 1.0
+    mu_bar: FiniteFloat = Field(description="calibrated strength from the artifact")
+    alpha: Alpha = Field(description="calibrated mask threshold")
+    mu_bar_override: FiniteFloat | None = None
+    alpha_override: Alpha | None = None
+    # Bounded by ``check_scale`` when written, not when read: a manifest written under a larger
+    # SVD_VLLM_MAX_SCALE must still load.
+    default_scale: FiniteFloat = 1.0
     enabled: bool = True
     created: str = Field(default_factory=_now)
     updated: str = Field(default_factory=_now)
-
-    @field_validator("mu_bar", "mu_bar_override", "default_scale")
-    @classmethod
-    def _finite(cls, v: float | None, info: ValidationInfo) -> float | None:
-        return None if v is None else finite(v, str(info.field_name))
 
     def strength(self, scale: float | None = None) -> float:
         """The ``mu`` a request steers with: the override or the calibrated strength, times the
@@ -112,15 +128,6 @@ class VectorEntry(BaseModel):
         if alpha is not None:
             return alpha
         return self.alpha if self.alpha_override is None else self.alpha_override
-
-    @property
-    def effective_mu(self) -> float:
-        """The strength a request that sets no scale gets."""
-        return self.strength()
-
-    @property
-    def effective_alpha(self) -> float:
-        return self.mask_alpha()
 
     @property
     def key(self) -> str:
@@ -138,17 +145,16 @@ MAX_MEMBERS = 8
 
 
 class Member(BaseModel):
-    """One vector of a composition and its scale (None: the vector's default scale)."""
+    """One vector of a composition and its scale (None: the vector's default scale): a
+    registered composition's member, and an item of a request's ``steering.vectors``. Input may
+    call the vector ``vector`` or ``name``."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
 
-    vector: str = Field(strict=True, pattern=NAME_PATTERN)
-    scale: float | None = Field(None, strict=True, ge=-MAX_ABS_SCALE, le=MAX_ABS_SCALE)
-
-    @field_validator("scale")
-    @classmethod
-    def _finite(cls, v: float | None, info: ValidationInfo) -> float | None:
-        return None if v is None else finite(v, str(info.field_name))
+    vector: str = Field(
+        strict=True, pattern=NAME_PATTERN, validation_alias=AliasChoices("vector", "name")
+    )
+    scale: Scale | None = None
 
 
 class CompositionEntry(BaseModel):
@@ -160,7 +166,7 @@ class CompositionEntry(BaseModel):
 
     name: str = Field(pattern=NAME_PATTERN)
     members: tuple[Member, ...] = Field(min_length=1, max_length=MAX_MEMBERS)
-    alpha: float | None = Field(None, gt=0.0, le=1.0, description="default: the members' min")
+    alpha: Alpha | None = Field(None, description="default: the members' min")
     enabled: bool = True
     version: int = Field(1, ge=1)
     created: str = Field(default_factory=_now)
@@ -189,17 +195,11 @@ class PresetEntry(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     name: str = Field(strict=True, pattern=PRESET_PATTERN)
-    scale: float = Field(strict=True, ge=-MAX_ABS_SCALE, le=MAX_ABS_SCALE)
-    alpha: float | None = Field(None, strict=True, gt=0.0, le=1.0)
+    scale: Scale
+    alpha: Alpha | None = None
     version: int = Field(1, ge=1)
     created: str = Field(default_factory=_now)
     updated: str = Field(default_factory=_now)
-
-    @field_validator("scale", mode="before")
-    @classmethod
-    def _finite(cls, v: object, info: ValidationInfo) -> object:
-        # Before the bounds, so that NaN is called what it is.
-        return finite(v, str(info.field_name)) if isinstance(v, float) else v
 
 
 _Named = TypeVar("_Named", "CompositionEntry", "PresetEntry")
@@ -240,19 +240,12 @@ class SettingsPatch(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    default_scale: float | None = Field(None, strict=True, ge=-MAX_ABS_SCALE, le=MAX_ABS_SCALE)
-    mu_bar: float | None = Field(
+    default_scale: Scale | None = None
+    mu_bar: FiniteFloat | None = Field(
         None, strict=True, ge=-1e6, le=1e6, description="override; null clears it"
     )
-    alpha: float | None = Field(
-        None, strict=True, gt=0.0, le=1.0, description="override; null clears it"
-    )
+    alpha: Alpha | None = Field(None, description="override; null clears it")
     enabled: bool | None = Field(None, strict=True)
-
-    @field_validator("default_scale", "mu_bar")
-    @classmethod
-    def _finite(cls, v: float | None, info: ValidationInfo) -> float | None:
-        return None if v is None else finite(v, str(info.field_name))
 
     def changes(self) -> dict[str, Any]:
         """The ``VectorEntry`` fields this patch sets; ``RegistryError`` if it sets none."""

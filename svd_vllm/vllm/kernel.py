@@ -1,8 +1,8 @@
 """The serving step: filtered precomputed SVD on a batch of logits rows, in place.
 
 ``steer_rows_`` is what both processors call. Row ``r`` of ``logits`` reads its steering state
-(``SlotTensors``) at index ``i = row_state[r]`` (``i = r`` when ``row_state`` is None): the
-device-table row ``table_idx[i]`` (``-1``: the row is not steered and stays untouched), the
+(``StateTensors``) at index ``i = row_state[r]`` (``i = r`` when ``row_state`` is None): the
+device-table row ``table_row[i]`` (``-1``: the row is not steered and stays untouched), the
 strength ``mu[i]`` and ``log_alpha[i]``. Every steered row becomes
 
     z + mu * p * (<p, s> - s)   on the mask  z >= max z + log alpha,   -inf elsewhere
@@ -25,15 +25,15 @@ import functools
 import importlib.util
 import os
 from types import ModuleType
-from typing import NamedTuple
 
 import torch
 
 from ..core.steering import steer_table_rows_
+from .request_state import StateTensors
 
 __all__ = [
     "KERNEL_CHOICES",
-    "SlotTensors",
+    "StateTensors",
     "SteeringKernel",
     "interpreting",
     "kernel_setting",
@@ -74,17 +74,8 @@ def _use_triton(logits: torch.Tensor) -> bool:
     return (logits.is_cuda or interpreting()) and _triton_module() is not None
 
 
-class SlotTensors(NamedTuple):
-    """Steering state per index, on the logits' device (1-D, one length): the device-table row
-    (``-1``: not steered), ``mu`` and ``log alpha``."""
-
-    table_idx: torch.Tensor
-    mu: torch.Tensor
-    log_alpha: torch.Tensor
-
-
 def _check(
-    logits: torch.Tensor, table: torch.Tensor, slots: SlotTensors, row_state: torch.Tensor | None
+    logits: torch.Tensor, table: torch.Tensor, state: StateTensors, row_state: torch.Tensor | None
 ) -> None:
     if logits.dim() != 2 or logits.stride(1) != 1:
         raise ValueError("logits must be [rows, vocab] with contiguous rows")
@@ -92,13 +83,13 @@ def _check(
         raise TypeError(f"logits dtype {logits.dtype} is not a float type the kernel supports")
     if table.dim() != 2 or table.shape[1] != logits.shape[1] or table.dtype != torch.float32:
         raise ValueError(
-            f"table must be float32 [slots, {logits.shape[1]}], got {tuple(table.shape)} "
+            f"table must be float32 [rows, {logits.shape[1]}], got {tuple(table.shape)} "
             f"{table.dtype}"
         )
-    table_idx, mu, log_alpha = slots
-    if not (table_idx.shape == mu.shape == log_alpha.shape) or table_idx.dim() != 1:
-        raise ValueError("table_idx, mu and log_alpha must be 1-D and of one length")
-    if row_state is None and table_idx.shape[0] < logits.shape[0]:
+    table_row, mu, log_alpha = state
+    if not (table_row.shape == mu.shape == log_alpha.shape) or table_row.dim() != 1:
+        raise ValueError("table_row, mu and log_alpha must be 1-D and of one length")
+    if row_state is None and table_row.shape[0] < logits.shape[0]:
         raise ValueError("without row_state, the state arrays need one entry per logits row")
     if row_state is not None and row_state.shape != logits.shape[:1]:
         raise ValueError("row_state needs one entry per logits row")
@@ -107,16 +98,16 @@ def _check(
 _Prepared = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
 
 
-def _prepare(n: int, slots: SlotTensors, row_state: torch.Tensor | None) -> _Prepared | None:
+def _prepare(n: int, state: StateTensors, row_state: torch.Tensor | None) -> _Prepared | None:
     """(steered rows, distinct table rows, row -> distinct index, mu, log alpha), or None."""
-    table_idx, mu, log_alpha = slots
-    state = torch.arange(n, device=table_idx.device) if row_state is None else row_state.long()
-    slot_of_row = table_idx.index_select(0, state)
-    rows = torch.nonzero(slot_of_row >= 0).squeeze(1)
+    table_row, mu, log_alpha = state
+    idx = torch.arange(n, device=table_row.device) if row_state is None else row_state.long()
+    row_table_row = table_row.index_select(0, idx)
+    rows = torch.nonzero(row_table_row >= 0).squeeze(1)
     if rows.numel() == 0:
         return None
-    st = state.index_select(0, rows)
-    used, inverse = torch.unique(slot_of_row.index_select(0, rows), return_inverse=True)
+    st = idx.index_select(0, rows)
+    used, inverse = torch.unique(row_table_row.index_select(0, rows), return_inverse=True)
     return rows, used.long(), inverse, mu.index_select(0, st), log_alpha.index_select(0, st)
 
 
@@ -156,7 +147,7 @@ class SteeringKernel:
         self,
         logits: torch.Tensor,
         table: torch.Tensor,
-        slots: SlotTensors,
+        state: StateTensors,
         row_state: torch.Tensor | None = None,
         state_version: int | None = None,
     ) -> torch.Tensor:
@@ -168,7 +159,7 @@ class SteeringKernel:
             if row_state is None and state_version is not None:
                 key = (state_version, logits.shape[0])
             if key is None or key != self._prepared_key:
-                self._prepared = _prepare(logits.shape[0], slots, row_state)
+                self._prepared = _prepare(logits.shape[0], state, row_state)
                 self._prepared_key = key
             if self._prepared is None:
                 return logits
@@ -176,14 +167,14 @@ class SteeringKernel:
         if self.workspace is None or self.workspace.shape[0] < logits.shape[0]:
             # A batch larger than any before (speculative decoding's extra rows): grow once.
             self.workspace = mod.workspace(logits.shape[0], logits.shape[1], logits.device)
-        mod.steer_rows_(logits, table, slots, row_state, self.workspace)
+        mod.steer_rows_(logits, table, state, row_state, self.workspace)
         return logits
 
 
 def steer_rows_(
     logits: torch.Tensor,
     table: torch.Tensor,
-    slots: SlotTensors,
+    state: StateTensors,
     row_state: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Steer ``logits`` in place (see the module doc); returns ``logits``.
@@ -191,7 +182,7 @@ def steer_rows_(
     A one-off call (benchmarks, tests); processors hold a ``SteeringKernel`` instead, so the
     Triton path allocates its workspace once.
     """
-    _check(logits, table, slots, row_state)
+    _check(logits, table, state, row_state)
     return SteeringKernel(logits.device, logits.shape[1], logits.shape[0])(
-        logits, table, slots, row_state
+        logits, table, state, row_state
     )

@@ -1,20 +1,20 @@
 """The vLLM logits processors: batched precomputed SVD for every steered row.
 
 vLLM 0.32 has two processor interfaces, and this module has one class for each, in the manner
-of vLLM's own built-ins, over one shared ``EngineSteering`` (vector store, slot state, kernel):
+of vLLM's own built-ins, over one shared ``EngineState`` (vector store, request states, kernel):
 
 * ``SVDLogitsProcessorV1`` -- the V1 runner (CPU, and CUDA with the V1 runner): rows are
   persistent-batch indices, told through ``update_state``; state per row changes only there.
-* ``SVDLogitsProcessorV2`` -- the V2 runner (the CUDA default): state per request slot, written
+* ``SVDLogitsProcessorV2`` -- the V2 runner (the CUDA default): state per request index, written
   in ``add_request``, flushed to the device once in ``apply_staged_writes``; ``apply`` passes the
-  device row -> slot mapping straight to the kernel (speculative-decoding rows included).
+  device row -> request index mapping straight to the kernel (speculative-decoding rows included).
 
 Per step, ``apply`` does no host sync on CUDA and builds no tensor: it returns at once when no
 row is steered (decided from host state) and otherwise launches the kernel.
 
 ``SVDLogitsProcessor`` is the class the ``vllm.logits_processors`` entry point names. vLLM's V1
 and V2 loaders each check it against their own interface, so it subclasses both; constructing it
-returns the adapter for the runner that asks (V1 passes ``(vllm_config, device,
+returns the processor for the runner that asks (V1 passes ``(vllm_config, device,
 is_pin_memory)``, V2 ``(vllm_config, req_states)``). Passed again with ``--logits-processors``,
 the second instance for the same engine stays inert.
 """
@@ -28,9 +28,9 @@ from vllm.v1.sample.logits_processor import BatchUpdate, MoveDirectionality
 from vllm.v1.sample.logits_processor import LogitsProcessor as V1LogitsProcessor
 from vllm.v1.worker.gpu.sample.logits_processor import LogitsProcessor as V2LogitsProcessor
 
-from ..registry.vector_store import VectorStore
-from ._slots import EngineSteering
 from .admission import validate_steering_params
+from .engine_state import EngineState
+from .vector_store import VectorStore
 
 if TYPE_CHECKING:
     from vllm import SamplingParams
@@ -40,10 +40,10 @@ if TYPE_CHECKING:
 __all__ = ["SVDLogitsProcessor", "SVDLogitsProcessorV1", "SVDLogitsProcessorV2"]
 
 
-class _Adapter:
-    """What both adapters share: admission checks, the engine state, and its shutdown."""
+class _SteeringProcessor:
+    """What every class here shares: vLLM's admission check, the engine state, its shutdown."""
 
-    steering: EngineSteering
+    steering: EngineState
 
     @classmethod
     def validate_params(cls, sampling_params: SamplingParams) -> None:
@@ -67,12 +67,12 @@ class _Adapter:
             steering.close()
 
 
-class SVDLogitsProcessorV1(_Adapter, V1LogitsProcessor):
-    """The V1-runner adapter (see the module doc)."""
+class SVDLogitsProcessorV1(_SteeringProcessor, V1LogitsProcessor):
+    """The V1 runner's processor (see the module doc)."""
 
     def __init__(self, vllm_config: VllmConfig, device: torch.device, is_pin_memory: bool) -> None:
         size = int(vllm_config.scheduler_config.max_num_seqs)
-        self.steering = EngineSteering(vllm_config, torch.device(device), size, "v1")
+        self.steering = EngineState(vllm_config, torch.device(device), size, "v1")
 
     def is_argmax_invariant(self) -> bool:
         return False  # steering changes the argmax; greedy requests must see it
@@ -96,12 +96,12 @@ class SVDLogitsProcessorV1(_Adapter, V1LogitsProcessor):
         return self.steering.steer(logits, None)
 
 
-class SVDLogitsProcessorV2(_Adapter, V2LogitsProcessor):
-    """The V2-runner adapter (see the module doc)."""
+class SVDLogitsProcessorV2(_SteeringProcessor, V2LogitsProcessor):
+    """The V2 runner's processor (see the module doc)."""
 
     def __init__(self, vllm_config: VllmConfig, req_states: Any) -> None:
         device = torch.device(req_states.device)
-        self.steering = EngineSteering(vllm_config, device, int(req_states.max_num_reqs), "v2")
+        self.steering = EngineState(vllm_config, device, int(req_states.max_num_reqs), "v2")
 
     def add_request(self, req_idx: int, sampling_params: SamplingParams) -> bool:
         return self.steering.set(req_idx, sampling_params)
@@ -116,8 +116,8 @@ class SVDLogitsProcessorV2(_Adapter, V2LogitsProcessor):
         return self.steering.steer(logits, ctx.expanded_idx_mapping)
 
 
-class SVDLogitsProcessor(V1LogitsProcessor, V2LogitsProcessor):
-    """The entry point's class: passes both loaders, builds the adapter of the runner asking."""
+class SVDLogitsProcessor(_SteeringProcessor, V1LogitsProcessor, V2LogitsProcessor):
+    """The entry point's class: passes both loaders, builds the processor of the runner asking."""
 
     def __new__(cls, vllm_config: VllmConfig, *args: Any) -> Any:
         if len(args) == 2:
@@ -128,11 +128,8 @@ class SVDLogitsProcessor(V1LogitsProcessor, V2LogitsProcessor):
             "expected (vllm_config, device, is_pin_memory) or (vllm_config, req_states)"
         )
 
-    @classmethod
-    def validate_params(cls, sampling_params: SamplingParams) -> None:
-        validate_steering_params(sampling_params.extra_args)
-
-    # Never called: ``__new__`` returns an adapter. Defined so the class is concrete for both ABCs.
+    # Never called: ``__new__`` returns a runner's processor. Defined so the class is concrete
+    # for both ABCs.
     def is_argmax_invariant(self) -> bool:
         return False
 

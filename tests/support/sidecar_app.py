@@ -11,12 +11,10 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-import torch
 from fastapi.testclient import TestClient
 from svd_sidecar import SidecarSettings, create_app
 
-from svd_vllm.core import artifact
-from svd_vllm.core.artifact import SteeringArtifact
+from tests.support.artifacts import random_vector_bytes
 
 __all__ = ["AUTH", "KEY", "VOCAB", "Upstream", "sidecar_env", "snapshot", "upload", "vec_bytes"]
 
@@ -26,12 +24,8 @@ VOCAB = 32
 
 
 def vec_bytes(name: str = "v1", vocab: int = VOCAB, seed: int = 0, mu: float = -2.0) -> bytes:
-    g = torch.Generator().manual_seed(seed)
-    art = SteeringArtifact.create(
-        torch.randn(vocab, generator=g), name=name, base_model="b", adapter="a",
-        tokenizer_fingerprint="t", mu_bar=mu, alpha=0.1,
-    )  # fmt: skip
-    return artifact.to_bytes(art)
+    """An upload for this sidecar's vocab."""
+    return random_vector_bytes(name, vocab=vocab, seed=seed, mu=mu)
 
 
 class Upstream:

@@ -10,6 +10,7 @@ from fastapi import APIRouter, Response
 from fastapi.concurrency import run_in_threadpool
 from pydantic import BaseModel, ConfigDict, Field
 
+from svd_vllm.core.validation import Alpha
 from svd_vllm.registry import MAX_MEMBERS, CompositionEntry, Member, check_name
 
 from ..deps import ReadAccess, State, WriteAccess
@@ -28,9 +29,7 @@ class CompositionBody(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     members: list[Member] = Field(min_length=1, max_length=MAX_MEMBERS)
-    alpha: float | None = Field(
-        None, strict=True, gt=0.0, le=1.0, description="default: the members' min"
-    )
+    alpha: Alpha | None = Field(None, description="default: the members' min")
     enabled: bool = Field(True, strict=True)
 
 

@@ -181,7 +181,7 @@ def _steering_xargs(state: SidecarState, body: dict[str, Any]) -> tuple[dict[str
     if opts.alpha is not None:
         xargs[ALPHA_KEY] = opts.alpha
     if opts.vectors is not None:
-        xargs[VECTOR_KEY] = [v.name for v in opts.vectors]
+        xargs[VECTOR_KEY] = [v.vector for v in opts.vectors]
         label = "composed" if opts.enabled else label
     if not any(k in xargs for k in STEERING_KEYS):
         return xargs, label  # nothing asked: the server default applies, never refused
@@ -194,7 +194,7 @@ def _steering_xargs(state: SidecarState, body: dict[str, Any]) -> tuple[dict[str
         # The members without a scale: their vector's default scale, so the lists align (an
         # unknown name's placeholder never leaves: the check below refuses it).
         xargs[SCALE_KEY] = [
-            v.scale if v.scale is not None else _default_scale(manifest, v.name)
+            v.scale if v.scale is not None else _default_scale(manifest, v.vector)
             for v in opts.vectors
         ]
     model = body.get("model")

@@ -9,9 +9,9 @@ from __future__ import annotations
 
 from fastapi import APIRouter, Response
 from fastapi.concurrency import run_in_threadpool
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict
 
-from svd_vllm.core.validation import MAX_ABS_SCALE, finite
+from svd_vllm.core.validation import Alpha, Scale
 from svd_vllm.registry import PresetEntry
 
 from ..deps import ReadAccess, State, WriteAccess
@@ -27,13 +27,8 @@ class PresetBody(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    scale: float = Field(strict=True, ge=-MAX_ABS_SCALE, le=MAX_ABS_SCALE)
-    alpha: float | None = Field(None, strict=True, gt=0.0, le=1.0)
-
-    @field_validator("scale", mode="before")
-    @classmethod
-    def _finite(cls, v: object) -> object:
-        return finite(v, "scale") if isinstance(v, float) else v
+    scale: Scale
+    alpha: Alpha | None = None
 
 
 @router.get("", response_model=list[PresetEntry])

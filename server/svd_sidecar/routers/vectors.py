@@ -14,11 +14,11 @@ from pydantic import ValidationError
 from svd_vllm.core import artifact
 from svd_vllm.core.artifact import NAME_PATTERN, ArtifactError
 from svd_vllm.core.validation import check_scale
-from svd_vllm.registry import RegistryError, VectorEntry, check_name
+from svd_vllm.registry import RegistryError, SettingsPatch, VectorEntry, check_name
 
 from ..deps import ReadAccess, State, WriteAccess
 from ..errors import ERROR_RESPONSES, ApiError, validation_error
-from ..schemas import ErrorBody, RegisterByPath, VectorDetail, VectorInfo, VectorPatch
+from ..schemas import ErrorBody, RegisterByPath, VectorDetail, VectorInfo
 from ..settings import SidecarSettings
 from ..state import SidecarState
 
@@ -131,7 +131,7 @@ async def register_vector(
 
 
 @router.patch("/{name}", response_model=VectorInfo)
-async def patch_vector(name: str, patch: VectorPatch, state: State, _: WriteAccess) -> VectorInfo:
+async def patch_vector(name: str, patch: SettingsPatch, state: State, _: WriteAccess) -> VectorInfo:
     _entry(state, name)
     entry = await run_in_threadpool(state.registry.update, name, patch)
     state.metrics.registrations.labels("patch").inc()

@@ -1,12 +1,9 @@
-"""Engine-side steering state shared by the V1 and V2 processors (engine core / GPU worker).
+"""What one engine's steering processor owns, shared by the V1 and V2 processors.
 
-* ``SlotState`` -- per index (a V1 persistent-batch row or a V2 request slot): the vector's
-  device-table row, ``mu`` and ``log alpha``. The host arrays are the truth; a device mirror is
-  refreshed by ``flush`` only after a change, through one of two pinned staging buffers
-  (alternating, so the host never rewrites a buffer a pending copy still reads).
-* ``EngineSteering`` -- the registry's ``VectorStore``, turning a request's ``SamplingParams``
-  into a slot's state (pinning the vector version), the kernel, and the one-instance-per-engine
-  rule.
+``EngineState`` holds the engine's ``VectorStore``, the ``RequestStates`` and the
+``SteeringKernel``. It turns a request's ``SamplingParams`` into the request's state (resolving
+compositions and pinning each vector version through ``admission``'s rules), runs the kernel,
+and enforces one processor per engine.
 """
 
 from __future__ import annotations
@@ -16,128 +13,20 @@ import math
 import weakref
 from typing import TYPE_CHECKING, Any, ClassVar
 
-import numpy as np
 import torch
 
 from ..registry import Registry, RegistryError, servable
-from ..registry.vector_store import VectorStore
 from .admission import PIN_KEY, SteeringRequest, expand_composition, parse_request_args
-from .kernel import SlotTensors, SteeringKernel
+from .kernel import SteeringKernel
+from .request_state import RequestStates
+from .vector_store import VectorStore
 
 if TYPE_CHECKING:
     from vllm import SamplingParams
 
-__all__ = ["EngineSteering", "SlotState"]
+__all__ = ["EngineState", "worker_rank"]
 
 logger = logging.getLogger("vllm.svd_vllm")
-
-
-class SlotState:
-    """Steering state per index; ``table_idx == -1`` means not steered."""
-
-    def __init__(self, size: int, device: torch.device) -> None:
-        self.device = device
-        self.count = 0  # indices currently steered
-        self.version = 0  # bumps on every change (lets the torch kernel path reuse its work)
-        self._alloc(max(size, 1))
-
-    def _alloc(self, size: int, old: SlotState | None = None) -> None:
-        self.table_idx = np.full(size, -1, dtype=np.int32)
-        self.mu = np.zeros(size, dtype=np.float32)
-        self.log_alpha = np.zeros(size, dtype=np.float32)
-        if old is not None:
-            n = old.table_idx.shape[0]
-            self.table_idx[:n], self.mu[:n], self.log_alpha[:n] = (
-                old.table_idx,
-                old.mu,
-                old.log_alpha,
-            )
-        if self.device.type == "cpu":  # the device arrays ARE the host arrays
-            self.dev_table_idx = torch.from_numpy(self.table_idx)
-            self.dev_mu = torch.from_numpy(self.mu)
-            self.dev_log_alpha = torch.from_numpy(self.log_alpha)
-            self._staging: list[tuple[torch.Tensor, ...]] = []
-        else:
-            self.dev_table_idx = torch.full((size,), -1, dtype=torch.int32, device=self.device)
-            self.dev_mu = torch.zeros(size, dtype=torch.float32, device=self.device)
-            self.dev_log_alpha = torch.zeros(size, dtype=torch.float32, device=self.device)
-            pin = torch.cuda.is_available()
-            self._staging = [
-                (
-                    torch.empty(size, dtype=torch.int32, pin_memory=pin),
-                    torch.empty(size, dtype=torch.float32, pin_memory=pin),
-                    torch.empty(size, dtype=torch.float32, pin_memory=pin),
-                )
-                for _ in range(2)
-            ]
-        self._next = 0
-        self.dirty = True
-        self.version += 1
-
-    @property
-    def size(self) -> int:
-        return int(self.table_idx.shape[0])
-
-    def ensure(self, size: int) -> None:
-        """Grow to hold index ``size - 1`` (rare: the first batch larger than configured)."""
-        if size > self.size:
-            self._alloc(max(size, 2 * self.size), old=self)
-
-    def set(self, i: int, table_idx: int, mu: float, log_alpha: float) -> None:
-        self.ensure(i + 1)
-        self.count += int(table_idx >= 0) - int(self.table_idx[i] >= 0)
-        self.table_idx[i], self.mu[i], self.log_alpha[i] = table_idx, mu, log_alpha
-        self.dirty = True
-        self.version += 1
-
-    def clear(self, i: int) -> int:
-        """Unset index ``i``; returns its previous table row (or -1)."""
-        if i >= self.size:
-            return -1
-        old = int(self.table_idx[i])
-        if old >= 0:
-            self.count -= 1
-            self.table_idx[i] = -1
-            self.dirty = True
-            self.version += 1
-        return old
-
-    def move(self, a: int, b: int, swap: bool) -> None:
-        """V1's batch condensing: ``a`` to ``b`` (``b`` already released), or a swap."""
-        self.ensure(max(a, b) + 1)
-        for arr in (self.table_idx, self.mu, self.log_alpha):
-            if swap:
-                arr[a], arr[b] = arr[b], arr[a]
-            else:
-                arr[b] = arr[a]
-        if not swap:
-            self.table_idx[a] = -1
-        self.count = int((self.table_idx >= 0).sum())
-        self.dirty = True
-        self.version += 1
-
-    def steered(self, indices: np.ndarray) -> bool:
-        """Whether any of ``indices`` is steered (host arrays only: no device sync)."""
-        inside = indices[indices < self.size]
-        return bool((self.table_idx[inside] >= 0).any())
-
-    def flush(self) -> None:
-        """Copy the host state to the device if it changed (non-blocking, no allocation)."""
-        if not self.dirty:
-            return
-        self.dirty = False
-        if not self._staging:
-            return
-        stage = self._staging[self._next]
-        self._next ^= 1
-        for host, arr, dev in zip(
-            stage,
-            (self.table_idx, self.mu, self.log_alpha),
-            (self.dev_table_idx, self.dev_mu, self.dev_log_alpha),
-            strict=True,
-        ):
-            host.numpy()[:] = arr
-            dev.copy_(host, non_blocking=True)
 
 
 def worker_rank(vllm_config: Any) -> str:
@@ -149,10 +38,10 @@ def worker_rank(vllm_config: Any) -> str:
     return f"rank {rank} (tp {rank % tp}/{tp}, pp {rank // tp}/{pp})"
 
 
-class EngineSteering:
-    """What one engine's processor owns: the vector store, the slot state and the kernel."""
+class EngineState:
+    """What one engine's processor owns: the vector store, the request states, the kernel."""
 
-    _engines: ClassVar[dict[int, weakref.ref[EngineSteering]]] = {}
+    _engines: ClassVar[dict[int, weakref.ref[EngineState]]] = {}
 
     def __init__(self, vllm_config: Any, device: torch.device, size: int, runner: str) -> None:
         self.device = device
@@ -173,7 +62,7 @@ class EngineSteering:
         else:
             self._engines[key] = weakref.ref(self)
             self.store = VectorStore(Registry(), device, self.vocab_size)
-        self.state = SlotState(size, device)
+        self.state = RequestStates(size, device)
         self.kernel = SteeringKernel(device, self.vocab_size, size)
         if self.store is not None:
             logger.info(
@@ -192,13 +81,12 @@ class EngineSteering:
         except ValueError as e:  # admission already refused these; be safe anyway
             logger.warning("svd-vllm: ignoring invalid steering arguments: %s", e)
             return None
-        if not req.composed and req.vector is not None:  # a registered composition?
-            comps = self.store.compositions()
-            if req.vector in comps:
-                req = expand_composition(req, comps, self.store.entries(), params.extra_args)
+        req = expand_composition(
+            req, self.store.compositions(), self.store.entries(), params.extra_args
+        )
         if req.composed:
             return self._resolve_composition(req, params) if req.enabled else None
-        if not req.enabled or req.vector is None:
+        if not req.enabled or req.vector is None or req.disabled_composition:
             return None
         lv = self.store.resolve(req.vector, req.pinned)
         if lv is None or (req.pinned is not None and lv.key != req.pinned):
@@ -222,7 +110,7 @@ class EngineSteering:
         self, req: SteeringRequest, params: SamplingParams
     ) -> tuple[int, float, float] | None:
         """One combined shift ``S = sum_i strength_i * shift_i`` (the maths is linear in the
-        shift), built once per distinct composition and kept in a reference-counted table slot
+        shift), built once per distinct composition and kept in a reference-counted table row
         like any vector; the row steers with it at strength 1. Every member's version is pinned.
         """
         assert self.store is not None
@@ -259,11 +147,11 @@ class EngineSteering:
 
         alpha = req.alpha if req.alpha is not None else min(e.mask_alpha() for e in entries)
         try:
-            slot = self.store.acquire_shift(key, combine)
+            row = self.store.acquire_shift(key, combine)
         except FloatingPointError as e:
             logger.warning("svd-vllm: %s; not steered", e)
             return None
-        return slot, 1.0, math.log(alpha)
+        return row, 1.0, math.log(alpha)
 
     def release(self, index: int) -> None:
         old = self.state.clear(index)
@@ -283,9 +171,9 @@ class EngineSteering:
         """Run the kernel on ``logits`` (flushing the state first if it changed)."""
         assert self.store is not None
         self.state.flush()
-        state = self.state
-        slots = SlotTensors(state.dev_table_idx, state.dev_mu, state.dev_log_alpha)
-        return self.kernel(logits, self.store.table, slots, row_state, state.version)
+        return self.kernel(
+            logits, self.store.table, self.state.tensors, row_state, self.state.version
+        )
 
     def close(self) -> None:
         if self.store is not None:

@@ -1,9 +1,10 @@
 """Hostile and faulty conditions against the sidecar: a clear 4xx (or 503/507 for a registry the
 server cannot use), never a 500, and the registry left byte for byte as it was.
 
-Covers the #16 cases fixed so far: NUL bytes in paths, names with a trailing newline, unbounded
+Covers: NUL bytes in paths, names with a trailing newline, unbounded
 strengths at upload, JSON nested past the recursion limit, a corrupt manifest, a full disk,
-readiness that must not lie, and the grace period of superseded files.
+readiness that must not lie, the grace period of superseded files, body size caps and a
+corrupt artifact file.
 """
 
 from __future__ import annotations
@@ -16,8 +17,8 @@ from pathlib import Path
 
 import pytest
 
-from svd_vllm.core import artifact
 from svd_vllm.registry import Registry
+from tests.support.artifacts import random_vector
 from tests.support.sidecar_app import AUTH, KEY, VOCAB, sidecar_env, snapshot, vec_bytes
 
 
@@ -113,7 +114,7 @@ def test_disk_full_between_file_and_manifest_leaves_no_orphan(
     from svd_vllm.registry import directory
 
     reg = Registry(tmp_path)
-    reg.add(_art("a"))
+    reg.add(random_vector("a", vocab=VOCAB))
     before = snapshot(tmp_path)
     real = directory.atomic_write_bytes
 
@@ -124,7 +125,7 @@ def test_disk_full_between_file_and_manifest_leaves_no_orphan(
 
     monkeypatch.setattr(directory, "atomic_write_bytes", manifest_fails)
     with pytest.raises(OSError):
-        reg.add(_art("a", seed=3), replace=True)
+        reg.add(random_vector("a", vocab=VOCAB, seed=3), replace=True)
     assert snapshot(tmp_path) == before  # the new version's file was removed again
 
 
@@ -139,30 +140,20 @@ def test_readiness_reports_a_disk_about_to_fill(env: dict, monkeypatch: pytest.M
     assert r.status_code == 503 and "disk almost full" in r.json()["checks"]["registry"]
 
 
-def _art(name: str, seed: int = 0) -> artifact.SteeringArtifact:
-    import torch
-
-    g = torch.Generator().manual_seed(seed)
-    return artifact.SteeringArtifact.create(
-        torch.randn(VOCAB, generator=g), name=name, base_model="b", adapter="a",
-        tokenizer_fingerprint="t", mu_bar=-1.0, alpha=0.1,
-    )  # fmt: skip
-
-
 def test_grace_period_counts_from_replacement_not_registration(tmp_path: Path) -> None:
     reg = Registry(tmp_path)
-    old = reg.add(_art("v"))
+    old = reg.add(random_vector("v", vocab=VOCAB))
     old_file = tmp_path / old.file
     long_ago = time.time() - 3600  # registered an hour ago: older than the 600 s grace
     os.utime(old_file, (long_ago, long_ago))
-    reg.add(_art("v", seed=1), replace=True)
+    reg.add(random_vector("v", vocab=VOCAB, seed=1), replace=True)
     assert old_file.exists()  # readers that still load version 1 get 10 more minutes
     os.utime(old_file, (long_ago, long_ago))  # ... once they have passed
     reg.remove("v")
     assert not old_file.exists()
 
 
-# -- body size caps (#16 item 4) ---------------------------------------------------------------
+# -- body size caps ---------------------------------------------------------------
 @pytest.fixture
 def capped(tmp_path: Path) -> Iterator[dict]:
     with sidecar_env(tmp_path, raise_server_exceptions=False, max_body_bytes=4096) as e:
@@ -241,7 +232,7 @@ def _stream_until_answered(
 def test_a_real_sidecar_refuses_a_chunked_stream_as_it_arrives(tmp_path: Path) -> None:
     """Against a real uvicorn sidecar: no Content-Length, 1 MiB chunks. The 413 comes after
     about the cap, not after the whole stream, and nothing is left spooled."""
-    from tests.support.sidecar_proc import SidecarProcess
+    from svd_vllm.tools.child_servers import SidecarProcess
 
     cap = 2 << 20
     reg = tmp_path / "reg"
@@ -265,7 +256,7 @@ def test_a_real_sidecar_refuses_a_chunked_stream_as_it_arrives(tmp_path: Path) -
         sc.stop()
 
 
-# -- a corrupt artifact file (#16 item 2) ----------------------------------------------------
+# -- a corrupt artifact file ----------------------------------------------------
 def test_a_corrupt_file_is_shown_and_refused_never_a_500(env: dict) -> None:
     client, root = env["client"], env["root"]
     path = root / Registry(root).get("keep").file

@@ -1,16 +1,16 @@
-"""What the serving side holds of the registry: a watched manifest, host vectors, a device table.
+"""The engine's vectors: a host cache kept fresh from the registry, and the device table.
 
-* ``ManifestWatcher`` -- the registry manifest, re-read only when ``os.stat`` says it changed.
-  Cheap enough to consult on every request (the frontend validates against it).
-* ``VectorStore`` -- the engine side. A daemon thread polls the manifest (default every
-  0.2 s) and reads new or changed vectors OFF the decode path, verifying each file's content
-  hash. A bad file is refused with a log line and its name serves nothing until the file or the
-  manifest changes (never an older version the manifest no longer names: admission refuses an
-  explicit request for it, and in-flight requests keep the version they pinned).
-  Host memory holds at most ``SVD_VLLM_HOST_CACHE`` (default 64) versions, LRU.
-  Rows acquire a slot in a device table (one copy per version,
-  reference counted, kept as a small cache), so ``apply`` gathers ``table[slot]`` with no
-  per-row Python work, and memory grows with the vectors in use, not the vectors registered.
+``VectorStore`` -- a daemon thread polls the manifest (default every 0.2 s, through a
+``ManifestWatcher``) and reads new or changed vectors OFF the decode path, verifying each file's
+content hash. A bad file is refused with a log line and its name serves nothing until the file or
+the manifest changes (never an older version the manifest no longer names: admission refuses an
+explicit request for it, and in-flight requests keep the version they pinned). Host memory holds
+at most ``SVD_VLLM_HOST_CACHE`` (default 64) versions, LRU.
+
+Each steered request holds a *table row*: a row of the device table ``table`` ([rows, vocab],
+float32) with its shift, one per vector version (or composition) in use, reference counted and
+kept a while after its last user as a small cache. The kernel gathers ``table[table_row]`` with
+no per-request Python work, and memory grows with the vectors in use, not the vectors registered.
 """
 
 from __future__ import annotations
@@ -23,82 +23,16 @@ import threading
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 
 from ..core.artifact import ArtifactError
-from .directory import CompositionEntry, Manifest, Registry, RegistryError, VectorEntry
+from ..registry.directory import CompositionEntry, Registry, RegistryError, VectorEntry
+from ..registry.manifest_watcher import ManifestWatcher, file_signature
 
-__all__ = ["LoadedVector", "ManifestWatcher", "VectorStore"]
+__all__ = ["LoadedVector", "VectorStore"]
 
-# A child of vLLM's logger, so lines show up in vLLM's log format when served.
 logger = logging.getLogger("vllm.svd_vllm")
-
-
-def file_signature(path: Path) -> tuple[int, int, int] | None:
-    """(inode, mtime ns, size) of a file, or None if it cannot be stat'ed: what "this file
-    changed" means for every cache here (a replaced or rewritten file changes it)."""
-    try:
-        st = os.stat(path)
-    except OSError:
-        return None
-    return (st.st_ino, st.st_mtime_ns, st.st_size)
-
-
-class ManifestWatcher:
-    """The current manifest of a registry, cached by the manifest file's stat signature."""
-
-    def __init__(self, registry: Registry) -> None:
-        self.registry = registry
-        self._sig: object = object()  # never equal to a real signature: first call loads
-        self._manifest = Manifest()
-        self._lock = threading.Lock()
-        # (file, content hash) -> (stat signature when checked, problem or None)
-        self._checked: dict[tuple[str, str], tuple[object, str | None]] = {}
-
-    def current(self) -> tuple[Manifest, bool]:
-        """(manifest, changed since the last call). A broken manifest keeps the last good one."""
-        sig = file_signature(self.registry.manifest_path)
-        with self._lock:
-            if sig == self._sig:
-                return self._manifest, False
-            try:
-                m = self.registry.manifest() if sig is not None else Manifest()
-            except RegistryError as e:
-                logger.error("svd-vllm: %s; keeping the previous manifest", e)
-                self._sig = sig
-                return self._manifest, False
-            self._sig, self._manifest = sig, m
-            return m, True
-
-    def entry(self, name: str) -> VectorEntry | None:
-        return self.current()[0].vectors.get(name)
-
-    def problem(self, entry: VectorEntry, vocab_size: int | None = None) -> str | None:
-        """Why ``entry``'s file cannot serve (missing, corrupt, content hash or vocab size
-        mismatch), or None. The file is read and verified once per state of it (its stat
-        signature), so a per-request check costs one ``stat``; an edited file is read again."""
-        path = self.registry.root / entry.file
-        stat = file_signature(path)
-        if stat is None:
-            return f"its file cannot be read ({path} is missing or inaccessible)"
-        sig: object = (stat, vocab_size)
-        key = (entry.file, entry.content_hash)
-        with self._lock:
-            hit = self._checked.get(key)
-        if hit is not None and hit[0] == sig:
-            return hit[1]
-        try:
-            self.registry.load(entry, expected_vocab_size=vocab_size)
-            found = None
-        except (ArtifactError, RegistryError, OSError) as e:
-            found = str(e)
-        with self._lock:
-            self._checked[key] = (sig, found)
-            while len(self._checked) > 1024:
-                self._checked.pop(next(iter(self._checked)))
-        return found
 
 
 @dataclass(frozen=True)
@@ -151,7 +85,7 @@ class VectorStore:
     Memory does not grow with the number of registered vectors: the store keeps every current
     entry (metadata only), at most ``host_capacity`` tensors in host memory (LRU; a vector that
     was evicted is read again, hash-verified, the next time a request asks for it), and in the
-    device table only the vectors rows use (plus a few idle slots).
+    device table only the vectors requests use (plus a few idle rows).
     """
 
     def __init__(
@@ -184,9 +118,9 @@ class VectorStore:
         self.loads = 0  # files read (verification and re-reads after eviction)
         self._lock = threading.Lock()
         self._refresh_lock = threading.Lock()
-        # Device table: slot -> key, refcounts, LRU of free-but-cached slots.
+        # Device table: table row -> key, refcounts, LRU of free-but-cached rows.
         self.table = torch.zeros((4, vocab_size), dtype=torch.float32, device=self.device)
-        self._slot_of: dict[str, int] = {}
+        self._row_of: dict[str, int] = {}
         self._key_of: dict[int, str] = {}
         self._refs: dict[int, int] = {}
         self._idle: OrderedDict[int, None] = OrderedDict()
@@ -356,45 +290,45 @@ class VectorStore:
         with self._lock:
             return sorted(self._current)
 
-    # -- device side: the slot table ---------------------------------------------------------
+    # -- device side: the table ---------------------------------------------------------
     def acquire(self, lv: LoadedVector) -> int:
-        """A table slot holding ``lv`` (copied to the device once), with one more reference."""
+        """A table row holding ``lv`` (copied to the device once), with one more reference."""
         return self.acquire_shift(lv.key, lambda: lv.shift)
 
     def acquire_shift(self, key: str, make: Callable[[], torch.Tensor]) -> int:
-        """A table slot holding the shift under ``key`` (a vector version, or a composition of
+        """A table row holding the shift under ``key`` (a vector version, or a composition of
         versions and strengths) with one more reference; ``make`` builds the shift only when no
-        slot holds it yet, and it is copied to the device once."""
-        slot = self._slot_of.get(key)
-        if slot is None:
+        row holds it yet, and it is copied to the device once."""
+        row = self._row_of.get(key)
+        if row is None:
             shift = make()
-            slot = self._take_slot()
-            self.table[slot].copy_(shift, non_blocking=self._pin and shift.is_pinned())
-            self._slot_of[key] = slot
-            self._key_of[slot] = key
-            self._refs[slot] = 0
-        self._idle.pop(slot, None)
-        self._refs[slot] += 1
-        return slot
+            row = self._take_row()
+            self.table[row].copy_(shift, non_blocking=self._pin and shift.is_pinned())
+            self._row_of[key] = row
+            self._key_of[row] = key
+            self._refs[row] = 0
+        self._idle.pop(row, None)
+        self._refs[row] += 1
+        return row
 
-    def release(self, slot: int) -> None:
-        refs = self._refs.get(slot)
+    def release(self, row: int) -> None:
+        refs = self._refs.get(row)
         if refs is None:
             return
-        self._refs[slot] = refs - 1
+        self._refs[row] = refs - 1
         if refs - 1 <= 0:
-            self._refs[slot] = 0
-            self._idle[slot] = None  # keep the data: the next request likely wants it again
+            self._refs[row] = 0
+            self._idle[row] = None  # keep the data: the next request likely wants it again
 
-    def _take_slot(self) -> int:
+    def _take_row(self) -> int:
         if self._free:
             return self._free.pop()
         if self._idle:
-            slot, _ = self._idle.popitem(last=False)
-            key = self._key_of.pop(slot)
-            del self._slot_of[key]
-            del self._refs[slot]
-            return slot
+            row, _ = self._idle.popitem(last=False)
+            key = self._key_of.pop(row)
+            del self._row_of[key]
+            del self._refs[row]
+            return row
         old = self.table.shape[0]
         grown = torch.zeros((old * 2, self.vocab_size), dtype=torch.float32, device=self.device)
         grown[:old].copy_(self.table)
@@ -402,5 +336,5 @@ class VectorStore:
         self._free.extend(range(old * 2 - 1, old, -1))
         return old
 
-    def slots_in_use(self) -> int:
+    def rows_in_use(self) -> int:
         return sum(1 for r in self._refs.values() if r > 0)
