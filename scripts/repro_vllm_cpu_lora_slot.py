@@ -22,36 +22,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-
-def build(root: Path) -> tuple[Path, Path]:
-    import torch
-    from peft import LoraConfig, get_peft_model
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                      num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=256,
-                      bos_token_id=1, eos_token_id=2, tie_word_embeddings=False)  # fmt: skip
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {w: i for i, w in enumerate(["<unk>", "<s>", "</s>", *(f"w{i}" for i in range(509))])}
-    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>",
-                            unk_token="<unk>").save_pretrained(root / "base")  # fmt: skip
-    model = LlamaForCausalLM(cfg)
-    with torch.no_grad():
-        model.lm_head.weight.mul_(8.0)  # peaked distributions: greedy outputs differ visibly
-    model.save_pretrained(root / "base")
-    lora = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, init_lora_weights=False,
-                                            target_modules=["q_proj", "v_proj"]))  # fmt: skip
-    with torch.no_grad():
-        for name, p in lora.named_parameters():
-            if "lora_B" in name:
-                p.normal_(0.0, 0.5)
-    lora.save_pretrained(root / "lora")
-    return root / "base", root / "lora"
+from repro_tiny_model import build  # the shared tiny model, next to this script
 
 
 def main() -> int:
@@ -61,7 +32,7 @@ def main() -> int:
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # no hub lookups for the local model
     with tempfile.TemporaryDirectory() as d:
-        base, lora_dir = build(Path(d))
+        base, lora_dir = build(Path(d), peaked=True)
         from vllm import LLM, SamplingParams
         from vllm.lora.request import LoRARequest
 

@@ -33,6 +33,8 @@ import traceback
 from pathlib import Path
 from typing import Any
 
+from repro_tiny_model import build  # the shared tiny model, next to this script
+
 HIDDEN_GROUPS = ("vllm.logits_processors", "vllm.general_plugins")
 
 
@@ -46,29 +48,6 @@ def hide_plugins() -> None:
         return real(**params)
 
     importlib.metadata.entry_points = entry_points  # type: ignore[assignment]
-
-
-def build(root: Path) -> tuple[Path, Path]:
-    import torch
-    from peft import LoraConfig, get_peft_model
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
-
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                      num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=256,
-                      bos_token_id=1, eos_token_id=2, tie_word_embeddings=False)  # fmt: skip
-    vocab = {w: i for i, w in enumerate(["<unk>", "<s>", "</s>", *(f"w{i}" for i in range(509))])}
-    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>",
-                            unk_token="<unk>").save_pretrained(root / "base")  # fmt: skip
-    model = LlamaForCausalLM(cfg)
-    model.save_pretrained(root / "base")
-    lora = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, init_lora_weights=False,
-                                            target_modules=["q_proj", "v_proj"]))  # fmt: skip
-    lora.save_pretrained(root / "lora")
-    return root / "base", root / "lora"
 
 
 def main() -> int:
