@@ -296,6 +296,41 @@ def markdown(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def plot_suite(ax: Any, s: dict[str, Any]) -> None:
+    """One suite's likelihood gains over PEFT: a bar (with its 95% CI) per steered method, for
+    each task and metric and for the average."""
+    colors = {
+        "peft+svd-exact": "#1f77b4",
+        "peft+svd-precomputed": "#ff7f0e",
+        "peft+logit-bias": "#7f7f7f",
+    }
+    labels, groups = [], []
+    for t, res in s["tasks"].items():
+        for metric in res["peft"]:
+            if metric in ("acc_sum", "gen"):
+                continue
+            labels.append(f"{t}\n{metric}")
+            groups.append({m: res[m][metric].get("vs_peft") for m in STEERED if m in res})
+    for metric_avg in next(iter(s["average_gain_vs_peft"].values()), {}):
+        labels.append(f"AVERAGE\n{metric_avg}")
+        groups.append(
+            {m: s["average_gain_vs_peft"][m][metric_avg] for m in s["average_gain_vs_peft"]}
+        )
+    x = np.arange(len(labels))
+    width = 0.27
+    for k, m in enumerate(STEERED):
+        vals = [100 * g[m]["diff"] if g.get(m) else 0 for g in groups]
+        err = np.array([[100 * (g[m]["diff"] - g[m]["lo"]), 100 * (g[m]["hi"] - g[m]["diff"])]
+                        if g.get(m) else [0, 0] for g in groups]).T  # fmt: skip
+        ax.bar(x + (k - 1) * width, vals, width, yerr=err, capsize=2, color=colors[m],
+               label=m.replace("peft+", "+"))  # fmt: skip
+    ax.axhline(0, color="black", lw=0.8)
+    ax.set_xticks(x, labels, fontsize=7)
+    ax.set_ylabel("Δ vs PEFT (points)")
+    ax.set_title(s["title"], fontsize=9)
+    ax.legend(fontsize=7, ncol=3)
+
+
 def plot(report: dict[str, Any], path: Path) -> None:
     import matplotlib
 
@@ -304,37 +339,8 @@ def plot(report: dict[str, Any], path: Path) -> None:
 
     suites = report["suites"]
     fig, axes = plt.subplots(len(suites), 1, figsize=(11, 3.2 * len(suites)), squeeze=False)
-    colors = {
-        "peft+svd-exact": "#1f77b4",
-        "peft+svd-precomputed": "#ff7f0e",
-        "peft+logit-bias": "#7f7f7f",
-    }
     for ax, s in zip(axes[:, 0], suites, strict=True):
-        labels, groups = [], []
-        for t, res in s["tasks"].items():
-            for metric in res["peft"]:
-                if metric in ("acc_sum", "gen"):
-                    continue
-                labels.append(f"{t}\n{metric}")
-                groups.append({m: res[m][metric].get("vs_peft") for m in STEERED if m in res})
-        for metric_avg in next(iter(s["average_gain_vs_peft"].values()), {}):
-            labels.append(f"AVERAGE\n{metric_avg}")
-            groups.append(
-                {m: s["average_gain_vs_peft"][m][metric_avg] for m in s["average_gain_vs_peft"]}
-            )
-        x = np.arange(len(labels))
-        width = 0.27
-        for k, m in enumerate(STEERED):
-            vals = [100 * g[m]["diff"] if g.get(m) else 0 for g in groups]
-            err = np.array([[100 * (g[m]["diff"] - g[m]["lo"]), 100 * (g[m]["hi"] - g[m]["diff"])]
-                            if g.get(m) else [0, 0] for g in groups]).T  # fmt: skip
-            ax.bar(x + (k - 1) * width, vals, width, yerr=err, capsize=2, color=colors[m],
-                   label=m.replace("peft+", "+"))  # fmt: skip
-        ax.axhline(0, color="black", lw=0.8)
-        ax.set_xticks(x, labels, fontsize=7)
-        ax.set_ylabel("Δ vs PEFT (points)")
-        ax.set_title(s["title"], fontsize=9)
-        ax.legend(fontsize=7, ncol=3)
+        plot_suite(ax, s)
     fig.suptitle(
         f"SVD gains over the warm-started model, {report['model']} (95% bootstrap CIs)", fontsize=10
     )

@@ -35,14 +35,13 @@ def tiny_dirs(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
 @pytest.fixture(scope="session")
 def serving_assets(tmp_path_factory: pytest.TempPathFactory, tiny_dirs: tuple[Path, Path]) -> dict:
     """Tiny base, two LoRAs, three steering vectors (lora1, lora2, other) in a fresh registry."""
-    import torch
-
     from svd_vllm.core import artifact
     from svd_vllm.core.artifact import SteeringArtifact
     from svd_vllm.core.steering import log_ratio
     from svd_vllm.offline.reference import ReferenceDecoder
     from svd_vllm.registry import Registry
     from svd_vllm.tools.tiny import build_tiny_lora
+    from tests.support.artifacts import random_vector, vector_from_shift
 
     root = tmp_path_factory.mktemp("serving")
     base, lora1 = tiny_dirs
@@ -51,23 +50,21 @@ def serving_assets(tmp_path_factory: pytest.TempPathFactory, tiny_dirs: tuple[Pa
     def make(name: str, adapter: Path, prompt: str, mu: float, alpha: float) -> SteeringArtifact:
         dec = ReferenceDecoder(base, adapter)
         za, zb = dec.logits(dec.encode(prompt))
-        return SteeringArtifact.create(
-            log_ratio(za[-1], zb[-1]), name=name, base_model="tiny", adapter=adapter.name,
-            tokenizer_fingerprint="t", mu_bar=mu, alpha=alpha,
-        )  # fmt: skip
+        return vector_from_shift(log_ratio(za[-1], zb[-1]), name, mu=mu, alpha=alpha,
+                                 base_model="tiny", adapter=adapter.name)  # fmt: skip
 
-    g = torch.Generator().manual_seed(5)
     vectors = {
         "lora1": make("lora1", lora1, "the color of sky is", -20.0, 0.05),
         "lora2": make("lora2", lora2, "one two three", -15.0, 0.1),
-        "other": SteeringArtifact.create(
-            torch.randn(256, generator=g) * 2,
-            name="other",
+        "other": random_vector(
+            "other",
+            vocab=256,
+            seed=5,
+            spread=2.0,
+            mu=-3.0,
+            alpha=0.2,
             base_model="tiny",
             adapter="none",
-            tokenizer_fingerprint="t",
-            mu_bar=-3.0,
-            alpha=0.2,
         ),
     }
     files = {

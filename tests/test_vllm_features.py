@@ -31,9 +31,9 @@ from typing import Any
 import httpx
 import pytest
 
-from svd_vllm.core.artifact import SteeringArtifact
 from svd_vllm.offline.reference import ReferenceDecoder
 from svd_vllm.registry import Registry
+from tests.support.artifacts import vector_from_shift
 from tests.support.vllm_server import VLLMServer
 
 pytestmark = pytest.mark.vllm
@@ -277,14 +277,13 @@ def test_preemption_resumes_steering_on_the_pinned_version(assets: dict) -> None
         for p, svd in zip(prompts, (1, 0, 1, 1), strict=True)
     ]
     versions = [assets["vectors"]["lora1"]] + [
-        SteeringArtifact.create(
+        vector_from_shift(
             assets["vectors"]["lora2"].shift * sign,
-            name="lora1",
+            "lora1",
+            mu=-6.0,
+            alpha=0.2,
             base_model="tiny",
             adapter="lora1",
-            tokenizer_fingerprint="t",
-            mu_bar=-6.0,
-            alpha=0.2,
         )
         for sign in (1.0, -1.0, 1.0)
     ]

@@ -1,4 +1,5 @@
-"""The one steering-artifact factory the tests share: a seeded random shift with metadata."""
+"""The steering-artifact factories the tests share: a given shift, or a seeded random one,
+with valid metadata."""
 
 from __future__ import annotations
 
@@ -9,7 +10,23 @@ import torch
 from svd_vllm.core import artifact
 from svd_vllm.core.artifact import SteeringArtifact
 
-__all__ = ["random_vector", "random_vector_bytes"]
+__all__ = ["random_vector", "random_vector_bytes", "vector_from_shift"]
+
+
+def vector_from_shift(
+    shift: torch.Tensor, name: str = "v", *, mu: float = -1.0, alpha: float = 0.1, **meta: Any
+) -> SteeringArtifact:
+    """A valid artifact around ``shift`` (``meta`` overrides or adds metadata fields)."""
+    fields: dict[str, Any] = {
+        "name": name,
+        "base_model": "b",
+        "adapter": "a",
+        "tokenizer_fingerprint": "t",
+        "mu_bar": mu,
+        "alpha": alpha,
+    }
+    fields.update(meta)
+    return SteeringArtifact.create(shift, **fields)
 
 
 def random_vector(
@@ -25,16 +42,8 @@ def random_vector(
     """A valid artifact whose shift is ``spread * N(0, 1)`` from ``seed`` (``meta`` overrides
     or adds metadata fields)."""
     g = torch.Generator().manual_seed(seed)
-    fields: dict[str, Any] = {
-        "name": name,
-        "base_model": "b",
-        "adapter": "a",
-        "tokenizer_fingerprint": "t",
-        "mu_bar": mu,
-        "alpha": alpha,
-    }
-    fields.update(meta)
-    return SteeringArtifact.create(torch.randn(vocab, generator=g) * spread, **fields)
+    shift = torch.randn(vocab, generator=g) * spread
+    return vector_from_shift(shift, name, mu=mu, alpha=alpha, **meta)
 
 
 def random_vector_bytes(name: str = "v", **kwargs: Any) -> bytes:
