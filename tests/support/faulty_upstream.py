@@ -10,7 +10,8 @@ The request's ``model`` picks the behaviour, so one server serves a whole test:
 * ``stall-mid-stream`` -- two SSE events, then says nothing for ``stall`` seconds;
 * ``gzip`` -- a gzipped answer (JSON, or SSE when streamed) whatever the client accepts.
 
-``GET /v1/models`` lists one model, ``ok``.
+``GET /v1/models`` lists one model, ``ok``. With ``listen_after``, the port is bound at once but
+refuses connections for that many seconds (a server that is not up yet).
 
 Every request's headers and JSON body are recorded. Each handler ends by itself within
 ``stall`` seconds; ``close`` stops the server.
@@ -37,7 +38,7 @@ def _events(n: int) -> bytes:
 
 
 class FaultyUpstream:
-    def __init__(self, stall: float = 3.0) -> None:
+    def __init__(self, stall: float = 3.0, listen_after: float = 0.0) -> None:
         self.stall = stall
         self.seen: list[tuple[dict[str, str], dict[str, Any]]] = []
         outer = self
@@ -50,9 +51,16 @@ class FaultyUpstream:
             daemon_threads = True
             allow_reuse_address = True
 
-        self.server = Server(("127.0.0.1", 0), Handler)
+        self.server = Server(("127.0.0.1", 0), Handler, bind_and_activate=False)
+        self.server.server_bind()  # the port is ours; connecting is refused until listen()
         self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+
+        def serve() -> None:
+            time.sleep(listen_after)
+            self.server.server_activate()
+            self.server.serve_forever()
+
+        self.thread = threading.Thread(target=serve, daemon=True)
         self.thread.start()
 
     def close(self) -> None:
