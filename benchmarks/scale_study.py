@@ -184,18 +184,26 @@ def _point_json(r: TuneReport) -> list[dict[str, Any]]:
     ]
 
 
-def generation_stage(model: str, model_dir: Path, cs: list[Suite]) -> dict[str, Any]:
-    """Tune each commonsense LoRA's scale on its calibration items, then answer every test item
-    at scale 0 (PEFT), 1 (calibrated) and the tuned scale, all through one vLLM server."""
-    base = study_dir(model)
+def _missing(base: Path, cs: list[Suite]) -> list[tuple[str, str | None]]:
+    """The (adapter, test task or None for the tune sweep) results not cached yet."""
     todo = []
     for s in cs:
         for t in (None, *s.test_tasks):
             name = "tune.json" if t is None else f"gen-{t}.json"
             if not (base / s.adapter / name).exists():
                 todo.append((s.adapter, t))
-    out: dict[str, Any] = {}
-    if todo:
+    return todo
+
+
+def generation_stage(
+    model: str, model_dir: Path, cs: list[Suite], start_vllm: bool = True
+) -> dict[str, Any]:
+    """Tune each commonsense LoRA's scale on its calibration items, then answer every test item
+    at scale 0 (PEFT), 1 (calibrated) and the tuned scale, all through one vLLM server. Without
+    ``start_vllm``, only the suites whose results are all cached are summarised."""
+    base = study_dir(model)
+    todo = _missing(base, cs)
+    if todo and start_vllm:
         _log(f"vLLM stage: {len(todo)} cached results missing; starting vLLM")
         with tempfile.TemporaryDirectory(prefix="svd-scale-") as tmp:
             reg = Registry(Path(tmp) / "registry")
@@ -215,9 +223,10 @@ def generation_stage(model: str, model_dir: Path, cs: list[Suite]) -> dict[str, 
                 _write_json(base / "vllm-load.json", {"loads": True, "seconds": time.time() - t0})
                 for s in cs:
                     _generate_suite(stack.vllm_url, base / s.adapter, s)
-    for s in cs:
-        out[s.adapter] = _summarise_generation(base / s.adapter, s)
-    return out
+        todo = []
+    pending = {a for a, _ in todo}
+    return {s.adapter: _summarise_generation(base / s.adapter, s) for s in cs
+            if s.adapter not in pending}  # fmt: skip
 
 
 def _generate_suite(url: str, where: Path, s: Suite) -> None:
@@ -446,7 +455,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument("--model", choices=tuple(SIZES), default="qwen2.5-coder-0.5b")
     ap.add_argument("--smoke", action="store_true", help="a few items per stage (own caches)")
-    ap.add_argument("--skip-vllm", action="store_true", help="likelihood stages only")
+    ap.add_argument("--skip-vllm", action="store_true",
+                    help="start no vLLM: report the generation results already cached")  # fmt: skip
     ap.add_argument("--out", type=Path, default=RESULTS)
     ap.add_argument("--device", choices=DEVICES, default="auto")
     ap.add_argument("--dtype", choices=tuple(DTYPES), default="auto")
@@ -479,10 +489,14 @@ def main(argv: list[str] | None = None) -> int:
         _log(f"likelihood stage: {s.adapter}")
         report["suites"].append(accuracy.run_suite(args.model, model_dir, s))
     cs = [s for s in todo if s.adapter.startswith("cs-")]
-    if not args.skip_vllm:
-        report["generation"] = generation_stage(args.model, model_dir, cs)
-        load = study_dir(args.model) / "vllm-load.json"
-        report["vllm_load"] = json.loads(load.read_text()) if load.exists() else {}
+    report["generation"] = generation_stage(args.model, model_dir, cs, not args.skip_vllm)
+    pending = [s.adapter for s in cs if s.adapter not in report["generation"]]
+    if pending:
+        report["not_run"].insert(0, "the paper's protocol (greedy generation through vLLM) for "
+                                 f"{', '.join(pending)}: not finished when this report was "
+                                 "written (--skip-vllm); the same command resumes it")  # fmt: skip
+    load = study_dir(args.model) / "vllm-load.json"
+    report["vllm_load"] = json.loads(load.read_text()) if load.exists() else {}
     report["seconds"] = time.time() - t0
     stem = f"accuracy-{args.model}{'-smoke' if args.smoke else ''}"  # has dots: no with_suffix
     args.out.mkdir(parents=True, exist_ok=True)
