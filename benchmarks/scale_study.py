@@ -14,12 +14,21 @@ Qwen2.5-Coder-0.5B-Instruct (and 1.5B-Instruct, smaller n), under two protocols 
 
 TruthfulQA (MC1 / MC2) gets its own LoRA. Every cell has its n and a paired 95% bootstrap CI.
 
-Every stage is cached under ``~/.cache/svd-vllm`` and resumes: warm starts checkpoint
-(``adapters/<model>/``), vectors (``vectors/<model>/``), each task's likelihood scores
-(``scores/<model>/<adapter>/<task>.json``), the tune sweep and each task's generations
-(``study/<model>/<adapter>/``). Kill it at any point and run it again.
+Every stage is cached and resumes. Warm starts checkpoint (``adapters/<model>/``), vectors
+(``vectors/<model>/``) and each task's likelihood scores (``scores/<model>/<adapter>/<task>.json``)
+live under ``~/.cache/svd-vllm``, which a fresh machine does not have. The generation records (the
+tune sweep and each task's answers, per item) are results and live beside the report,
+``<out>/scale-study/<model>/<adapter>/``, so a study committed half-way resumes on another
+machine. Kill it at any point and run it again.
+
+A fresh machine that only lacks the caches need not score again what a committed report already
+holds: ``--reuse-likelihood`` takes the likelihood suites from ``<out>/accuracy-<model>.json``. The
+LoRAs that still need generation are warm-started and calibrated again, and must reproduce that
+report's warm-start losses and calibrated strengths, or the run stops. ``--only`` limits a run to
+some suites (e.g. one LoRA per session).
 
     python -m benchmarks.scale_study --model qwen2.5-coder-0.5b
+    python -m benchmarks.scale_study --model qwen2.5-coder-0.5b --reuse-likelihood --only cs-lora-paper
     python -m benchmarks.scale_study --model qwen2.5-coder-1.5b
     python -m benchmarks.scale_study --smoke --out /tmp/smoke   # the pipeline on a few items
 
@@ -30,6 +39,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
 import sys
@@ -48,6 +58,7 @@ from svd_vllm.core.identity import sha256_file
 from svd_vllm.offline.assets import MODELS, cache_dir, ensure_model
 from svd_vllm.offline.evaluation import average_gain_ci, format_ci, paired_bootstrap
 from svd_vllm.offline.precision import DEVICES, DTYPES, resolve
+from svd_vllm.offline.reference import ReferenceDecoder
 from svd_vllm.offline.tasks import COMMONSENSE, build_tasks, load_items, tasks_dir
 from svd_vllm.offline.warmstart import WarmStartConfig
 from svd_vllm.registry import Registry
@@ -112,7 +123,46 @@ def suites(model: str, smoke: bool = False) -> list[Suite]:
 
 
 def study_dir(model: str) -> Path:
+    """Caches that are not results (provenance, vLLM logs)."""
     return cache_dir() / "study" / model
+
+
+def records_dir(out: Path, model: str) -> Path:
+    """The generation records (results, kept beside the report so they travel with it)."""
+    return out / "scale-study" / model
+
+
+#: What a LoRA warm-started again must reproduce of the report it reuses, with the relative
+#: tolerance of each. Counts are exact (same data and config). bf16 on CPU is not bit-identical
+#: across machines: the first batch's loss, before any update, moved in the 4th digit (5.5419 ->
+#: 5.543); the tolerances catch another config, data set or seed, not that noise.
+REPRODUCE: dict[str, dict[str, float]] = {
+    "warmstart": {"examples": 0.0, "steps": 0.0, "tokens": 0.0,
+                  "first_loss": 1e-2, "last_loss": 1e-2, "mean_loss": 1e-2},
+    "vector": {"mu_bar": 5e-2, "mu_bar_exact": 5e-2},
+}  # fmt: skip
+
+
+def reproduction(earlier: dict[str, Any], ws: dict[str, Any], vec: Any) -> dict[str, Any]:
+    """How a LoRA and vector built again compare with the suite of an earlier report; raises
+    SystemExit when they differ (the reused likelihood scores would belong to another adapter)."""
+    now = {
+        "warmstart": ws["result"],
+        "vector": {k: getattr(vec.meta, k) for k in REPRODUCE["vector"]},
+    }
+    rows, bad = {}, []
+    for part, keys in REPRODUCE.items():
+        for k, rtol in keys.items():
+            a, b = float(earlier[part][k]), float(now[part][k])
+            rows[f"{part}.{k}"] = {"report": a, "again": b, "rtol": rtol}
+            if not math.isclose(a, b, rel_tol=rtol, abs_tol=1e-9):
+                bad.append(f"{part}.{k}: report {a:.6g}, again {b:.6g} (rtol {rtol:g})")
+    if bad:
+        raise SystemExit(
+            f"{earlier['adapter']}: the LoRA built again does not reproduce the reused report "
+            f"({'; '.join(bad)}); run without --reuse-likelihood to score it again"
+        )
+    return {"values": rows}
 
 
 def _log(msg: str) -> None:
@@ -196,36 +246,36 @@ def _missing(base: Path, cs: list[Suite]) -> list[tuple[str, str | None]]:
 
 
 def generation_stage(
-    model: str, model_dir: Path, cs: list[Suite], start_vllm: bool = True
+    model: str, model_dir: Path, records: Path, cs: list[Suite], run: list[Suite]
 ) -> dict[str, Any]:
-    """Tune each commonsense LoRA's scale on its calibration items, then answer every test item
-    at scale 0 (PEFT), 1 (calibrated) and the tuned scale, all through one vLLM server. Without
-    ``start_vllm``, only the suites whose results are all cached are summarised."""
-    base = study_dir(model)
-    todo = _missing(base, cs)
-    if todo and start_vllm:
-        _log(f"vLLM stage: {len(todo)} cached results missing; starting vLLM")
+    """Tune the scale of each commonsense LoRA in ``run`` on its calibration items, then answer
+    every test item at scale 0 (PEFT), 1 (calibrated) and the tuned scale, all through one vLLM
+    server. Every suite of ``cs`` whose records are complete is summarised."""
+    todo = _missing(records, run)
+    if todo:
+        _log(f"vLLM stage: {len(todo)} results missing; starting vLLM")
+        serve = [s for s in run if s.adapter in {a for a, _ in todo}]
         with tempfile.TemporaryDirectory(prefix="svd-scale-") as tmp:
             reg = Registry(Path(tmp) / "registry")
             loras = {}
-            for s in cs:
+            for s in serve:
                 loras[s.adapter] = accuracy.adapter_dir(model, s.adapter)
                 vec = artifact.load(cache_dir() / "vectors" / model / f"{s.adapter}.safetensors")
                 reg.add(vec, name=s.adapter)
             cfg = StackConfig(
                 model=model_dir, loras=loras, registry=reg.root, max_model_len=1024,
                 extra_vllm_args=["--max-num-seqs", "32", "--logprobs-mode", "processed_logprobs"],
-                log_dir=base / "logs",
+                log_dir=study_dir(model) / "logs",
             )  # fmt: skip
             t0 = time.time()
             with LocalStack(cfg) as stack:
                 stack.wait_ready(1200)
-                _write_json(base / "vllm-load.json", {"loads": True, "seconds": time.time() - t0})
-                for s in cs:
-                    _generate_suite(stack.vllm_url, base / s.adapter, s)
-        todo = []
-    pending = {a for a, _ in todo}
-    return {s.adapter: _summarise_generation(base / s.adapter, s) for s in cs
+                _write_json(records / "vllm-load.json",
+                            {"loads": True, "seconds": time.time() - t0})  # fmt: skip
+                for s in serve:
+                    _generate_suite(stack.vllm_url, records / s.adapter, s)
+    pending = {a for a, _ in _missing(records, cs)}
+    return {s.adapter: _summarise_generation(records / s.adapter, s) for s in cs
             if s.adapter not in pending}  # fmt: skip
 
 
@@ -380,6 +430,20 @@ def markdown(report: dict[str, Any]) -> str:
             + " |"
         )
     head.append("")
+    again = [x for x in report["suites"] if "reproduced" in x]
+    if again:
+        head += [
+            "Warm-started and calibrated again on a fresh machine for the generation stage (the "
+            "likelihood scores above are reused); each reproduces the reported warm-start losses "
+            "(within 1%) and calibrated strengths (within 5%): "
+            + "; ".join(
+                f"{x['adapter']} {x['reproduced']['warmstart_seconds'] / 60:.1f} min warm start, "
+                f"{(x['reproduced']['extraction_seconds'] or 0) / 60:.1f} min extraction"
+                for x in again
+            )
+            + ".",
+            "",
+        ]
     # accuracy.markdown's sections, without its title, provenance line and "Not run" list
     body = accuracy.markdown(report | {"not_run": []}).split("\n## ", 1)[1]
     body = body.rsplit("\n## Not run", 1)[0]
@@ -449,28 +513,69 @@ def not_run(model: str) -> list[str]:
     return out
 
 
+def _rebuild(model: str, model_dir: Path, s: Suite, earlier: dict[str, Any]) -> dict[str, Any]:
+    """Warm-start and calibrate a reused suite's LoRA again (generation serves them), checked
+    against the report whose likelihood scores are reused."""
+    _log(f"{s.adapter}: likelihood reused; warm start and extraction again for generation")
+    _, ws = accuracy.ensure_adapter(model_dir, model, s)
+    dec = ReferenceDecoder(model_dir, accuracy.adapter_dir(model, s.adapter),
+                           device=PLACEMENT["device"], dtype=PLACEMENT["dtype"])  # fmt: skip
+    vec, vreport, _ = accuracy.ensure_vector(dec, model, s)
+    return reproduction(earlier, ws, vec) | {
+        "warmstart_seconds": ws["result"]["seconds"],
+        "extraction_seconds": vreport.get("seconds"),
+    }
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     ap.add_argument("--model", choices=tuple(SIZES), default="qwen2.5-coder-0.5b")
     ap.add_argument("--smoke", action="store_true", help="a few items per stage (own caches)")
+    ap.add_argument("--only", action="append", metavar="SUITE",
+                    choices=("cs-lora-paper", "cs-lora-strong", "tqa-lora"),
+                    help="compute only this suite (repeatable); the others are reported from "
+                    "what is already there, or listed as pending")  # fmt: skip
+    ap.add_argument("--reuse-likelihood", action="store_true",
+                    help="take the likelihood suites from <out>/accuracy-<model>.json instead of "
+                    "scoring them again (the LoRAs that still need generation are rebuilt and "
+                    "must reproduce it)")  # fmt: skip
     ap.add_argument("--skip-vllm", action="store_true",
-                    help="start no vLLM: report the generation results already cached")  # fmt: skip
-    ap.add_argument("--out", type=Path, default=RESULTS)
+                    help="start no vLLM: report the generation results already recorded")  # fmt: skip
+    ap.add_argument("--out", type=Path, default=RESULTS,
+                    help="where the report and the generation records go (default: %(default)s)")  # fmt: skip
     ap.add_argument("--device", choices=DEVICES, default="auto")
     ap.add_argument("--dtype", choices=tuple(DTYPES), default="auto")
     ap.add_argument("--batch-size", type=int, default=16)
     args = ap.parse_args(argv)
     PLACEMENT.update(device=args.device, dtype=args.dtype, batch_size=args.batch_size)
+    t0 = time.time()
+    sizes = SMOKE if args.smoke else SIZES[args.model]
+    stem = f"accuracy-{args.model}{'-smoke' if args.smoke else ''}"  # has dots: no with_suffix
+    earlier: dict[str, Any] = {}
+    if args.reuse_likelihood:
+        path = args.out / f"{stem}.json"
+        if not path.exists():
+            ap.error(f"--reuse-likelihood: there is no report to reuse at {path}")
+        prev = json.loads(path.read_text())
+        if prev.get("sizes") != json.loads(json.dumps(sizes.__dict__)):
+            ap.error(f"--reuse-likelihood: {path} was run with other sizes ({prev.get('sizes')})")
+        earlier = {x["adapter"]: x for x in prev["suites"]}
     import torch
     import vllm
 
-    t0 = time.time()
     model_dir = ensure_model(args.model)
     build_tasks()
     prov = provenance(args.model)
     todo = suites(args.model, args.smoke)
+    chosen = {
+        x.adapter for x in todo if not args.only or x.adapter.removesuffix("-smoke") in args.only
+    }
+    records = records_dir(args.out, args.model)
+    cs = [x for x in todo if x.adapter.startswith("cs-")]
+    generate = [] if args.skip_vllm else [x for x in cs if x.adapter in chosen]
+    rebuild = {a for a, _ in _missing(records, generate)}
     report: dict[str, Any] = {
         "model": args.model,
         "quick": False,
@@ -480,25 +585,33 @@ def main(argv: list[str] | None = None) -> int:
         f"{resolve(args.device, args.dtype).describe()}",
         "vllm_version": vllm.__version__,
         "provenance": prov,
-        "sizes": (SMOKE if args.smoke else SIZES[args.model]).__dict__,
+        "sizes": sizes.__dict__,
         "splits": json.loads((tasks_dir() / "manifest.json").read_text())["tasks"],
         "suites": [],
         "not_run": not_run(args.model),
     }
-    for s in todo:
-        _log(f"likelihood stage: {s.adapter}")
-        report["suites"].append(accuracy.run_suite(args.model, model_dir, s))
-    cs = [s for s in todo if s.adapter.startswith("cs-")]
-    report["generation"] = generation_stage(args.model, model_dir, cs, not args.skip_vllm)
-    pending = [s.adapter for s in cs if s.adapter not in report["generation"]]
+    pending: list[str] = []
+    for x in todo:
+        if x.adapter in earlier:
+            suite = earlier[x.adapter]
+            if x.adapter in rebuild:
+                suite = suite | {"reproduced": _rebuild(args.model, model_dir, x, suite)}
+            report["suites"].append(suite)
+        elif x.adapter in chosen:
+            _log(f"likelihood stage: {x.adapter}")
+            report["suites"].append(accuracy.run_suite(args.model, model_dir, x))
+        else:
+            pending.append(f"the likelihood scores of {x.adapter}")
+    report["generation"] = generation_stage(args.model, model_dir, records, cs, generate)
+    pending += [f"the paper's protocol (greedy generation through vLLM) for {x.adapter}"
+                for x in cs if x.adapter not in report["generation"]]  # fmt: skip
     if pending:
-        report["not_run"].insert(0, "the paper's protocol (greedy generation through vLLM) for "
-                                 f"{', '.join(pending)}: not finished when this report was "
-                                 "written (--skip-vllm); the same command resumes it")  # fmt: skip
-    load = study_dir(args.model) / "vllm-load.json"
+        report["not_run"][:0] = [f"{p}: not finished when this report was written (the same "
+                                 "command without --skip-vllm / --only resumes it)"
+                                 for p in pending]  # fmt: skip
+    load = records / "vllm-load.json"
     report["vllm_load"] = json.loads(load.read_text()) if load.exists() else {}
     report["seconds"] = time.time() - t0
-    stem = f"accuracy-{args.model}{'-smoke' if args.smoke else ''}"  # has dots: no with_suffix
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / f"{stem}.json").write_text(json.dumps(report, indent=2))
     (args.out / f"{stem}.md").write_text(markdown(report))

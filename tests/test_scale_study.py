@@ -1,0 +1,112 @@
+"""The scale study's bookkeeping, without a model: what a LoRA built again must reproduce before
+its likelihood scores are reused, which generation records are pending, and how the records of
+the paper's protocol become the report's accuracies and CIs."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+
+from benchmarks import scale_study as ss
+
+MODEL = "qwen2.5-coder-0.5b"
+WARMSTART = {"examples": 1184, "steps": 148, "tokens": 11795, "first_loss": 5.5419,
+             "last_loss": 3.5957, "mean_loss": 3.7093}  # fmt: skip
+
+
+def _reported() -> dict[str, Any]:
+    return {"adapter": "cs-lora-paper", "warmstart": dict(WARMSTART),
+            "vector": {"mu_bar": -1.4963, "mu_bar_exact": -1.2714}}  # fmt: skip
+
+
+def _again(mu_bar: float = -1.4963, **ws: float) -> tuple[dict[str, Any], Any]:
+    vec = SimpleNamespace(meta=SimpleNamespace(mu_bar=mu_bar, mu_bar_exact=-1.2714))
+    return {"result": WARMSTART | ws}, vec
+
+
+def test_a_lora_built_again_within_float_noise_is_accepted_and_both_values_are_kept() -> None:
+    ws, vec = _again(mu_bar=-1.4963 * 1.01, first_loss=5.543, last_loss=3.5957 * 0.995)
+    out = ss.reproduction(_reported(), ws, vec)["values"]
+    assert out["warmstart.first_loss"] == {"report": 5.5419, "again": 5.543, "rtol": 1e-2}
+    assert out["vector.mu_bar"]["again"] == pytest.approx(-1.4963 * 1.01)
+
+
+@pytest.mark.parametrize(
+    ("change", "named"),
+    [
+        ({"examples": 1183}, "warmstart.examples"),  # one training example fewer: other data
+        ({"mean_loss": 3.7093 * 1.05}, "warmstart.mean_loss"),  # another lr or seed
+        ({"mu_bar": -1.4963 * 1.2}, "vector.mu_bar"),  # another calibration
+    ],
+)
+def test_a_lora_that_is_not_the_reported_one_stops_the_run(
+    change: dict[str, float], named: str
+) -> None:
+    ws, vec = _again(**change)
+    with pytest.raises(SystemExit, match=named):
+        ss.reproduction(_reported(), ws, vec)
+
+
+def _write(path: Path, data: Any) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data))
+
+
+def test_generation_records_give_per_task_and_average_gains_and_say_what_is_pending(
+    tmp_path: Path,
+) -> None:
+    suite = ss.suites(MODEL, smoke=True)[0]
+    where = tmp_path / suite.adapter
+    assert ss._missing(tmp_path, [suite]) == [(suite.adapter, None)] + [
+        (suite.adapter, t) for t in suite.test_tasks
+    ]
+    _write(where / "tune.json", {
+        "n": 24, "seconds": 60.0, "first_token_note": "", "chosen": {"scale": 0.5, "reason": "r"},
+        "points": [{"scale": s, "alpha": 0.1, "vs_adapter": None} for s in (0.0, 0.5, 1.0)],
+    })  # fmt: skip
+    # Every task: PEFT right on 1 of 4 items; scale 1 on 2 of 4 (one answer changed); the tuned
+    # scale 0.5 answers exactly as PEFT does.
+    peft = {"scale": 0.0, "texts": ["A", "B", "C", "D"], "correct": [True, False, False, False]}
+    for t in suite.test_tasks[:-1]:
+        _write(where / f"gen-{t}.json", {"items": ["1", "2", "3", "4"], "seconds": 10.0, "points": [
+            peft, peft | {"scale": 0.5},
+            {"scale": 1.0, "texts": ["A", "X", "C", "D"], "correct": [True, True, False, False]},
+        ]})  # fmt: skip
+    assert ss._missing(tmp_path, [suite]) == [(suite.adapter, suite.test_tasks[-1])]
+    last = suite.test_tasks[-1]
+    _write(
+        where / f"gen-{last}.json",
+        json.loads((where / f"gen-{suite.test_tasks[0]}.json").read_text()),
+    )
+    assert ss._missing(tmp_path, [suite]) == []
+
+    r = ss._summarise_generation(where, suite)
+    assert r["tuned_scale"] == 0.5
+    assert r["seconds"] == pytest.approx(60.0 + 10.0 * len(suite.test_tasks))
+    row = r["tasks"][last]
+    assert row["n"] == 4 and row["peft"] == 0.25 and row["+svd precomputed (calibrated)"] == 0.5
+    assert (
+        row["+svd precomputed (calibrated) changed"] == 1 and row["+svd (tuned scale) changed"] == 0
+    )
+    av = r["average_gain_vs_peft"]
+    assert av["+svd precomputed (calibrated)"]["diff"] == pytest.approx(0.25)
+    assert av["+svd (tuned scale)"]["diff"] == pytest.approx(0.0)
+    assert av["+svd (tuned scale)"]["n"] == 4 * len(suite.test_tasks)
+
+
+def test_reusing_likelihood_needs_a_report_of_the_same_sizes(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    argv = ["--model", MODEL, "--reuse-likelihood", "--out", str(tmp_path)]
+    with pytest.raises(SystemExit) as e:
+        ss.main(argv)
+    assert e.value.code == 2 and "no report to reuse" in capsys.readouterr().err
+    sizes = ss.SIZES[MODEL].__dict__ | {"test": 50}
+    _write(tmp_path / f"accuracy-{MODEL}.json", {"sizes": sizes, "suites": []})
+    with pytest.raises(SystemExit) as e:
+        ss.main(argv)
+    assert e.value.code == 2 and "other sizes" in capsys.readouterr().err
