@@ -391,6 +391,15 @@ def plot(report: dict[str, Any], path: Path) -> None:
     plt.close(fig)
 
 
+def _measured(report: dict[str, Any]) -> list[tuple[str, list[str]]]:
+    """Where and when each suite's likelihood stages ran, grouped (reused suites ran earlier)."""
+    out: dict[str, list[str]] = {}
+    for s in report["suites"]:
+        m = s.get("measured") or {"machine": report["machine"], "created": report["created"]}
+        out.setdefault(f"{m['machine']}, {m['created']}", []).append(s["adapter"])
+    return list(out.items())
+
+
 def markdown(report: dict[str, Any]) -> str:
     prov = report["provenance"]
     g, c = prov["gguf"], prov["converted"]
@@ -416,6 +425,8 @@ def markdown(report: dict[str, Any]) -> str:
         "",
         "## Compute per stage (minutes)",
         "",
+        *[f"Likelihood stages of {', '.join(a)}: measured on {m}." for m, a in _measured(report)],
+        "",
         "| suite | warm start | extraction | likelihood scoring | vLLM tune + generation |",
         "|---|---|---|---|---|",
     ]
@@ -434,11 +445,12 @@ def markdown(report: dict[str, Any]) -> str:
     if again:
         head += [
             "Warm-started and calibrated again on a fresh machine for the generation stage (the "
-            "likelihood scores above are reused); each reproduces the reported warm-start losses "
+            "likelihood scores are reused); each reproduces the reported warm-start losses "
             "(within 1%) and calibrated strengths (within 5%): "
             + "; ".join(
                 f"{x['adapter']} {x['reproduced']['warmstart_seconds'] / 60:.1f} min warm start, "
-                f"{(x['reproduced']['extraction_seconds'] or 0) / 60:.1f} min extraction"
+                f"{(x['reproduced']['extraction_seconds'] or 0) / 60:.1f} min extraction, in "
+                f"{x['reproduced']['dtype']['again']} (reported: {x['reproduced']['dtype']['report']})"
                 for x in again
             )
             + ".",
@@ -524,6 +536,7 @@ def _rebuild(model: str, model_dir: Path, s: Suite, earlier: dict[str, Any]) -> 
     return reproduction(earlier, ws, vec) | {
         "warmstart_seconds": ws["result"]["seconds"],
         "extraction_seconds": vreport.get("seconds"),
+        "dtype": {"report": earlier["warmstart"].get("dtype"), "again": ws["result"]["dtype"]},
     }
 
 
@@ -593,13 +606,16 @@ def main(argv: list[str] | None = None) -> int:
     pending: list[str] = []
     for x in todo:
         if x.adapter in earlier:
-            suite = earlier[x.adapter]
+            suite = {"measured": {k: prev[k] for k in ("machine", "created")}} | earlier[x.adapter]
             if x.adapter in rebuild:
                 suite = suite | {"reproduced": _rebuild(args.model, model_dir, x, suite)}
             report["suites"].append(suite)
         elif x.adapter in chosen:
             _log(f"likelihood stage: {x.adapter}")
-            report["suites"].append(accuracy.run_suite(args.model, model_dir, x))
+            measured = {k: report[k] for k in ("machine", "created")}
+            report["suites"].append(
+                accuracy.run_suite(args.model, model_dir, x) | {"measured": measured}
+            )
         else:
             pending.append(f"the likelihood scores of {x.adapter}")
     report["generation"] = generation_stage(args.model, model_dir, records, cs, generate)
