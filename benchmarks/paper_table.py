@@ -94,6 +94,8 @@ def build() -> str:
         if not path.exists():
             continue
         report = json.loads(path.read_text())
+        if not report["suites"]:  # only the model's assets were checked so far
+            continue
         out += [f"## {MODELS[model]}", ""]
         for s in report["suites"]:
             out += suite_table(model, s)

@@ -30,6 +30,7 @@ some suites (e.g. one LoRA per session).
     python -m benchmarks.scale_study --model qwen2.5-coder-0.5b
     python -m benchmarks.scale_study --model qwen2.5-coder-0.5b --reuse-likelihood --only cs-lora-paper
     python -m benchmarks.scale_study --model qwen2.5-coder-1.5b
+    python -m benchmarks.scale_study --model qwen2.5-coder-1.5b --assets-only  # does vLLM load it?
     python -m benchmarks.scale_study --smoke --out /tmp/smoke   # the pipeline on a few items
 
 Writes ``benchmarks/results/accuracy-<model>.{json,md,png}``.
@@ -55,6 +56,7 @@ import numpy as np
 
 from benchmarks import accuracy
 from benchmarks.accuracy import PLACEMENT, Suite
+from benchmarks.cpu_dtype import cpu_kind, cpu_model
 from svd_vllm.core import artifact
 from svd_vllm.core.identity import sha256_file
 from svd_vllm.offline.assets import MODELS, cache_dir, ensure_model
@@ -629,8 +631,8 @@ def main(argv: list[str] | None = None) -> int:
         "model": args.model,
         "quick": False,
         "created": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-        "machine": f"{platform.machine()}, {os.cpu_count()} cores, CPU capability "
-        f"{torch.backends.cpu.get_cpu_capability()}; models on "
+        "machine": f"{cpu_model()} ({cpu_kind()}), {platform.machine()}, {os.cpu_count()} cores, "
+        f"CPU capability {torch.backends.cpu.get_cpu_capability()}; models on "
         f"{resolve(args.device, args.dtype).describe()}",
         "vllm_version": vllm.__version__,
         "provenance": prov,
@@ -659,7 +661,7 @@ def main(argv: list[str] | None = None) -> int:
                 for x in cs if x.adapter not in report["generation"]]  # fmt: skip
     if pending:
         report["not_run"][:0] = [f"{p}: not finished when this report was written (the same "
-                                 "command without --skip-vllm / --only resumes it)"
+                                 "command without --assets-only, --skip-vllm or --only runs it)"
                                  for p in pending]  # fmt: skip
     load = records / "vllm-load.json"
     if not load.exists() and not args.skip_vllm:
