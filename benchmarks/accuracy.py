@@ -21,7 +21,9 @@ import os
 import platform
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -115,6 +117,12 @@ def adapter_dir(model: str, name: str) -> Path:
     return cache_dir() / "adapters" / model / name
 
 
+def vector_path(model: str, adapter: str) -> Path:
+    """Where the steering vector extracted for one of ``model``'s adapters is cached (its
+    calibration report sits beside it as ``<adapter>.report.json``)."""
+    return cache_dir() / "vectors" / model / f"{adapter}.safetensors"
+
+
 #: ``--device``/``--dtype``/``--batch-size`` of this run (``main`` sets them; auto by default).
 PLACEMENT: dict[str, Any] = {"device": "auto", "dtype": "auto", "batch_size": 64}
 
@@ -136,8 +144,8 @@ def ensure_adapter(model_dir: Path, model: str, suite: Suite) -> tuple[Path, dic
 def ensure_vector(
     dec: ReferenceDecoder, model: str, suite: Suite
 ) -> tuple[Any, dict[str, Any], float]:
-    vdir = cache_dir() / "vectors" / model
-    path, rep = vdir / f"{suite.adapter}.safetensors", vdir / f"{suite.adapter}.report.json"
+    path = vector_path(model, suite.adapter)
+    rep = path.with_suffix(".report.json")
     if path.exists() and rep.exists():
         return artifact.load(path), json.loads(rep.read_text()), 0.0
     items = []
@@ -348,22 +356,27 @@ def plot_suite(ax: Any, s: dict[str, Any]) -> None:
     ax.legend(fontsize=7, ncol=3)
 
 
-def plot(report: dict[str, Any], path: Path) -> None:
+def save_panels(report: dict[str, Any], path: Path, panels: list[Callable[[Any], None]]) -> None:
+    """The frame every accuracy figure shares: one full-width panel per callable, stacked, under
+    the model's title, saved to ``path``."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    suites = report["suites"]
-    fig, axes = plt.subplots(len(suites), 1, figsize=(11, 3.2 * len(suites)), squeeze=False)
-    for ax, s in zip(axes[:, 0], suites, strict=True):
-        plot_suite(ax, s)
+    fig, axes = plt.subplots(len(panels), 1, figsize=(11, 3.2 * len(panels)), squeeze=False)
+    for ax, draw in zip(axes[:, 0], panels, strict=True):
+        draw(ax)
     fig.suptitle(
         f"SVD gains over the warm-started model, {report['model']} (95% bootstrap CIs)", fontsize=10
     )
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def plot(report: dict[str, Any], path: Path) -> None:
+    save_panels(report, path, [partial(plot_suite, s=s) for s in report["suites"]])
 
 
 def not_run(model: str) -> list[str]:

@@ -49,6 +49,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -290,7 +291,7 @@ def generation_stage(
             loras = {}
             for s in serve:
                 loras[s.adapter] = accuracy.adapter_dir(model, s.adapter)
-                vec = artifact.load(cache_dir() / "vectors" / model / f"{s.adapter}.safetensors")
+                vec = artifact.load(accuracy.vector_path(model, s.adapter))
                 reg.add(vec, name=s.adapter)
             with _vllm(model, model_dir, records, loras, reg.root) as stack:
                 for s in serve:
@@ -376,40 +377,33 @@ def _summarise_generation(where: Path, s: Suite) -> dict[str, Any]:
 def plot(report: dict[str, Any], path: Path) -> None:
     """Likelihood panels (as ``benchmarks/accuracy.py`` draws them), then one panel per
     generation suite: Δ vs PEFT at the calibrated and the tuned scale, per task and averaged."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     gen = [(s, report.get("generation", {}).get(s["adapter"])) for s in report["suites"]]
-    gen = [(s, g) for s, g in gen if g is not None]
-    rows = len(report["suites"]) + len(gen)
-    fig, axes = plt.subplots(rows, 1, figsize=(11, 3.2 * rows), squeeze=False)
-    for ax, s in zip(axes[:, 0], report["suites"], strict=False):
-        accuracy.plot_suite(ax, s)
-        ax.set_title(f"likelihood (reference decoder): {s['title']}", fontsize=9)
+    panels = [partial(_likelihood_panel, s=s) for s in report["suites"]]
+    panels += [partial(_generation_panel, s=s, g=g) for s, g in gen if g is not None]
+    accuracy.save_panels(report, path, panels)
+
+
+def _likelihood_panel(ax: Any, s: dict[str, Any]) -> None:
+    accuracy.plot_suite(ax, s)
+    ax.set_title(f"likelihood (reference decoder): {s['title']}", fontsize=9)
+
+
+def _generation_panel(ax: Any, s: dict[str, Any], g: dict[str, Any]) -> None:
     methods = {"+svd precomputed (calibrated)": "#ff7f0e", "+svd (tuned scale)": "#2ca02c"}
-    for ax, (s, g) in zip(axes[len(report["suites"]) :, 0], gen, strict=True):
-        cis = [g["task_gain_vs_peft"][t] for t in g["tasks"]] + [g["average_gain_vs_peft"]]
-        labels = [*g["tasks"], "AVERAGE"]
-        x = np.arange(len(labels))
-        for k, (m, color) in enumerate(methods.items()):
-            d = np.array([[c[m]["diff"], c[m]["lo"], c[m]["hi"]] for c in cis]) * 100
-            err = np.stack([d[:, 0] - d[:, 1], d[:, 2] - d[:, 0]])
-            label = m if "tuned" not in m else f"+svd (tuned scale {g['tuned_scale']:g})"
-            ax.bar(x + (k - 0.5) * 0.4, d[:, 0], 0.4, yerr=err, capsize=2, color=color,
-                   label=label)  # fmt: skip
-        ax.axhline(0, color="black", lw=0.8)
-        ax.set_xticks(x, labels, fontsize=7)
-        ax.set_ylabel("Δ vs PEFT (points)")
-        ax.set_title(f"greedy generation through vLLM: {s['title']}", fontsize=9)
-        ax.legend(fontsize=7, ncol=2)
-    fig.suptitle(
-        f"SVD gains over the warm-started model, {report['model']} (95% bootstrap CIs)", fontsize=10
-    )
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    cis = [g["task_gain_vs_peft"][t] for t in g["tasks"]] + [g["average_gain_vs_peft"]]
+    labels = [*g["tasks"], "AVERAGE"]
+    x = np.arange(len(labels))
+    for k, (m, color) in enumerate(methods.items()):
+        d = np.array([[c[m]["diff"], c[m]["lo"], c[m]["hi"]] for c in cis]) * 100
+        err = np.stack([d[:, 0] - d[:, 1], d[:, 2] - d[:, 0]])
+        label = m if "tuned" not in m else f"+svd (tuned scale {g['tuned_scale']:g})"
+        ax.bar(x + (k - 0.5) * 0.4, d[:, 0], 0.4, yerr=err, capsize=2, color=color,
+               label=label)  # fmt: skip
+    ax.axhline(0, color="black", lw=0.8)
+    ax.set_xticks(x, labels, fontsize=7)
+    ax.set_ylabel("Δ vs PEFT (points)")
+    ax.set_title(f"greedy generation through vLLM: {s['title']}", fontsize=9)
+    ax.legend(fontsize=7, ncol=2)
 
 
 def _measured(report: dict[str, Any]) -> list[tuple[str, list[str]]]:

@@ -41,9 +41,10 @@ from typing import Any
 import httpx
 import torch
 
+from benchmarks.accuracy import adapter_dir, vector_path
 from svd_vllm.core import artifact
 from svd_vllm.core.artifact import SteeringArtifact
-from svd_vllm.offline.assets import cache_dir, ensure_model
+from svd_vllm.offline.assets import ensure_model
 from svd_vllm.registry import Registry
 from svd_vllm.tools.child_servers import SidecarProcess, VLLMServer
 from svd_vllm.tools.tiny import build_tiny_lora
@@ -62,14 +63,14 @@ def serving_assets(model: Path, work: Path) -> tuple[dict[str, Path], Registry, 
     loras: dict[str, Path] = {}
     registry = Registry(work / "registry")
     real = all(
-        (cache_dir() / "adapters" / "smollm2-135m" / a / "adapter_config.json").exists()
-        and (cache_dir() / "vectors" / "smollm2-135m" / f"{a}.safetensors").exists()
+        (adapter_dir("smollm2-135m", a) / "adapter_config.json").exists()
+        and vector_path("smollm2-135m", a).exists()
         for a in ADAPTERS
     )
     for i, name in enumerate(ADAPTERS):
         if real:
-            loras[name] = cache_dir() / "adapters" / "smollm2-135m" / name
-            art = artifact.load(cache_dir() / "vectors" / "smollm2-135m" / f"{name}.safetensors")
+            loras[name] = adapter_dir("smollm2-135m", name)
+            art = artifact.load(vector_path("smollm2-135m", name))
         else:
             loras[name] = build_tiny_lora(model, work / "loras" / name, rank=8, scale=0.01, seed=i)
             g = torch.Generator().manual_seed(i)
