@@ -78,6 +78,10 @@ def generation_table(model: str, title: str, g: dict[str, Any]) -> list[str]:
         ci = format_ci(g["average_gain_vs_peft"][method]) if method != "peft" else ""
         lines.append(f"| {label} | " + " | ".join(f"{v:.1f}" for v in vals) +
                      f" | {sum(vals) / len(vals):.1f} | {ci} |")  # fmt: skip
+    # answers that start with no option are scored wrong: their share bounds PEFT's accuracy
+    on = [100 * g["tasks"][t]["peft on an option"] for t in tasks]
+    lines.append("| *PEFT answers on an option* | " + " | ".join(f"*{v:.0f}*" for v in on)
+                 + f" | *{sum(on) / len(on):.0f}* | |")  # fmt: skip
     return [*lines, ""]
 
 

@@ -61,7 +61,12 @@ from benchmarks.cpu_dtype import cpu_kind, cpu_model
 from svd_vllm.core import artifact
 from svd_vllm.core.identity import sha256_file
 from svd_vllm.offline.assets import MODELS, cache_dir, ensure_model
-from svd_vllm.offline.evaluation import average_gain_ci, format_ci, paired_bootstrap
+from svd_vllm.offline.evaluation import (
+    average_gain_ci,
+    format_ci,
+    generation_choice,
+    paired_bootstrap,
+)
 from svd_vllm.offline.precision import DEVICES, DTYPES, resolve
 from svd_vllm.offline.reference import ReferenceDecoder
 from svd_vllm.offline.tasks import COMMONSENSE, build_tasks, load_items, tasks_dir
@@ -329,22 +334,35 @@ def _generate_suite(url: str, where: Path, s: Suite) -> None:
                            "points": _point_json(r)})  # fmt: skip
 
 
+#: the generation report's methods: PEFT (scale 0), the calibrated strength (scale 1), the tuned scale
+GEN_METHODS = ("peft", "+svd precomputed (calibrated)", "+svd (tuned scale)")
+
+
 def _summarise_generation(where: Path, s: Suite) -> dict[str, Any]:
     tune = json.loads((where / "tune.json").read_text())
     tuned = float(tune["chosen"]["scale"])
-    methods = {"peft": 0.0, "+svd precomputed (calibrated)": 1.0, "+svd (tuned scale)": tuned}
+    methods = dict(zip(GEN_METHODS, (0.0, 1.0, tuned), strict=True))
     per_task: dict[str, Any] = {}
     correct: dict[str, dict[str, np.ndarray]] = {m: {} for m in methods}
     seconds = 0.0
+    answered: dict[str, list[float]] = {m: [] for m in methods}
     for t in s.test_tasks:
         g = json.loads((where / f"gen-{t}.json").read_text())
         seconds += g["seconds"]
         by_scale = {p["scale"]: np.asarray(p["correct"], float) for p in g["points"]}
         texts = {p["scale"]: p["texts"] for p in g["points"]}
+        options = _options(t, g["items"])
         row: dict[str, Any] = {"n": len(g["items"])}
         for m, sc in methods.items():
             correct[m][t] = by_scale[sc]
             row[m] = float(by_scale[sc].mean())
+            # an answer that starts with no option is scored wrong: how often that happens
+            # says whether a low accuracy is the model's choice or its answer format
+            on = [
+                generation_choice(x, o) is not None for x, o in zip(texts[sc], options, strict=True)
+            ]
+            row[f"{m} on an option"] = float(np.mean(on))
+            answered[m].append(row[f"{m} on an option"])
             if sc != 0.0:
                 row[f"{m} changed"] = int(
                     sum(a != b for a, b in zip(texts[sc], texts[0.0], strict=True))
@@ -369,8 +387,18 @@ def _summarise_generation(where: Path, s: Suite) -> dict[str, Any]:
         "average_accuracy": {
             m: float(np.mean([correct[m][t].mean() for t in s.test_tasks])) for m in methods
         },
+        "average_on_an_option": {m: float(np.mean(v)) for m, v in answered.items()},
         "seconds": seconds + float(tune["seconds"]),
     }
+
+
+def _options(task: str, ids: list[str]) -> list[list[dict[str, Any]]]:
+    """Each recorded item's options, in the record's order, from the task's test split."""
+    items = {it.id: it.options for it in load_items(tasks_dir() / task / "test.jsonl")}
+    if missing := [i for i in ids if i not in items]:
+        raise SystemExit(f"{task}: recorded items {missing[:3]} are not in its test split "
+                         f"({tasks_dir() / task / 'test.jsonl'}); rebuild the tasks")  # fmt: skip
+    return [items[i] for i in ids]
 
 
 # -- the report ---------------------------------------------------------------------------------
@@ -502,7 +530,9 @@ def markdown(report: dict[str, Any]) -> str:
             f'is" (at most {GEN_TOKENS} tokens, stop at a newline); correct when the answer starts '
             "with the gold option. Scale 1 is the vector's calibrated strength; the tuned scale "
             "is the best point of `svd-vllm tune` on the merged calibration splits "
-            f"(sweep {list(DEFAULT_SCALES)}). Δ = paired difference to PEFT, 95% bootstrap CI.",
+            f"(sweep {list(DEFAULT_SCALES)}). Δ = paired difference to PEFT, 95% bootstrap CI. "
+            '"On an option": % of answers that start with any of the options (the rest are '
+            "scored wrong, whatever they mean).",
             "",
         ]
         for s in report["suites"]:
@@ -516,25 +546,28 @@ def markdown(report: dict[str, Any]) -> str:
                 f"Tune on {r['tune']['n']} calibration items: best scale {r['tuned_scale']:g} "
                 f"({ch['reason']}).",
                 "",
-                "| task | n | PEFT | +SVD calibrated | +SVD tuned | Δ calibrated | Δ tuned |",
-                "|---|---|---|---|---|---|---|",
+                "| task | n | PEFT | +SVD calibrated | +SVD tuned | Δ calibrated | Δ tuned "
+                "| on an option: PEFT / calibrated / tuned |",
+                "|---|---|---|---|---|---|---|---|",
             ]
             for t, row in r["tasks"].items():
                 ci = r["task_gain_vs_peft"][t]
+                on = " / ".join(f"{100 * row[f'{m} on an option']:.0f}" for m in GEN_METHODS)
                 lines.append(
                     f"| {t} | {row['n']} | {100 * row['peft']:.1f} | "
                     f"{100 * row['+svd precomputed (calibrated)']:.1f} | "
                     f"{100 * row['+svd (tuned scale)']:.1f} | "
                     f"{format_ci(ci['+svd precomputed (calibrated)'])} | "
-                    f"{format_ci(ci['+svd (tuned scale)'])} |"
+                    f"{format_ci(ci['+svd (tuned scale)'])} | {on} |"
                 )
             av, acc = r["average_gain_vs_peft"], r["average_accuracy"]
+            on = " / ".join(f"{100 * r['average_on_an_option'][m]:.0f}" for m in GEN_METHODS)
             lines += [
                 f"| **average** | {av['+svd (tuned scale)']['n']} | {100 * acc['peft']:.1f} | "
                 f"{100 * acc['+svd precomputed (calibrated)']:.1f} | "
                 f"{100 * acc['+svd (tuned scale)']:.1f} | "
                 f"{format_ci(av['+svd precomputed (calibrated)'])} | "
-                f"{format_ci(av['+svd (tuned scale)'])} |",
+                f"{format_ci(av['+svd (tuned scale)'])} | {on} |",
                 "",
             ]
     lines += ["## Not run", "", *[f"- {x}" for x in report["not_run"]], ""]

@@ -57,9 +57,18 @@ def _write(path: Path, data: Any) -> None:
 
 
 def test_generation_records_give_per_task_and_average_gains_and_say_what_is_pending(
-    tmp_path: Path,
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     suite = ss.suites(MODEL, smoke=True)[0]
+    # every test split: items 1-4, each with the options "A" and "X" (and an unrecorded item 5)
+    monkeypatch.setenv("SVD_VLLM_CACHE", str(tmp_path / "cache"))
+    for t in suite.test_tasks:
+        rows = [{"id": i, "task": t, "prompt": "Q", "completion": " A",
+                 "options": [{"text": " A", "correct": i != "2"}, {"text": " X", "correct": i == "2"}]}
+                for i in ("5", "1", "2", "3", "4")]  # fmt: skip
+        split = tmp_path / "cache" / "tasks" / t / "test.jsonl"
+        split.parent.mkdir(parents=True)
+        split.write_text("".join(json.dumps(r) + "\n" for r in rows))
     where = tmp_path / suite.adapter
     assert ss._missing(tmp_path, [suite]) == [(suite.adapter, None)] + [
         (suite.adapter, t) for t in suite.test_tasks
@@ -92,10 +101,22 @@ def test_generation_records_give_per_task_and_average_gains_and_say_what_is_pend
     assert (
         row["+svd precomputed (calibrated) changed"] == 1 and row["+svd (tuned scale) changed"] == 0
     )
+    # answers "C" and "D" start with no option: PEFT is on an option for 1 of 4, scale 1 for 2
+    assert (
+        row["peft on an option"] == 0.25
+        and row["+svd precomputed (calibrated) on an option"] == 0.5
+    )
+    assert r["average_on_an_option"]["+svd (tuned scale)"] == 0.25
     av = r["average_gain_vs_peft"]
     assert av["+svd precomputed (calibrated)"]["diff"] == pytest.approx(0.25)
     assert av["+svd (tuned scale)"]["diff"] == pytest.approx(0.0)
     assert av["+svd (tuned scale)"]["n"] == 4 * len(suite.test_tasks)
+
+    # records of items the test split no longer has (tasks rebuilt with another seed): refused
+    stale = json.loads((where / f"gen-{last}.json").read_text()) | {"items": ["1", "2", "3", "9"]}
+    _write(where / f"gen-{last}.json", stale)
+    with pytest.raises(SystemExit, match=r"\['9'\] are not in its test split"):
+        ss._summarise_generation(where, suite)
 
 
 def test_reusing_likelihood_needs_a_report_of_the_same_sizes(

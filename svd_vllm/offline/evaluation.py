@@ -185,16 +185,19 @@ def _norm(text: str) -> str:
     return " ".join(_NORM.sub(" ", text.lower()).split())
 
 
-def generation_correct(text: str, options: list[dict[str, Any]], gold: int) -> bool:
-    """The generation starts with the gold option (the longest matching option wins)."""
+def generation_choice(text: str, options: list[dict[str, Any]]) -> int | None:
+    """The option a generation starts with (the longest matching option wins), or None when it
+    starts with none of them (such an answer is scored wrong)."""
     g = _norm(text)
     matches = [
         i for i, o in enumerate(options) if _norm(o["text"]) and g.startswith(_norm(o["text"]))
     ]
-    if not matches:
-        return False
-    best = max(matches, key=lambda i: len(_norm(options[i]["text"])))
-    return best == gold
+    return max(matches, key=lambda i: len(_norm(options[i]["text"])), default=None)
+
+
+def generation_correct(text: str, options: list[dict[str, Any]], gold: int) -> bool:
+    """The generation starts with the gold option (see ``generation_choice``)."""
+    return generation_choice(text, options) == gold
 
 
 def max_new_tokens(dec: ReferenceDecoder, item: Item) -> int:
