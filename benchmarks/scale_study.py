@@ -498,8 +498,8 @@ def markdown(report: dict[str, Any]) -> str:
     again = [x for x in report["suites"] if "reproduced" in x]
     if again:
         head += [
-            "Warm-started and calibrated again on a fresh machine for the generation stage (the "
-            "likelihood scores are reused); each reproduces the reported warm-start losses "
+            "Warm-started and calibrated again for the generation stage, on a machine whose cache "
+            "did not hold the LoRA (the likelihood scores are reused); each reproduces the reported warm-start losses "
             f"(within {max(REPRODUCE['warmstart'].values()):.0%}) and calibrated strengths "
             f"(within {max(REPRODUCE['vector'].values()):.0%}): "
             + "; ".join(
