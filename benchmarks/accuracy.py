@@ -314,6 +314,8 @@ def markdown(report: dict[str, Any]) -> str:
                 lines.append("| " + " | ".join(row) + " |")
         for method, metrics in s["average_gain_vs_peft"].items():
             for metric, d in metrics.items():
+                if d["tasks"] == 1:  # the task's own row already has it
+                    continue
                 lines.append(f"| **average ({d['tasks']} tasks)** | {metric} | {d['n']} | | | | | | "
                              + " | ".join(format_ci(d) if m == method else "" for m in STEERED) + " |")  # fmt: skip
         lines.append("")

@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from benchmarks.scale_study import GEN_METHODS
 from svd_vllm.offline.evaluation import format_ci
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -57,13 +58,6 @@ def suite_table(model: str, s: dict[str, Any]) -> list[str]:
     return [*lines, ""]
 
 
-GEN_ROWS = {
-    "peft": "PEFT",
-    "+svd precomputed (calibrated)": "+SVD precomputed",
-    "+svd (tuned scale)": "+SVD, tuned scale",
-}
-
-
 def generation_table(model: str, title: str, g: dict[str, Any]) -> list[str]:
     """The paper's own protocol (greedy generation, here through vLLM with the plugin)."""
     tasks = list(g["tasks"])
@@ -73,7 +67,7 @@ def generation_table(model: str, title: str, g: dict[str, Any]) -> list[str]:
             f"{g['tune']['n']} calibration items)")  # fmt: skip
     lines = [head, "", "| method | " + " | ".join(SHORT.get(t, t) for t in tasks)
              + " | avg | Δ avg vs PEFT [95% CI] |", "|---|" + "---|" * (len(tasks) + 2)]  # fmt: skip
-    for method, label in GEN_ROWS.items():
+    for method, label in GEN_METHODS.items():
         vals = [100 * g["tasks"][t][method] for t in tasks]
         ci = format_ci(g["average_gain_vs_peft"][method]) if method != "peft" else ""
         lines.append(f"| {label} | " + " | ".join(f"{v:.1f}" for v in vals) +

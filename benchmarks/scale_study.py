@@ -344,8 +344,14 @@ def _generate_suite(url: str, where: Path, s: Suite) -> None:
                            "points": _point_json(r)})  # fmt: skip
 
 
-#: the generation report's methods: PEFT (scale 0), the calibrated strength (scale 1), the tuned scale
-GEN_METHODS = ("peft", "+svd precomputed (calibrated)", "+svd (tuned scale)")
+#: The generation report's methods, in order: PEFT (scale 0), the calibrated strength (scale 1)
+#: and the scale tune picked; each record key with the label the tables and the plot give it.
+GEN_METHODS = {
+    "peft": "PEFT",
+    "+svd precomputed (calibrated)": "+SVD calibrated",
+    "+svd (tuned scale)": "+SVD tuned scale",
+}
+GEN_STEERED = tuple(GEN_METHODS)[1:]
 
 
 def _summarise_generation(where: Path, s: Suite) -> dict[str, Any]:
@@ -427,14 +433,14 @@ def _likelihood_panel(ax: Any, s: dict[str, Any]) -> None:
 
 
 def _generation_panel(ax: Any, s: dict[str, Any], g: dict[str, Any]) -> None:
-    methods = {"+svd precomputed (calibrated)": "#ff7f0e", "+svd (tuned scale)": "#2ca02c"}
+    colors = dict(zip(GEN_STEERED, ("#ff7f0e", "#2ca02c"), strict=True))
     cis = [g["task_gain_vs_peft"][t] for t in g["tasks"]] + [g["average_gain_vs_peft"]]
     labels = [*g["tasks"], "AVERAGE"]
     x = np.arange(len(labels))
-    for k, (m, color) in enumerate(methods.items()):
+    for k, (m, color) in enumerate(colors.items()):
         d = np.array([[c[m]["diff"], c[m]["lo"], c[m]["hi"]] for c in cis]) * 100
         err = np.stack([d[:, 0] - d[:, 1], d[:, 2] - d[:, 0]])
-        label = m if "tuned" not in m else f"+svd (tuned scale {g['tuned_scale']:g})"
+        label = GEN_METHODS[m] + (f" ({g['tuned_scale']:g})" if m == GEN_STEERED[-1] else "")
         ax.bar(x + (k - 0.5) * 0.4, d[:, 0], 0.4, yerr=err, capsize=2, color=color,
                label=label)  # fmt: skip
     ax.axhline(0, color="black", lw=0.8)
@@ -546,42 +552,41 @@ def markdown(report: dict[str, Any]) -> str:
             "",
         ]
         for s in report["suites"]:
-            r = gen.get(s["adapter"])
-            if r is None:
-                continue
-            ch = r["tune"]["chosen"]
-            lines += [
-                f"### {s['title']}",
-                "",
-                f"Tune on {r['tune']['n']} calibration items: best scale {r['tuned_scale']:g} "
-                f"({ch['reason']}).",
-                "",
-                "| task | n | PEFT | +SVD calibrated | +SVD tuned | Δ calibrated | Δ tuned "
-                "| on an option: PEFT / calibrated / tuned |",
-                "|---|---|---|---|---|---|---|---|",
-            ]
-            for t, row in r["tasks"].items():
-                ci = r["task_gain_vs_peft"][t]
-                on = " / ".join(f"{100 * row[f'{m} on an option']:.0f}" for m in GEN_METHODS)
-                lines.append(
-                    f"| {t} | {row['n']} | {100 * row['peft']:.1f} | "
-                    f"{100 * row['+svd precomputed (calibrated)']:.1f} | "
-                    f"{100 * row['+svd (tuned scale)']:.1f} | "
-                    f"{format_ci(ci['+svd precomputed (calibrated)'])} | "
-                    f"{format_ci(ci['+svd (tuned scale)'])} | {on} |"
-                )
-            av, acc = r["average_gain_vs_peft"], r["average_accuracy"]
-            on = " / ".join(f"{100 * r['average_on_an_option'][m]:.0f}" for m in GEN_METHODS)
-            lines += [
-                f"| **average** | {av['+svd (tuned scale)']['n']} | {100 * acc['peft']:.1f} | "
-                f"{100 * acc['+svd precomputed (calibrated)']:.1f} | "
-                f"{100 * acc['+svd (tuned scale)']:.1f} | "
-                f"{format_ci(av['+svd precomputed (calibrated)'])} | "
-                f"{format_ci(av['+svd (tuned scale)'])} | {on} |",
-                "",
-            ]
+            if (r := gen.get(s["adapter"])) is not None:
+                lines += generation_table(s["title"], r)
     lines += ["## Not run", "", *[f"- {x}" for x in report["not_run"]], ""]
     return "\n".join(lines)
+
+
+def generation_table(title: str, r: dict[str, Any]) -> list[str]:
+    """One suite's generation results (``_summarise_generation``'s): a row per task, then the
+    average over tasks, with Δ vs PEFT and the share of answers on an option."""
+    labels = list(GEN_METHODS.values())
+    cols = ["task", "n", *labels, *(f"Δ {GEN_METHODS[m]}" for m in GEN_STEERED),
+            "on an option: " + " / ".join(labels)]  # fmt: skip
+    av, acc = r["average_gain_vs_peft"], r["average_accuracy"]
+    rows = [(t, row["n"], row, r["task_gain_vs_peft"][t]) for t, row in r["tasks"].items()]
+    if len(rows) > 1:  # one task: its row is the average
+        on_avg = {f"{m} on an option": v for m, v in r["average_on_an_option"].items()}
+        rows.append(("**average**", av[GEN_STEERED[0]]["n"], acc | on_avg, av))
+    lines = [
+        f"### {title}",
+        "",
+        f"Tune on {r['tune']['n']} calibration items: best scale {r['tuned_scale']:g} "
+        f"({r['tune']['chosen']['reason']}).",
+        "",
+        "| " + " | ".join(cols) + " |",
+        "|" + "---|" * len(cols),
+    ]
+    for name, n, row, ci in rows:
+        lines.append(
+            f"| {name} | {n} | "
+            + " | ".join(f"{100 * row[m]:.1f}" for m in GEN_METHODS) + " | "
+            + " | ".join(format_ci(ci[m]) for m in GEN_STEERED) + " | "
+            + " / ".join(f"{100 * row[f'{m} on an option']:.0f}" for m in GEN_METHODS)
+            + " |"
+        )  # fmt: skip
+    return [*lines, ""]
 
 
 def not_run(model: str) -> list[str]:

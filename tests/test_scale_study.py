@@ -112,6 +112,20 @@ def test_generation_records_give_per_task_and_average_gains_and_say_what_is_pend
     assert av["+svd (tuned scale)"]["diff"] == pytest.approx(0.0)
     assert av["+svd (tuned scale)"]["n"] == 4 * len(suite.test_tasks)
 
+    # the report's table: a row per task and the average; one task alone has no average row
+    table = ss.generation_table("t", r)
+    assert len([x for x in table if x.startswith("| ")]) == 1 + len(suite.test_tasks) + 1
+    assert table[-2] == (
+        f"| **average** | {4 * len(suite.test_tasks)} | 25.0 | 50.0 | 25.0 | "
+        f"{ss.format_ci(av['+svd precomputed (calibrated)'])} | "
+        f"{ss.format_ci(av['+svd (tuned scale)'])} | 25 / 50 / 25 |"
+    )
+    one = r | {"tasks": {last: row}, "task_gain_vs_peft": {last: r["task_gain_vs_peft"][last]}}
+    assert [x.split(" | ")[0] for x in ss.generation_table("t", one) if x.startswith("| ")] == [
+        "| task",
+        f"| {last}",
+    ]
+
     # records of items the test split no longer has (tasks rebuilt with another seed): refused
     stale = json.loads((where / f"gen-{last}.json").read_text()) | {"items": ["1", "2", "3", "9"]}
     _write(where / f"gen-{last}.json", stale)
