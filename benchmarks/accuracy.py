@@ -325,7 +325,7 @@ def markdown(report: dict[str, Any]) -> str:
 
 def plot_suite(ax: Any, s: dict[str, Any]) -> None:
     """One suite's likelihood gains over PEFT: a bar (with its 95% CI) per steered method, for
-    each task and metric and for the average."""
+    each task and metric and for the average over tasks."""
     colors = {
         "peft+svd-exact": "#1f77b4",
         "peft+svd-precomputed": "#ff7f0e",
@@ -338,7 +338,8 @@ def plot_suite(ax: Any, s: dict[str, Any]) -> None:
                 continue
             labels.append(f"{t}\n{metric}")
             groups.append({m: res[m][metric].get("vs_peft") for m in STEERED if m in res})
-    for metric_avg in next(iter(s["average_gain_vs_peft"].values()), {}):
+    averages = next(iter(s["average_gain_vs_peft"].values()), {}) if len(s["tasks"]) > 1 else {}
+    for metric_avg in averages:  # one task: its bars are the average
         labels.append(f"AVERAGE\n{metric_avg}")
         groups.append(
             {m: s["average_gain_vs_peft"][m][metric_avg] for m in s["average_gain_vs_peft"]}
@@ -353,6 +354,7 @@ def plot_suite(ax: Any, s: dict[str, Any]) -> None:
                label=m.replace("peft+", "+"))  # fmt: skip
     ax.axhline(0, color="black", lw=0.8)
     ax.set_xticks(x, labels, fontsize=7)
+    ax.set_xlim(-0.75, max(len(labels), 2) - 0.25)  # a lone group keeps the bars' width
     ax.set_ylabel("Δ vs PEFT (points)")
     ax.set_title(s["title"], fontsize=9)
     ax.legend(fontsize=7, ncol=3)
