@@ -511,6 +511,16 @@ def markdown(report: dict[str, Any]) -> str:
         )
     if report["suites"]:
         head.append("")
+    if runs := report.get("runs"):
+        head += [
+            "Runs that wrote this report (wall clock; a run that finds a stage cached only reads "
+            "it): " + "; ".join(
+                f"{r['created']}, {r['seconds'] / 60:.1f} min"
+                + (f" (`{' '.join(r['argv'])}`)" if r.get("argv") else "")
+                for r in runs
+            ) + ".",
+            "",
+        ]  # fmt: skip
     again = [x for x in report["suites"] if "reproduced" in x]
     if again:
         head += [
@@ -685,7 +695,7 @@ def main(argv: list[str] | None = None) -> int:
         "suites": [],
         "not_run": not_run(args.model),
     }
-    pending: list[str] = []
+    pending: list[tuple[str, str]] = []  # (what, suite)
     for x in todo:
         if x.adapter in earlier:
             suite = {"measured": {k: prev[k] for k in ("machine", "created")}} | earlier[x.adapter]
@@ -699,19 +709,26 @@ def main(argv: list[str] | None = None) -> int:
                 accuracy.run_suite(args.model, model_dir, x) | {"measured": measured}
             )
         else:
-            pending.append(f"the likelihood scores of {x.adapter}")
+            pending.append((f"the likelihood scores of {x.adapter}", x.adapter))
     report["generation"] = generation_stage(args.model, model_dir, records, cs, generate)
-    pending += [f"the paper's protocol (greedy generation through vLLM) for {x.adapter}"
-                for x in cs if x.adapter not in report["generation"]]  # fmt: skip
-    if pending:
-        report["not_run"][:0] = [f"{p}: not finished when this report was written (the same "
-                                 "command without --assets-only, --skip-vllm or --only runs it)"
-                                 for p in pending]  # fmt: skip
+    pending += [(f"the paper's protocol (greedy generation through vLLM) for {x.adapter}",
+                 x.adapter) for x in cs if x.adapter not in report["generation"]]  # fmt: skip
+    smoke = " --smoke" if args.smoke else ""
+    report["not_run"][:0] = [
+        f"{what}: not finished when this report was written (`python -m benchmarks.scale_study "
+        f"--model {args.model}{smoke} --reuse-likelihood --only {a.removesuffix('-smoke')}` "
+        "runs it and keeps the rest of this report)"
+        for what, a in pending
+    ]
     load = records / "vllm-load.json"
     if not load.exists() and not args.skip_vllm:
         check_vllm_load(args.model, model_dir, records)
     report["vllm_load"] = json.loads(load.read_text()) if load.exists() else {}
-    report["seconds"] = time.time() - t0
+    report["seconds"] = time.time() - t0  # this run's; a report built over several has "runs"
+    earlier_runs = (prev.get("runs") or [{k: prev[k] for k in ("created", "machine", "seconds")}]
+                    if args.reuse_likelihood else [])  # fmt: skip
+    report["runs"] = [*earlier_runs, {k: report[k] for k in ("created", "machine", "seconds")}
+                      | {"argv": sys.argv[1:] if argv is None else list(argv)}]  # fmt: skip
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / f"{stem}.json").write_text(json.dumps(report, indent=2))
     (args.out / f"{stem}.md").write_text(markdown(report))
