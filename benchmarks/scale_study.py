@@ -69,7 +69,7 @@ from svd_vllm.offline.evaluation import (
 )
 from svd_vllm.offline.precision import DEVICES, DTYPES, resolve
 from svd_vllm.offline.reference import ReferenceDecoder
-from svd_vllm.offline.tasks import COMMONSENSE, build_tasks, load_items, tasks_dir
+from svd_vllm.offline.tasks import COMMONSENSE, Item, build_tasks, load_items, tasks_dir
 from svd_vllm.offline.warmstart import WarmStartConfig
 from svd_vllm.registry import Registry
 from svd_vllm.tools.demo import with_choices
@@ -94,6 +94,11 @@ class Sizes:
     test: int  # per commonsense set
     truthfulqa_test: int | None  # None: all 164
     suites: tuple[str, ...]
+    generation_test: int | None = None  # per set, through vLLM (the first ones); None: = test
+
+    def likelihood(self) -> dict[str, int | None]:
+        """The sizes the likelihood scores depend on (what --reuse-likelihood must match)."""
+        return {k: getattr(self, k) for k in ("train", "calib", "test", "truthfulqa_test")}
 
 
 SIZES: dict[str, Sizes] = {
@@ -103,8 +108,11 @@ SIZES: dict[str, Sizes] = {
         150, 40, 20, 100, None, ("cs-lora-paper", "cs-lora-strong", "tqa-lora")
     ),
     # ~6x the 0.5B's cost per token (measured on the TruthfulQA suite, AMD EPYC, float32): fewer
-    # items, and the strong LoRA only.
-    "qwen2.5-coder-1.5b": Sizes(60, 20, 10, 40, 82, ("cs-lora-strong", "tqa-lora")),
+    # items, the strong LoRA only, and half the likelihood's test items through vLLM (about 19 s
+    # per item for three scales, from the 0.5B's 5 s), with a smaller tune dev set.
+    "qwen2.5-coder-1.5b": Sizes(
+        60, 20, 5, 40, 82, ("cs-lora-strong", "tqa-lora"), generation_test=20
+    ),
 }
 
 #: Models whose commonsense warm starts recompute activations in the backward pass (the same
@@ -121,16 +129,17 @@ SMOKE = Sizes(16, 3, 3, 4, 4, ("cs-lora-paper", "cs-lora-strong", "tqa-lora"))
 def suites(model: str, smoke: bool = False) -> list[Suite]:
     s = SMOKE if smoke else SIZES[model]
     recompute = model in CHECKPOINT_ACTIVATIONS
+    gen = {"tune": s.tune, "test": s.test if s.generation_test is None else s.generation_test}
     cs = tuple(COMMONSENSE)
     every = [
         Suite("Commonsense (8 sets merged), LoRA lr 5e-5, 1 epoch (paper)", "cs-lora-paper", cs,
               WarmStartConfig(lr=5e-5, max_length=256, checkpoint_every=20,
                               gradient_checkpointing=recompute), s.train, cs, s.calib,
-              cs, s.test, extra={"tune": s.tune}),
+              cs, s.test, extra=gen),
         Suite("Commonsense (8 sets merged), LoRA lr 3e-4, 1 epoch", "cs-lora-strong", cs,
               WarmStartConfig(lr=3e-4, max_length=256, checkpoint_every=20,
                               gradient_checkpointing=recompute), s.train, cs, s.calib,
-              cs, s.test, extra={"tune": s.tune}),
+              cs, s.test, extra=gen),
         Suite("TruthfulQA, LoRA lr 3e-4, 3 epochs", "tqa-lora", ("truthfulqa",),
               WarmStartConfig(lr=3e-4, epochs=3, checkpoint_every=20), None, ("truthfulqa",), None,
               ("truthfulqa",),
@@ -316,14 +325,35 @@ def generation_stage(
             if s.adapter not in pending}  # fmt: skip
 
 
+def _dev_items(s: Suite) -> list[Item]:
+    """Tune's dev set: the first calibration items of every set."""
+    return [it for t in s.calib_tasks
+            for it in load_items(tasks_dir() / t / "calib.jsonl", limit=s.extra["tune"])]  # fmt: skip
+
+
+def _test_items(s: Suite, task: str) -> list[Item]:
+    """The test items answered through vLLM: the first of the likelihood's."""
+    return load_items(tasks_dir() / task / "test.jsonl", limit=s.extra["test"])
+
+
+def _record(path: Path, key: str, items: list[Item]) -> dict[str, Any] | None:
+    """A generation record, if there is one, checked to be of exactly these items."""
+    if not path.exists():
+        return None
+    rec: dict[str, Any] = json.loads(path.read_text())
+    if rec.get(key) != [it.id for it in items]:
+        raise SystemExit(
+            f"{path} holds answers to other items ({len(rec.get(key) or [])} recorded, "
+            f"{len(items)} expected by the current sizes); move it away to answer them again"
+        )
+    return rec
+
+
 def _generate_suite(url: str, where: Path, s: Suite) -> None:
     tune_path = where / "tune.json"
-    if not tune_path.exists():
-        dev = [
-            with_choices(it)
-            for t in s.calib_tasks
-            for it in load_items(tasks_dir() / t / "calib.jsonl", limit=s.extra["tune"])
-        ]
+    dev = _dev_items(s)
+    if _record(tune_path, "dev_items", dev) is None:
+        dev = [with_choices(it) for it in dev]
         _log(f"{s.adapter}: tune on {len(dev)} calibration items, scales {DEFAULT_SCALES}")
         r = run_tune(url, s.adapter, s.adapter, dev, max_tokens=GEN_TOKENS, stop=GEN_STOP)
         _write_json(tune_path, r.to_json() | {"dev_items": [it.id for it in dev]})
@@ -331,12 +361,9 @@ def _generate_suite(url: str, where: Path, s: Suite) -> None:
     scales = sorted({0.0, 1.0, float(tuned)})
     for t in s.test_tasks:
         path = where / f"gen-{t}.json"
-        if path.exists():
+        if _record(path, "items", _test_items(s, t)) is not None:
             continue
-        items = [
-            with_choices(it)
-            for it in load_items(tasks_dir() / t / "test.jsonl", limit=s.test_per_task)
-        ]
+        items = [with_choices(it) for it in _test_items(s, t)]
         _log(f"{s.adapter} {t}: {len(items)} test items at scales {scales}")
         r = run_tune(url, s.adapter, s.adapter, items, scales=scales, max_tokens=GEN_TOKENS,
                      stop=GEN_STOP, progress=False)  # fmt: skip
@@ -355,7 +382,8 @@ GEN_STEERED = tuple(GEN_METHODS)[1:]
 
 
 def _summarise_generation(where: Path, s: Suite) -> dict[str, Any]:
-    tune = json.loads((where / "tune.json").read_text())
+    tune = _record(where / "tune.json", "dev_items", _dev_items(s))
+    assert tune is not None, "summarised before its records were complete"
     tuned = float(tune["chosen"]["scale"])
     methods = dict(zip(GEN_METHODS, (0.0, 1.0, tuned), strict=True))
     per_task: dict[str, Any] = {}
@@ -363,11 +391,13 @@ def _summarise_generation(where: Path, s: Suite) -> dict[str, Any]:
     seconds = 0.0
     answered: dict[str, list[float]] = {m: [] for m in methods}
     for t in s.test_tasks:
-        g = json.loads((where / f"gen-{t}.json").read_text())
+        items = _test_items(s, t)
+        g = _record(where / f"gen-{t}.json", "items", items)
+        assert g is not None, "summarised before its records were complete"
         seconds += g["seconds"]
         by_scale = {p["scale"]: np.asarray(p["correct"], float) for p in g["points"]}
         texts = {p["scale"]: p["texts"] for p in g["points"]}
-        options = _options(t, g["items"])
+        options = [it.options for it in items]
         row: dict[str, Any] = {"n": len(g["items"])}
         for m, sc in methods.items():
             correct[m][t] = by_scale[sc]
@@ -406,15 +436,6 @@ def _summarise_generation(where: Path, s: Suite) -> dict[str, Any]:
         "average_on_an_option": {m: float(np.mean(v)) for m, v in answered.items()},
         "seconds": seconds + float(tune["seconds"]),
     }
-
-
-def _options(task: str, ids: list[str]) -> list[list[dict[str, Any]]]:
-    """Each recorded item's options, in the record's order, from the task's test split."""
-    items = {it.id: it.options for it in load_items(tasks_dir() / task / "test.jsonl")}
-    if missing := [i for i in ids if i not in items]:
-        raise SystemExit(f"{task}: recorded items {missing[:3]} are not in its test split "
-                         f"({tasks_dir() / task / 'test.jsonl'}); rebuild the tasks")  # fmt: skip
-    return [items[i] for i in ids]
 
 
 # -- the report ---------------------------------------------------------------------------------
@@ -549,10 +570,18 @@ def markdown(report: dict[str, Any]) -> str:
         "### " + body.replace("\n## ", "\n### "),
     ]  # fmt: skip
     if gen:
+        z = report["sizes"]
+        fewer = z.get("generation_test") not in (None, z["test"])
         lines += [
             "## The paper's protocol: greedy generation through vLLM with the plugin",
             "",
-            'Each test item with its options listed, answered greedily after "the correct answer '
+            (
+                f"The first {z['generation_test']} test items of each set (of the likelihood's "
+                f"{z['test']}), to fit the compute. "
+                if fewer
+                else ""
+            )
+            + 'Each test item with its options listed, answered greedily after "the correct answer '
             f'is" (at most {GEN_TOKENS} tokens, stop at a newline); correct when the answer starts '
             "with the gold option. Scale 1 is the vector's calibrated strength; the tuned scale "
             "is the best point of `svd-vllm tune` on the merged calibration splits "
@@ -662,8 +691,10 @@ def main(argv: list[str] | None = None) -> int:
         if not path.exists():
             ap.error(f"--reuse-likelihood: there is no report to reuse at {path}")
         prev = json.loads(path.read_text())
-        if prev.get("sizes") != json.loads(json.dumps(sizes.__dict__)):
-            ap.error(f"--reuse-likelihood: {path} was run with other sizes ({prev.get('sizes')})")
+        had = {k: (prev.get("sizes") or {}).get(k, "?") for k in sizes.likelihood()}
+        if had != sizes.likelihood():
+            ap.error(f"--reuse-likelihood: {path} was scored with other sizes ({had}, now "
+                     f"{sizes.likelihood()})")  # fmt: skip
         earlier = {x["adapter"]: x for x in prev["suites"]}
     import torch
     import vllm

@@ -60,20 +60,23 @@ def test_generation_records_give_per_task_and_average_gains_and_say_what_is_pend
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     suite = ss.suites(MODEL, smoke=True)[0]
-    # every test split: items 1-4, each with the options "A" and "X" (and an unrecorded item 5)
+    assert suite.extra == {"tune": 3, "test": 4}  # the smoke sizes: 3 dev and 4 test items per set
+    # every split: items 1-5 (the first 4 are answered), each with the options "A" and "X"
     monkeypatch.setenv("SVD_VLLM_CACHE", str(tmp_path / "cache"))
     for t in suite.test_tasks:
         rows = [{"id": i, "task": t, "prompt": "Q", "completion": " A",
                  "options": [{"text": " A", "correct": i != "2"}, {"text": " X", "correct": i == "2"}]}
-                for i in ("5", "1", "2", "3", "4")]  # fmt: skip
-        split = tmp_path / "cache" / "tasks" / t / "test.jsonl"
-        split.parent.mkdir(parents=True)
-        split.write_text("".join(json.dumps(r) + "\n" for r in rows))
+                for i in ("1", "2", "3", "4", "5")]  # fmt: skip
+        for split in ("test", "calib"):
+            path = tmp_path / "cache" / "tasks" / t / f"{split}.jsonl"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     where = tmp_path / suite.adapter
     assert ss._missing(tmp_path, [suite]) == [(suite.adapter, None)] + [
         (suite.adapter, t) for t in suite.test_tasks
     ]
     _write(where / "tune.json", {
+        "dev_items": ["1", "2", "3"] * len(suite.calib_tasks),
         "n": 24, "seconds": 60.0, "first_token_note": "", "chosen": {"scale": 0.5, "reason": "r"},
         "points": [{"scale": s, "alpha": 0.1, "vs_adapter": None} for s in (0.0, 0.5, 1.0)],
     })  # fmt: skip
@@ -126,11 +129,13 @@ def test_generation_records_give_per_task_and_average_gains_and_say_what_is_pend
         f"| {last}",
     ]
 
-    # records of items the test split no longer has (tasks rebuilt with another seed): refused
-    stale = json.loads((where / f"gen-{last}.json").read_text()) | {"items": ["1", "2", "3", "9"]}
-    _write(where / f"gen-{last}.json", stale)
-    with pytest.raises(SystemExit, match=r"\['9'\] are not in its test split"):
-        ss._summarise_generation(where, suite)
+    # records of other items than the sizes ask for: tasks rebuilt with another seed, or sizes
+    # changed since (one item more); refused, naming the file
+    good = json.loads((where / f"gen-{last}.json").read_text())
+    for items in (["1", "2", "3", "9"], ["1", "2", "3", "4", "5"]):
+        _write(where / f"gen-{last}.json", good | {"items": items})
+        with pytest.raises(SystemExit, match=f"gen-{last}.json holds answers to other items"):
+            ss._summarise_generation(where, suite)
 
 
 def test_reusing_likelihood_needs_a_report_of_the_same_sizes(
