@@ -107,12 +107,11 @@ SIZES: dict[str, Sizes] = {
     "qwen2.5-coder-0.5b": Sizes(
         150, 40, 20, 100, None, ("cs-lora-paper", "cs-lora-strong", "tqa-lora")
     ),
-    # ~6x the 0.5B's cost per token (measured on the TruthfulQA suite, AMD EPYC, float32): fewer
-    # items, the strong LoRA only, and half the likelihood's test items through vLLM (about 19 s
-    # per item for three scales, from the 0.5B's 5 s), with a smaller tune dev set.
-    "qwen2.5-coder-1.5b": Sizes(
-        60, 20, 5, 40, 82, ("cs-lora-strong", "tqa-lora"), generation_test=20
-    ),
+    # ~6x the 0.5B's cost per token under likelihood (measured on the TruthfulQA suite, AMD EPYC,
+    # float32): fewer items, and the strong LoRA only. Through vLLM it is cheaper than feared (tune's
+    # 240 requests took about 17 min), so generation answers the likelihood's items, after a tune
+    # on 5 calibration items per set.
+    "qwen2.5-coder-1.5b": Sizes(60, 20, 5, 40, 82, ("cs-lora-strong", "tqa-lora")),
 }
 
 #: Models whose commonsense warm starts recompute activations in the backward pass (the same
@@ -641,15 +640,26 @@ def not_run(model: str) -> list[str]:
     return out
 
 
-def _rebuild(model: str, model_dir: Path, s: Suite, earlier: dict[str, Any]) -> dict[str, Any]:
-    """Warm-start and calibrate a reused suite's LoRA again (generation serves them), checked
-    against the report whose likelihood scores are reused."""
-    _log(f"{s.adapter}: likelihood reused; warm start and extraction again for generation")
+def _rebuild(
+    model: str, model_dir: Path, s: Suite, earlier: dict[str, Any]
+) -> dict[str, Any] | None:
+    """The LoRA and vector of a reused suite (generation serves them), checked against the report
+    whose likelihood scores are reused: warm-started and calibrated again where the cache lacks
+    them (what is reproduced is returned), read from the cache otherwise (None)."""
+    vec_path = accuracy.vector_path(model, s.adapter)
+    cached = (accuracy.adapter_dir(model, s.adapter) / "svd_vllm_warmstart.json").exists() and (
+        vec_path.exists() and vec_path.with_suffix(".report.json").exists()
+    )
+    _log(f"{s.adapter}: likelihood reused; " + ("its cached LoRA and vector serve generation"
+         if cached else "warm start and extraction again for generation"))  # fmt: skip
     _, ws = accuracy.ensure_adapter(model_dir, model, s)
     dec = ReferenceDecoder(model_dir, accuracy.adapter_dir(model, s.adapter),
                            device=PLACEMENT["device"], dtype=PLACEMENT["dtype"])  # fmt: skip
     vec, vreport, _ = accuracy.ensure_vector(dec, model, s)
-    return reproduction(earlier, ws, vec) | {
+    checked = reproduction(earlier, ws, vec)
+    if cached:
+        return None
+    return checked | {
         "warmstart_seconds": ws["result"]["seconds"],
         "extraction_seconds": vreport.get("seconds"),
         "dtype": {"report": earlier["warmstart"].get("dtype"), "again": ws["result"]["dtype"]},
@@ -730,8 +740,8 @@ def main(argv: list[str] | None = None) -> int:
     for x in todo:
         if x.adapter in earlier:
             suite = {"measured": {k: prev[k] for k in ("machine", "created")}} | earlier[x.adapter]
-            if x.adapter in rebuild:
-                suite = suite | {"reproduced": _rebuild(args.model, model_dir, x, suite)}
+            if x.adapter in rebuild and (again := _rebuild(args.model, model_dir, x, suite)):
+                suite = suite | {"reproduced": again}
             report["suites"].append(suite)
         elif x.adapter in chosen:
             _log(f"likelihood stage: {x.adapter}")
