@@ -109,8 +109,8 @@ SIZES: dict[str, Sizes] = {
     ),
     # ~6x the 0.5B's cost per token under likelihood (measured on the TruthfulQA suite, AMD EPYC,
     # float32): fewer items, and the strong LoRA only. Through vLLM it is cheaper than feared (tune's
-    # 240 requests took about 17 min), so generation answers the likelihood's items, after a tune
-    # on 5 calibration items per set.
+    # 240 requests took 12.8 min), so generation answers the likelihood's items, after a tune on 5
+    # calibration items per set.
     "qwen2.5-coder-1.5b": Sizes(60, 20, 5, 40, 82, ("cs-lora-strong", "tqa-lora")),
 }
 
