@@ -43,7 +43,7 @@ from svd_vllm.offline.extraction import CalibrationItem, extract_vector
 from svd_vllm.offline.precision import DEVICES, DTYPES, resolve
 from svd_vllm.offline.reference import ReferenceDecoder
 from svd_vllm.offline.tasks import COMMONSENSE, build_tasks, load_items, tasks_dir
-from svd_vllm.offline.warmstart import WarmStartConfig, train_adapter
+from svd_vllm.offline.warmstart import RECORD, WarmStartConfig, train_adapter
 
 RESULTS = Path(__file__).resolve().parent / "results"
 STEERED = ("peft+svd-exact", "peft+svd-precomputed", "peft+logit-bias")
@@ -123,13 +123,27 @@ def vector_path(model: str, adapter: str) -> Path:
     return cache_dir() / "vectors" / model / f"{adapter}.safetensors"
 
 
+def vector_report_path(model: str, adapter: str) -> Path:
+    return vector_path(model, adapter).with_suffix(".report.json")
+
+
+def is_cached(model: str, suite: Suite) -> bool:
+    """Whether ``suite``'s LoRA and vector (with its calibration report) are in the cache, so
+    that ``ensure_adapter`` and ``ensure_vector`` read them instead of computing them."""
+    return (
+        (adapter_dir(model, suite.adapter) / RECORD).exists()
+        and vector_path(model, suite.adapter).exists()
+        and vector_report_path(model, suite.adapter).exists()
+    )
+
+
 #: ``--device``/``--dtype``/``--batch-size`` of this run (``main`` sets them; auto by default).
 PLACEMENT: dict[str, Any] = {"device": "auto", "dtype": "auto", "batch_size": 64}
 
 
 def ensure_adapter(model_dir: Path, model: str, suite: Suite) -> tuple[Path, dict[str, Any]]:
     out = adapter_dir(model, suite.adapter)
-    info_path = out / "svd_vllm_warmstart.json"
+    info_path = out / RECORD
     if not info_path.exists():
         examples = []
         for t in suite.train_tasks:
@@ -144,8 +158,7 @@ def ensure_adapter(model_dir: Path, model: str, suite: Suite) -> tuple[Path, dic
 def ensure_vector(
     dec: ReferenceDecoder, model: str, suite: Suite
 ) -> tuple[Any, dict[str, Any], float]:
-    path = vector_path(model, suite.adapter)
-    rep = path.with_suffix(".report.json")
+    path, rep = vector_path(model, suite.adapter), vector_report_path(model, suite.adapter)
     if path.exists() and rep.exists():
         return artifact.load(path), json.loads(rep.read_text()), 0.0
     items = []

@@ -646,10 +646,7 @@ def _rebuild(
     """The LoRA and vector of a reused suite (generation serves them), checked against the report
     whose likelihood scores are reused: warm-started and calibrated again where the cache lacks
     them (what is reproduced is returned), read from the cache otherwise (None)."""
-    vec_path = accuracy.vector_path(model, s.adapter)
-    cached = (accuracy.adapter_dir(model, s.adapter) / "svd_vllm_warmstart.json").exists() and (
-        vec_path.exists() and vec_path.with_suffix(".report.json").exists()
-    )
+    cached = accuracy.is_cached(model, s)
     _log(f"{s.adapter}: likelihood reused; " + ("its cached LoRA and vector serve generation"
          if cached else "warm start and extraction again for generation"))  # fmt: skip
     _, ws = accuracy.ensure_adapter(model_dir, model, s)

@@ -24,7 +24,7 @@ from svd_vllm.offline.evaluation import (
 )
 from svd_vllm.offline.reference import ReferenceDecoder
 from svd_vllm.offline.tasks import _convert, _split, load_items
-from svd_vllm.offline.warmstart import WarmStartConfig, train_adapter
+from svd_vllm.offline.warmstart import RECORD, WarmStartConfig, train_adapter
 from svd_vllm.tools.cli import main as cli_main
 
 
@@ -205,7 +205,7 @@ def test_warm_start_learns_and_loads(tiny_dirs: tuple[Path, Path], tmp_path: Pat
     dec = ReferenceDecoder(base, out)
     z_a, z_b = dec.logits(dec.encode("the color of sky is"))
     assert (z_a - z_b).abs().max() > 1e-3  # the adapter learned something
-    assert json.loads((out / "svd_vllm_warmstart.json").read_text())["result"]["steps"] == 12
+    assert json.loads((out / RECORD).read_text())["result"]["steps"] == 12
     for method in ("ia3", "prompt"):
         r = train_adapter(
             base,

@@ -10,8 +10,13 @@ from types import SimpleNamespace
 from typing import Any
 
 import pytest
+import torch
 
+from benchmarks import accuracy
 from benchmarks import scale_study as ss
+from svd_vllm.core import artifact
+from svd_vllm.core.artifact import SteeringArtifact
+from svd_vllm.offline.warmstart import RECORD
 
 MODEL = "qwen2.5-coder-0.5b"
 WARMSTART = {"examples": 1184, "steps": 148, "tokens": 11795, "first_loss": 5.5419,
@@ -150,3 +155,31 @@ def test_reusing_likelihood_needs_a_report_of_the_same_sizes(
     with pytest.raises(SystemExit) as e:
         ss.main(argv)
     assert e.value.code == 2 and "other sizes" in capsys.readouterr().err
+
+
+def test_a_suite_is_cached_exactly_when_the_study_reads_its_lora_and_vector_back(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``_rebuild`` calls a LoRA reproduced only when it was built again; it asks
+    ``accuracy.is_cached``, which must hold when (and only when) ``ensure_adapter`` and
+    ``ensure_vector`` read the cache: here they get no model and no decoder to compute with."""
+    monkeypatch.setenv("SVD_VLLM_CACHE", str(tmp_path))
+    suite = accuracy.full_suites()[0]
+    assert not accuracy.is_cached(MODEL, suite)
+    record = {"config": {}, "result": WARMSTART, "base": MODEL}
+    _write(accuracy.adapter_dir(MODEL, suite.adapter) / RECORD, record)
+    vec = SteeringArtifact.create(
+        torch.linspace(-1, 1, 16), name=suite.adapter, base_model=MODEL, adapter=suite.adapter,
+        tokenizer_fingerprint="t", mu_bar=-1.5, alpha=0.2,
+    )  # fmt: skip
+    artifact.save(vec, accuracy.vector_path(MODEL, suite.adapter))
+    assert not accuracy.is_cached(MODEL, suite)  # no calibration report yet: it is extracted again
+    _write(accuracy.vector_report_path(MODEL, suite.adapter), {"mu_bar": -1.5})
+    assert accuracy.is_cached(MODEL, suite)
+    assert accuracy.ensure_adapter(None, MODEL, suite)[1] == record  # type: ignore[arg-type]
+    got, report, seconds = accuracy.ensure_vector(None, MODEL, suite)  # type: ignore[arg-type]
+    assert (got.meta.content_hash, report, seconds) == (
+        vec.meta.content_hash,
+        {"mu_bar": -1.5},
+        0.0,
+    )

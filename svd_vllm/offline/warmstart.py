@@ -50,6 +50,8 @@ __all__ = [
 ]
 
 PEFT_METHODS = ("lora", "ia3", "prompt", "ptuning")
+#: The warm start's record (config, result, base), written inside the adapter directory.
+RECORD = "svd_vllm_warmstart.json"
 
 
 @dataclass
@@ -314,7 +316,7 @@ def _save_adapter(
     """Write the adapter and its record to ``out`` atomically (a ``.tmp`` sibling, renamed)."""
     tmp = out.with_name(out.name + ".tmp")
     model.save_pretrained(tmp)
-    (tmp / "svd_vllm_warmstart.json").write_text(
+    (tmp / RECORD).write_text(
         json.dumps({"config": asdict(cfg), "result": asdict(result), "base": base}, indent=2)
     )
     if out.exists():
