@@ -649,9 +649,8 @@ def _rebuild(
     cached = accuracy.is_cached(model, s)
     _log(f"{s.adapter}: likelihood reused; " + ("its cached LoRA and vector serve generation"
          if cached else "warm start and extraction again for generation"))  # fmt: skip
-    _, ws = accuracy.ensure_adapter(model_dir, model, s)
-    dec = ReferenceDecoder(model_dir, accuracy.adapter_dir(model, s.adapter),
-                           device=PLACEMENT["device"], dtype=PLACEMENT["dtype"])  # fmt: skip
+    adir, ws = accuracy.ensure_adapter(model_dir, model, s)
+    dec = ReferenceDecoder(model_dir, adir, device=PLACEMENT["device"], dtype=PLACEMENT["dtype"])
     vec, vreport, _ = accuracy.ensure_vector(dec, model, s)
     checked = reproduction(earlier, ws, vec)
     if cached:

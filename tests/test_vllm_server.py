@@ -184,31 +184,31 @@ def test_hot_registration_replace_and_in_flight_pinning(
     ) == (d2.generate(prompt, "svd-precomputed", max_new_tokens=8).token_ids)
 
     # A long request starts with lora1's current vector; mid-way lora1 is replaced by a
-    # different one. On the tiny model the long request lasts about a second, so the swap can
-    # lose the race to its end: that attempt proves nothing and is tried again, with the
-    # replacement as the version in flight.
+    # different one. On the tiny model the long request outlives the swap by about 2 s when
+    # alone, and by less under load, so the swap can lose the race to its end: that attempt
+    # proves nothing and is tried again, with the replacement as the version in flight.
     long_prompt, n_long = "the color of sky is", 480
     new_prompt = "the color of grass is"
+
+    def long_request(result: dict, started: threading.Event) -> None:
+        body = {"model": "lora1", "prompt": long_prompt, "max_tokens": n_long,
+                "min_tokens": n_long, "temperature": 0, "stream": True,
+                "return_token_ids": True, "vllm_xargs": {"svd": 1}}  # fmt: skip
+        with (
+            httpx.Client() as c,
+            c.stream("POST", f"{srv.base_url}/v1/completions", json=body, timeout=300) as r,
+        ):
+            for line in r.iter_lines():
+                if line.startswith("data: {"):
+                    result["ids"] += json.loads(line[6:])["choices"][0]["token_ids"]
+                    started.set()
+        result["done"] = time.monotonic()
+
     current = a["vectors"]["lora1"]
     for attempt in range(3):
         result: dict = {"ids": []}
         started = threading.Event()
-
-        def long_request(result: dict = result, started: threading.Event = started) -> None:
-            body = {"model": "lora1", "prompt": long_prompt, "max_tokens": n_long,
-                    "min_tokens": n_long, "temperature": 0, "stream": True,
-                    "return_token_ids": True, "vllm_xargs": {"svd": 1}}  # fmt: skip
-            with (
-                httpx.Client() as c,
-                c.stream("POST", f"{srv.base_url}/v1/completions", json=body, timeout=300) as r,
-            ):
-                for line in r.iter_lines():
-                    if line.startswith("data: {"):
-                        result["ids"] += json.loads(line[6:])["choices"][0]["token_ids"]
-                        started.set()
-            result["done"] = time.monotonic()
-
-        t = threading.Thread(target=long_request)
+        t = threading.Thread(target=long_request, args=(result, started))
         t.start()
         assert started.wait(60), "the long request never started"
         source = a["vectors"]["other" if attempt % 2 == 0 else "lora1"]

@@ -41,6 +41,7 @@ from .precision import Placement, resolve
 
 __all__ = [
     "PEFT_METHODS",
+    "RECORD",
     "WarmStartConfig",
     "WarmStartResult",
     "encode_examples",
