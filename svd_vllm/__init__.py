@@ -11,61 +11,39 @@ Public API (stable names):
 * calibration: ``extract_vector``, ``CalibrationItem``
 """
 
+from importlib import import_module
 from typing import Any
-
-from .core.artifact import ArtifactError, ArtifactMeta, CalibrationStats, SteeringArtifact
-from .core.artifact import load as load_artifact
-from .core.artifact import save as save_artifact
-from .core.artifact import validate as validate_artifact
-from .core.steering import (
-    aggregate_mu,
-    confidence_mask,
-    exact_delta,
-    gauss_newton_mu,
-    gauss_newton_terms,
-    log_ratio,
-    pooled_mu,
-    precomputed_delta,
-    steer,
-    svd_logits,
-)
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "ArtifactError",
-    "ArtifactMeta",
-    "CalibrationItem",
-    "CalibrationStats",
-    "ReferenceDecoder",
-    "SteeringArtifact",
-    "__version__",
-    "aggregate_mu",
-    "confidence_mask",
-    "exact_delta",
-    "extract_vector",
-    "gauss_newton_mu",
-    "gauss_newton_terms",
-    "load_artifact",
-    "log_ratio",
-    "pooled_mu",
-    "precomputed_delta",
-    "save_artifact",
-    "steer",
-    "svd_logits",
-    "validate_artifact",
-]
+#: Public name -> (module, attribute). Imported on first use (PEP 562): the sidecar imports
+#: ``svd_vllm.registry`` without torch, and the plugin without transformers or peft.
+_LAZY: dict[str, tuple[str, str]] = {
+    **{n: ("svd_vllm.core.artifact", n)
+       for n in ("ArtifactError", "ArtifactMeta", "CalibrationStats", "SteeringArtifact")},
+    "load_artifact": ("svd_vllm.core.artifact", "load"),
+    "save_artifact": ("svd_vllm.core.artifact", "save"),
+    "validate_artifact": ("svd_vllm.core.artifact", "validate"),
+    **{n: ("svd_vllm.core.steering", n)
+       for n in ("aggregate_mu", "confidence_mask", "exact_delta", "gauss_newton_mu",
+                 "gauss_newton_terms", "log_ratio", "pooled_mu", "precomputed_delta", "steer",
+                 "svd_logits")},
+    "ReferenceDecoder": ("svd_vllm.offline.reference", "ReferenceDecoder"),
+    "extract_vector": ("svd_vllm.offline.extraction", "extract_vector"),
+    "CalibrationItem": ("svd_vllm.offline.extraction", "CalibrationItem"),
+}  # fmt: skip
+
+__all__ = ["__version__", *sorted(_LAZY)]
 
 
-def __getattr__(
-    name: str,
-) -> Any:  # lazy: transformers/peft are heavy and the plugin does not need them
-    if name == "ReferenceDecoder":
-        from .offline.reference import ReferenceDecoder
+def __getattr__(name: str) -> Any:
+    if name not in _LAZY:
+        raise AttributeError(f"module 'svd_vllm' has no attribute {name!r}")
+    module, attr = _LAZY[name]
+    value = getattr(import_module(module), attr)
+    globals()[name] = value
+    return value
 
-        return ReferenceDecoder
-    if name in ("extract_vector", "CalibrationItem"):
-        from .offline import extraction
 
-        return getattr(extraction, name)
-    raise AttributeError(f"module 'svd_vllm' has no attribute {name!r}")
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_LAZY])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 import shutil
 import subprocess
@@ -14,6 +15,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from tests.support.manifests import kustomize
+
 ROOT = Path(__file__).resolve().parents[1]
 DEPLOY = ROOT / "deploy"
 
@@ -23,17 +26,44 @@ def _interpolate(text: str) -> str:
     return re.sub(r"\$\{(\w+)(?::-([^}]*))?\}", lambda m: m.group(2) or "", text)
 
 
-def _stages() -> dict[str, list]:
-    """Dockerfile instructions per stage, parsed by Docker's own parser (``dockerfile``)."""
+def _stages(*, targets_only: bool = True) -> dict[str, list]:
+    """Dockerfile instructions per stage, parsed by Docker's own parser (``dockerfile``); only the
+    targets (stages no other stage builds on) unless ``targets_only`` is false."""
     dockerfile = pytest.importorskip("dockerfile")
     stages: dict[str, list] = {}
+    bases: set[str] = set()
     current: list | None = None
     for ins in dockerfile.parse_file(str(ROOT / "Dockerfile")):
         if ins.cmd.upper() == "FROM":
+            bases.add(ins.value[0])
             current = stages.setdefault(ins.value[2] if len(ins.value) > 2 else ins.value[0], [])
         elif current is not None:
             current.append(ins)
-    return stages
+    return {k: v for k, v in stages.items() if not (targets_only and k in bases)}
+
+
+def test_gpu_target_runs_the_cpu_targets_lines_but_its_base() -> None:
+    """CI builds and serves the cpu target; the GPU target (whose base cannot be pulled here) must
+    run exactly the same lines, so CI exercises all of it but the FROM."""
+    stages = _stages()
+    assert set(stages) == {"vllm", "cpu", "sidecar"}
+    assert [i.original for i in stages["vllm"]] == [i.original for i in stages["cpu"]]
+    lines = "\n".join(i.original for i in stages["cpu"])
+    assert "deploy/image/install.sh engine" in lines
+    assert "deploy/image/install.sh sidecar" in "\n".join(i.original for i in stages["sidecar"])
+    every = _stages(targets_only=False)
+    for name, body in every.items():  # prompt shutdown: SIGTERM (uvicorn and vLLM handle it)
+        if name in stages:
+            assert [i.value[0] for i in body if i.cmd.upper() == "STOPSIGNAL"] == ["SIGTERM"]
+
+
+def test_torch_index_is_a_build_argument() -> None:
+    """Where the PyTorch index is unreachable a build hung ~28 min: the index is an ARG (default:
+    the PyTorch CPU index; empty: only pip's configured index), named nowhere else."""
+    text = (ROOT / "Dockerfile").read_text()
+    assert "ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu" in text
+    assert text.count("download.pytorch.org") == 1
+    assert '${TORCH_INDEX_URL:+--extra-index-url "$TORCH_INDEX_URL"}' in text
 
 
 def test_vllm_pin_is_the_same_everywhere() -> None:
@@ -98,7 +128,9 @@ def test_compose_file_is_valid_and_wired() -> None:
     stages = _stages()
     for name, service in svc.items():  # every build target is a stage of the Dockerfile
         assert service["build"]["target"] in stages, name
-    assert svc["vllm"]["ipc"] == "host"
+    # vLLM needs more than the default 64 MB of /dev/shm: the host's IPC, or a bigger /dev/shm.
+    assert svc["vllm"]["ipc"] == "host" and svc["vllm-cpu"]["shm_size"] == "1gb"
+    assert "--max-loras=2" in svc["vllm"]["command"]  # the spare slot vllm-cpu needs (one adapter)
     assert (
         "registry:/registry:ro" in svc["vllm"]["volumes"]
         and "registry:/registry" in svc["sidecar"]["volumes"]
@@ -116,15 +148,14 @@ def _k8s_docs(path: Path) -> list[dict]:
     return [d for d in yaml.safe_load_all(path.read_text()) if d]
 
 
-@pytest.mark.parametrize("overlay", [DEPLOY / "k8s", DEPLOY / "k8s" / "scale-out"])
-def test_kubernetes_manifests_validate(overlay: Path) -> None:
+VARIANTS = {"gpu": DEPLOY / "k8s", "cpu": DEPLOY / "k8s" / "cpu",
+            "scale-out": DEPLOY / "k8s" / "scale-out"}  # fmt: skip
+
+
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_kubernetes_manifests_validate(variant: str) -> None:
     kv = pytest.importorskip("kubernetes_validate")
-    kust = yaml.safe_load((overlay / "kustomization.yaml").read_text())
-    docs = []
-    for res in kust["resources"]:
-        path = (overlay / res).resolve()
-        assert path.exists(), res
-        docs += _k8s_docs(path)
+    docs = kustomize(VARIANTS[variant])
     for d in docs:
         kv.validate(d, "1.31.0", strict=True)  # raises on a schema violation
     kinds = [d["kind"] for d in docs]
@@ -133,7 +164,16 @@ def test_kubernetes_manifests_validate(overlay: Path) -> None:
     containers = {
         c["name"]: c for d in deployments for c in d["spec"]["template"]["spec"]["containers"]
     }
-    assert containers["vllm"]["resources"]["limits"]["nvidia.com/gpu"] == "1"
+    vllm = containers["vllm"]
+    if variant == "cpu":  # the cpu image, and nothing asks for a GPU
+        assert vllm["image"].startswith("svd-vllm-cpu:") and "nvidia" not in json.dumps(docs)
+    else:
+        assert vllm["resources"]["limits"]["nvidia.com/gpu"] == "1"
+    # vLLM needs more than the default 64 MB of /dev/shm, in every variant.
+    volumes = {v["name"]: v for d in deployments for v in d["spec"]["template"]["spec"]["volumes"]}
+    shm = next(m for m in vllm["volumeMounts"] if m["mountPath"] == "/dev/shm")
+    assert volumes[shm["name"]]["emptyDir"]["medium"] == "Memory"
+    assert "--max-loras=2" in vllm["args"]  # the spare slot vllm-cpu needs (one adapter)
     assert all("readinessProbe" in c and "livenessProbe" in c for c in containers.values())
     mounts = {
         c: {m["name"]: m.get("readOnly", False) for m in containers[c]["volumeMounts"]}
@@ -142,7 +182,7 @@ def test_kubernetes_manifests_validate(overlay: Path) -> None:
     assert mounts["vllm"]["registry"] is True and mounts["sidecar"]["registry"] is False
     key_ref = next(e for e in containers["sidecar"]["env"] if e["name"] == "SVD_SIDECAR_API_KEY")
     assert key_ref["valueFrom"]["secretKeyRef"]["name"] == "svd-sidecar"
-    if overlay.name == "scale-out":
+    if variant == "scale-out":
         sidecar = next(d for d in deployments if d["metadata"]["name"] == "svd-sidecar")
         assert (
             sidecar["spec"]["replicas"] == 1 and sidecar["spec"]["strategy"]["type"] == "Recreate"
@@ -157,7 +197,7 @@ def test_kubernetes_manifests_validate(overlay: Path) -> None:
 
 def test_kubernetes_validation_catches_errors() -> None:
     kv = pytest.importorskip("kubernetes_validate")
-    bad = _k8s_docs(DEPLOY / "k8s" / "service.yaml")[0]
+    bad = _k8s_docs(DEPLOY / "k8s" / "single-node" / "service.yaml")[0]
     bad["spec"]["ports"][0]["port"] = "not-a-number"
     with pytest.raises(kv.ValidationError):
         kv.validate(bad, "1.31.0", strict=True)

@@ -401,3 +401,53 @@ def test_compositions_are_managed_and_steer_their_adapter(env: dict) -> None:
     assert c.delete("/v1/steering/compositions/m", headers=AUTH).status_code == 204
     assert c.get("/v1/steering/compositions/m").status_code == 404
     assert c.delete("/v1/steering/vectors/task", headers=AUTH).status_code == 204
+
+
+_WITHOUT_TORCH = r"""
+import sys
+sys.modules["torch"] = None  # `import torch` now raises ImportError, as in the sidecar image
+import httpx, numpy as np
+from fastapi.testclient import TestClient
+from safetensors.numpy import save
+from svd_sidecar import SidecarSettings, create_app
+from svd_vllm.core import artifact
+
+def upload(c, data, name):
+    files = {"file": ("v.safetensors", data, "application/octet-stream")}
+    return c.post("/v1/steering/vectors", files=files, data={"name": name},
+                  headers={"Authorization": "Bearer " + "k" * 24})
+
+meta = dict(base_model="b", adapter="a", tokenizer_fingerprint="t", mu_bar=-2.0, alpha=0.1)
+good = artifact.to_bytes(artifact.SteeringArtifact.create(
+    np.linspace(-1, 1, 32, dtype=np.float32), name="v1", **meta))
+wrong_vocab = artifact.to_bytes(artifact.SteeringArtifact.create(
+    np.zeros(16, dtype=np.float32), name="v2", **meta))
+nan = np.zeros(32, np.float32); nan[7] = np.nan
+meta_json = artifact.ArtifactMeta(name="v3", vocab_size=32, **meta).model_dump_json()
+bad = save({"shift": nan}, metadata={"format": "svd-vllm-steering", "format_version": "1",
+                                     "svd_vllm": meta_json})
+settings = SidecarSettings(api_key="k" * 24, registry=sys.argv[1], vocab_size=32)
+upstream = httpx.MockTransport(lambda r: httpx.Response(200, json={"object": "list", "data": []}))
+with TestClient(create_app(settings, transport=upstream)) as c:
+    r = upload(c, good, "v1")
+    assert r.status_code == 201, r.text
+    r = upload(c, wrong_vocab, "v2")
+    assert r.status_code == 400 and r.json()["error"]["code"] == "vocab", r.text
+    r = upload(c, bad, "v3")
+    assert r.status_code == 400 and r.json()["error"]["code"] == "non_finite", r.text
+    assert [v["name"] for v in c.get("/v1/steering/vectors").json()] == ["v1"]
+    assert c.get("/readyz").status_code in (200, 503)
+assert sys.modules["torch"] is None
+print("ok")
+"""
+
+
+def test_the_management_api_runs_without_torch(tmp_path: Path) -> None:
+    """The sidecar image carries no torch: registering a vector, and each check that refuses one
+    (vocab, finiteness), must work with torch unimportable."""
+    import subprocess
+    import sys
+
+    res = subprocess.run([sys.executable, "-c", _WITHOUT_TORCH, str(tmp_path / "reg")],
+                         capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert res.returncode == 0 and res.stdout.strip() == "ok", res.stdout + res.stderr

@@ -8,8 +8,8 @@ import sys
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="svd-sidecar", description=__doc__)
-    ap.add_argument("--host", default="127.0.0.1")
-    ap.add_argument("--port", type=int, default=8100)
+    ap.add_argument("--host", help="address to listen on (default: SVD_SIDECAR_HOST, or 127.0.0.1)")
+    ap.add_argument("--port", type=int, help="port (default: SVD_SIDECAR_PORT, or 8100)")
     ap.add_argument("--log-level", default="info")
     args = ap.parse_args(argv)
     import uvicorn
@@ -25,7 +25,10 @@ def main(argv: list[str] | None = None) -> int:
     except ValidationError as e:
         print(f"svd-sidecar: {pydantic_message(e, root='settings')}", file=sys.stderr)
         return 2
-    uvicorn.run(create_app(settings), host=args.host, port=args.port, log_level=args.log_level)
+    host = settings.host if args.host is None else args.host
+    port = settings.port if args.port is None else args.port
+    uvicorn.run(create_app(settings), host=host, port=port, log_level=args.log_level,
+                timeout_graceful_shutdown=settings.shutdown_grace)  # fmt: skip
     return 0
 
 

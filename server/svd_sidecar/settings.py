@@ -15,6 +15,8 @@ __all__ = ["SidecarSettings"]
 class SidecarSettings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="SVD_SIDECAR_", env_file=None, extra="ignore")
 
+    host: str = Field("127.0.0.1", description="address to listen on (--host overrides)")
+    port: int = Field(8100, ge=1, le=65535, description="port to listen on (--port overrides)")
     api_key: SecretStr | None = Field(
         None, description="bearer key for mutations (required unless dev)"
     )
@@ -36,6 +38,12 @@ class SidecarSettings(BaseSettings):
     )
     body_timeout: float = Field(
         60.0, gt=0, description="seconds a client may take to send a request body: else 408"
+    )
+    shutdown_grace: int = Field(
+        4,
+        ge=0,
+        description="seconds in-flight requests get to finish after SIGTERM (below "
+        "docker/podman stop's 10 s, so the process always exits by itself)",
     )
 
     @model_validator(mode="after")

@@ -4,6 +4,10 @@ Layout: tensor ``shift`` (float32, ``[vocab_size]``) and safetensors metadata
 ``{"format": "svd-vllm-steering", "format_version": "1", "svd_vllm": <JSON of ArtifactMeta>}``.
 The content hash covers the shift's bytes and every metadata field except the hash itself
 and ``created_at``, so it names the vector's content, and a flipped bit is caught on load.
+
+Torch-free: the file is read and checked with numpy, so the sidecar (which validates and stores
+vectors) needs no torch. ``SteeringArtifact.shift`` hands the engine and the offline tools the same
+memory as a CPU ``torch.Tensor``, importing torch on first use.
 """
 
 from __future__ import annotations
@@ -15,12 +19,16 @@ import os
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, TypeAlias
 
-import torch
+import numpy as np
+from numpy.typing import NDArray
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save as st_save
+from safetensors.numpy import save as st_save
+
+if TYPE_CHECKING:
+    import torch
 
 from .validation import Alpha, FiniteFloat, pydantic_message
 
@@ -49,6 +57,24 @@ MAX_ARTIFACT_BYTES = 64 * 1024 * 1024
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
 _SHIFT_KEY = "shift"
 _META_KEY = "svd_vllm"
+#: safetensors' dtype codes, named as the engine's torch names them (error messages).
+_DTYPE_NAMES = {
+    "F64": "float64",
+    "F32": "float32",
+    "F16": "float16",
+    "BF16": "bfloat16",
+    "F8_E4M3": "float8_e4m3fn",
+    "F8_E5M2": "float8_e5m2",
+    "I64": "int64",
+    "I32": "int32",
+    "I16": "int16",
+    "I8": "int8",
+    "U8": "uint8",
+    "BOOL": "bool",
+}
+
+#: A shift as callers hand it over: a torch tensor (engine, offline tools) or a numpy array.
+ShiftLike: TypeAlias = "torch.Tensor | NDArray[Any]"
 
 
 ArtifactProblem = Literal[
@@ -137,59 +163,88 @@ class ArtifactMeta(BaseModel):
         return self.model_dump(mode="json", exclude={"content_hash", "created_at"})
 
 
-def content_hash(shift: torch.Tensor, meta: ArtifactMeta) -> str:
+def _as_array(shift: ShiftLike, *, float32: bool = False) -> NDArray[Any]:
+    """The shift as a CPU numpy array (a torch tensor's own memory where it can be), cast to
+    contiguous float32 when ``float32``."""
+    if isinstance(shift, np.ndarray):
+        return np.ascontiguousarray(shift, dtype=np.float32) if float32 else shift
+    t = shift.detach().cpu()
+    if float32:
+        import torch
+
+        t = t.to(torch.float32).contiguous()
+    try:
+        return t.numpy()
+    except TypeError:  # a dtype numpy lacks (bfloat16)
+        raise ArtifactError("<in memory>", f"tensor 'shift' has dtype {t.dtype}; expected "
+                            "float32", code="dtype") from None  # fmt: skip
+
+
+def content_hash(shift: ShiftLike, meta: ArtifactMeta) -> str:
     """sha256 over the float32 little-endian bytes of ``shift`` and the canonical metadata."""
     h = hashlib.sha256()
-    h.update(shift.detach().to(torch.float32).contiguous().cpu().numpy().astype("<f4").tobytes())
+    h.update(_as_array(shift, float32=True).astype("<f4").tobytes())
     h.update(json.dumps(meta.hashed_fields(), sort_keys=True, separators=(",", ":")).encode())
     return "sha256:" + h.hexdigest()
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, init=False, eq=False)
 class SteeringArtifact:
-    """A validated vector: ``shift`` (float32 ``[vocab_size]``, CPU) and its metadata."""
+    """A validated vector: ``values`` (float32 ``[vocab_size]`` numpy) and its metadata.
 
-    shift: torch.Tensor
+    ``shift`` is the same memory as a CPU torch tensor (torch is imported on first use only).
+    """
+
+    values: NDArray[Any]
     meta: ArtifactMeta
+
+    def __init__(self, shift: ShiftLike, meta: ArtifactMeta) -> None:
+        object.__setattr__(self, "values", _as_array(shift))
+        object.__setattr__(self, "meta", meta)
+
+    @property
+    def shift(self) -> torch.Tensor:
+        import torch
+
+        return torch.from_numpy(self.values)
 
     @property
     def name(self) -> str:
         return self.meta.name
 
     @classmethod
-    def create(cls, shift: torch.Tensor, **meta: Any) -> SteeringArtifact:
+    def create(cls, shift: ShiftLike, **meta: Any) -> SteeringArtifact:
         """Build an artifact, filling ``vocab_size`` and ``content_hash``; validates everything."""
-        shift = shift.detach().to(torch.float32).contiguous().cpu()
-        meta.setdefault("vocab_size", int(shift.shape[-1]) if shift.dim() else 0)
+        values = _as_array(shift, float32=True)
+        meta.setdefault("vocab_size", int(values.shape[-1]) if values.ndim else 0)
         m = ArtifactMeta(**meta)
-        art = cls(shift=shift, meta=m)
-        _check_shift(art.shift, m, "<in memory>")
-        return cls(shift=shift, meta=m.model_copy(update={"content_hash": content_hash(shift, m)}))
+        _check_shift(values, m, "<in memory>")
+        return cls(values, m.model_copy(update={"content_hash": content_hash(values, m)}))
 
 
-def _check_shift(shift: torch.Tensor, meta: ArtifactMeta, source: str | os.PathLike[str]) -> None:
-    if shift.dtype != torch.float32:
+def _check_shift(values: NDArray[Any], meta: ArtifactMeta, source: str | os.PathLike[str]) -> None:
+    if values.dtype != np.float32:
         raise ArtifactError(
-            source, f"tensor 'shift' has dtype {shift.dtype}; expected float32", code="dtype"
+            source, f"tensor 'shift' has dtype {values.dtype}; expected float32", code="dtype"
         )
-    if shift.dim() != 1:
+    if values.ndim != 1:
         raise ArtifactError(
             source,
-            f"tensor 'shift' has shape {tuple(shift.shape)}; expected [vocab_size]",
+            f"tensor 'shift' has shape {tuple(values.shape)}; expected [vocab_size]",
             code="shape",
         )
-    if shift.shape[0] != meta.vocab_size:
+    if values.shape[0] != meta.vocab_size:
         raise ArtifactError(
             source,
-            f"tensor 'shift' has {shift.shape[0]} entries but metadata says "
+            f"tensor 'shift' has {values.shape[0]} entries but metadata says "
             f"vocab_size={meta.vocab_size}",
             code="shape",
         )
-    bad = (~torch.isfinite(shift)).nonzero()
-    if bad.numel():
+    bad = np.flatnonzero(~np.isfinite(values))
+    if bad.size:
         raise ArtifactError(
             source,
-            f"tensor 'shift' has {bad.numel()} non-finite values (first at index {int(bad[0, 0])})",
+            f"tensor 'shift' has {bad.size} non-finite values (first at index {int(bad[0])})",
             code="non_finite",
         )
 
@@ -222,17 +277,17 @@ def to_bytes(artifact: SteeringArtifact) -> bytes:
         "format_version": str(artifact.meta.format_version),
         _META_KEY: artifact.meta.model_dump_json(),
     }
-    return st_save({_SHIFT_KEY: artifact.shift.contiguous()}, metadata=metadata)
+    return st_save({_SHIFT_KEY: np.ascontiguousarray(artifact.values)}, metadata=metadata)
 
 
 def save(artifact: SteeringArtifact, path: str | os.PathLike[str]) -> Path:
     """Validate and write atomically (temp file, fsync, rename). Returns the path."""
-    expected = content_hash(artifact.shift, artifact.meta)
+    expected = content_hash(artifact.values, artifact.meta)
     if artifact.meta.content_hash != expected:
         raise ArtifactError(
             path, "content_hash does not match the content; build it with create()", code="hash"
         )
-    _check_shift(artifact.shift, artifact.meta, path)
+    _check_shift(artifact.values, artifact.meta, path)
     atomic_write_bytes(path, to_bytes(artifact))
     return Path(path)
 
@@ -253,14 +308,19 @@ def load(
             p, f"file is {size} bytes, over the {max_bytes}-byte limit", code="size"
         )
     try:
-        with safe_open(str(p), framework="pt") as f:
+        with safe_open(str(p), framework="numpy") as f:
             header = f.metadata() or {}
             keys = set(f.keys())
             if keys != {_SHIFT_KEY}:
                 raise ArtifactError(
                     p, f"expected exactly one tensor 'shift', found {sorted(keys)}", code="shape"
                 )
-            shift = f.get_tensor(_SHIFT_KEY)
+            code = f.get_slice(_SHIFT_KEY).get_dtype()
+            if code != "F32":  # checked before reading: numpy has no bfloat16
+                name = _DTYPE_NAMES.get(code, code)
+                raise ArtifactError(p, f"tensor 'shift' has dtype torch.{name}; expected float32",
+                                    code="dtype")  # fmt: skip
+            values = f.get_tensor(_SHIFT_KEY)
     except SafetensorError as e:
         raise ArtifactError(p, f"not a readable safetensors file ({e})", code="parse") from e
     except ArtifactError:
@@ -290,8 +350,8 @@ def load(
     except ValidationError as e:
         problems = pydantic_message(e, root="metadata")
         raise ArtifactError(p, f"invalid metadata: {problems}", code="metadata") from e
-    _check_shift(shift, meta, p)
-    if meta.content_hash != content_hash(shift, meta):
+    _check_shift(values, meta, p)
+    if meta.content_hash != content_hash(values, meta):
         raise ArtifactError(
             p, "content hash mismatch: the file is corrupted or was edited", code="hash"
         )
@@ -301,7 +361,7 @@ def load(
             f"vocab_size {meta.vocab_size} does not match the model's {expected_vocab_size}",
             code="vocab",
         )
-    return SteeringArtifact(shift=shift.contiguous(), meta=meta)
+    return SteeringArtifact(np.ascontiguousarray(values), meta)
 
 
 def validate(path: str | os.PathLike[str], **kwargs: Any) -> ArtifactMeta:
