@@ -6,7 +6,7 @@ STAMP := $(VENV)/.svd-vllm-installed
 EXTRAS ?= cpu,offline,server,bench,dev
 TRITON_DIR ?= .triton-interp
 
-.PHONY: setup test test-vllm031 test-mrv2 test-containers compat lint format demo bench clean
+.PHONY: setup test test-vllm031 test-mrv2 test-containers compat lint docs format demo bench clean
 
 setup: $(STAMP)
 
@@ -53,6 +53,10 @@ lint: setup
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/mypy
 
+# The docs site (docs/, mkdocs.yml) into site/; --strict: a broken link or anchor fails.
+docs: setup
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict --site-dir site
+
 format: setup
 	$(VENV)/bin/ruff format .
 	$(VENV)/bin/ruff check --fix .
@@ -61,7 +65,7 @@ demo: setup
 	$(VENV)/bin/svd-vllm demo
 
 clean:
-	rm -rf $(VENV) $(VENV031) $(TRITON_DIR) .pytest_cache .ruff_cache .mypy_cache *.egg-info
+	rm -rf $(VENV) $(VENV031) $(TRITON_DIR) site .pytest_cache .ruff_cache .mypy_cache *.egg-info
 
 # CPU benchmarks (numbers go to benchmarks/results/, wall times to bench-times.md); see
 # benchmarks/run_all.py. The full accuracy studies are run by hand (hours on 2 cores).

@@ -1,7 +1,7 @@
 """The accuracy studies in the shape of the paper's Tables 1-2, next to what the paper reports.
 
 Reads ``benchmarks/results/accuracy-<model>.json`` (every model that has one) and writes
-``benchmarks/results/paper-table.md`` (the README's results table is this file's content):
+``benchmarks/results/paper-table.md`` (docs/results.md's tables are this file's content):
 per suite, one row per method (PEFT, +SVD exact, +SVD precomputed) with the per-task score and
 the average over tasks, and the average gain over PEFT with its paired 95% bootstrap CI.
 

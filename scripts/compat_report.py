@@ -3,7 +3,8 @@
 For each requirement (default: every release in the declared range, CPU builds and the CUDA
 build without one), ``pip download --no-deps`` fetches the wheel (cached in
 ``~/.cache/svd-vllm/wheels``), the Python sources the plugin touches are read from it, and
-``svd_vllm.vllm.compat.source_problems`` checks them. Writes ``docs/compatibility-check.md``.
+``svd_vllm.vllm.compat.source_problems`` checks them. Writes
+``benchmarks/results/compatibility-check.md``.
 
     python scripts/compat_report.py                  # the default list
     python scripts/compat_report.py vllm==0.33.0     # one release
@@ -69,7 +70,8 @@ def main(argv: list[str] | None = None) -> int:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     ap.add_argument("requirements", nargs="*", default=list(DEFAULT))
-    ap.add_argument("--out", type=Path, default=ROOT / "docs" / "compatibility-check.md")
+    report = ROOT / "benchmarks" / "results" / "compatibility-check.md"
+    ap.add_argument("--out", type=Path, default=report)
     args = ap.parse_args(argv)
     rows, failed = [], False
     for req in args.requirements:

@@ -43,5 +43,6 @@ def test_vllm_command_adds_lora_flags_only_with_adapters() -> None:
     assert "--enable-lora" not in plain and plain[-2:] == ["--dtype", "auto"]
     cmd = vllm_command(Path("/m"), host="127.0.0.1", port=8000, loras={"a": Path("/a"), "b": Path("/b")},
                        extra=["--enforce-eager"])  # fmt: skip
-    assert cmd[cmd.index("--max-loras") + 1] == "3"  # one spare (docs/vllm-cpu-lora-slot.md)
+    # one spare (docs/known-vllm-issues.md#lora-slot)
+    assert cmd[cmd.index("--max-loras") + 1] == "3"
     assert cmd[cmd.index("--lora-modules") + 1 :] == ["a=/a", "b=/b", "--enforce-eager"]

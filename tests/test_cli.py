@@ -88,3 +88,11 @@ def test_registry_add_set_preset_and_remove(
     assert main([*base, "preset", "strong", "--remove"]) == 0 and not reg.manifest().presets
     assert main([*base, "remove", "v"]) == 0 and reg.list() == []
     assert main([*base, "remove", "v"]) == 2
+
+
+def test_version_prints_the_package_version(capsys: pytest.CaptureFixture[str]) -> None:
+    from svd_vllm import __version__
+
+    with pytest.raises(SystemExit) as done:
+        main(["--version"])
+    assert done.value.code == 0 and capsys.readouterr().out.strip() == f"svd-vllm {__version__}"

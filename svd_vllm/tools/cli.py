@@ -880,7 +880,7 @@ def _add_serving(sub: _Sub) -> None:
     sv.add_argument("--vllm-arg", action="append", help="extra argument for vLLM (repeatable)")
     sv.set_defaults(func=_cmd_serve)
 
-    d = sub.add_parser("demo", help="run the demo (see README)")
+    d = sub.add_parser("demo", help="run the demo (docs/demo.md)")
     d.add_argument("--workdir", help="where to cache what the demo builds")
     d.add_argument(
         "--tiny", action="store_true", help="seconds-long offline demo on a tiny random model"
@@ -893,6 +893,9 @@ def build_parser() -> argparse.ArgumentParser:
         prog="svd-vllm",
         description="Steering Vector Decoding (Hu et al., NeurIPS 2025) for vLLM LoRA serving.",
     )
+    from .. import __version__
+
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     for add in (_add_reference, _add_offline, _add_registry, _add_tune, _add_serving):
         add(sub)

@@ -65,7 +65,7 @@ def vllm_command(
     if loras:
         # One spare slot: vLLM's CPU LoRA ops index the slot table with -1 for rows without a
         # LoRA, which reads the LAST slot; while it is free (zeros) base rows stay base rows.
-        # See docs/vllm-cpu-lora-slot.md; drop the +1 once vLLM fixes it.
+        # See docs/known-vllm-issues.md#lora-slot; drop the +1 once vLLM fixes it.
         cmd += [
             "--enable-lora",
             "--max-lora-rank",
