@@ -96,3 +96,23 @@ def test_version_prints_the_package_version(capsys: pytest.CaptureFixture[str]) 
     with pytest.raises(SystemExit) as done:
         main(["--version"])
     assert done.value.code == 0 and capsys.readouterr().out.strip() == f"svd-vllm {__version__}"
+
+
+def test_help_imports_neither_torch_nor_vllm() -> None:
+    """`svd-vllm --help` (and every subcommand's) answers at once: no heavy library is imported."""
+    import subprocess
+    import sys
+
+    probe = (
+        "import argparse, sys\n"
+        "from svd_vllm.tools.cli import build_parser\n"
+        "p = build_parser()\n"
+        "p.format_help()\n"
+        "for a in p._actions:\n"
+        "    if isinstance(a, argparse._SubParsersAction):\n"
+        "        [s.format_help() for s in a.choices.values()]\n"
+        "print(sorted(m for m in ('torch', 'vllm', 'transformers', 'peft') if m in sys.modules))\n"
+    )
+    res = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.strip() == "[]"

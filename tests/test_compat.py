@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
+from svd_vllm.registry.request import LORA_KEY, PIN_KEY
 from svd_vllm.vllm import admission, compat, plugin
-from svd_vllm.vllm.admission import LORA_KEY, PIN_KEY
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -19,14 +19,8 @@ from vllm.v1.worker.gpu.sample.logits_processor import LogitsProcessor as V2
 from svd_vllm.core.artifact import SteeringArtifact
 from svd_vllm.core.steering import confidence_mask, precomputed_delta, steer
 from svd_vllm.registry import Registry
-from svd_vllm.vllm.admission import (
-    LORA_KEY,
-    PIN_KEY,
-    parse_request_args,
-    set_served_vocab_size,
-    set_stamping,
-    validate_steering_params,
-)
+from svd_vllm.registry.request import LORA_KEY, PIN_KEY, parse_request_args
+from svd_vllm.vllm.admission import set_served_vocab_size, set_stamping, validate_steering_params
 from svd_vllm.vllm.processor import SVDLogitsProcessor
 from tests.support.artifacts import random_vector
 

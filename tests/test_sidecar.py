@@ -451,3 +451,18 @@ def test_the_management_api_runs_without_torch(tmp_path: Path) -> None:
     res = subprocess.run([sys.executable, "-c", _WITHOUT_TORCH, str(tmp_path / "reg")],
                          capture_output=True, text=True, timeout=120)  # fmt: skip
     assert res.returncode == 0 and res.stdout.strip() == "ok", res.stdout + res.stderr
+
+
+def test_the_sidecar_imports_nothing_of_the_engine_package() -> None:
+    """The sidecar applies the request contract of the registry layer, never the plugin's code:
+    the whole app imports without ``svd_vllm.vllm``."""
+    import subprocess
+    import sys
+
+    probe = (
+        "import sys, svd_sidecar.app\n"
+        "print(sorted(m for m in sys.modules if m.startswith('svd_vllm.vllm')))\n"
+    )
+    res = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.strip() == "[]"

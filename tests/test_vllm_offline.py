@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from svd_vllm.offline.reference import ReferenceDecoder
-from svd_vllm.vllm.admission import LORA_KEY
+from svd_vllm.registry.request import LORA_KEY
 from tests.support.vllm_server import vllm_env
 
 pytestmark = pytest.mark.vllm

@@ -13,6 +13,8 @@ __all__ = ["SidecarSettings"]
 
 
 class SidecarSettings(BaseSettings):
+    """Every ``SVD_SIDECAR_*`` setting (the field name, upper-cased, after the prefix)."""
+
     model_config = SettingsConfigDict(env_prefix="SVD_SIDECAR_", env_file=None, extra="ignore")
 
     host: str = Field("127.0.0.1", description="address to listen on (--host overrides)")
@@ -22,10 +24,14 @@ class SidecarSettings(BaseSettings):
     )
     dev: bool = Field(False, description="local development: allow mutations without a key")
     reads_require_key: bool = Field(False, description="also require the key for GET endpoints")
-    registry: Path = Field(default_factory=default_registry_path, description="registry directory")
+    registry: Path = Field(
+        default_factory=default_registry_path,
+        description="registry directory (default: SVD_VLLM_REGISTRY's, the engine's own)",
+    )
     vllm_url: str = Field("http://127.0.0.1:8000", description="the vLLM OpenAI server")
     allowed_roots: list[Path] = Field(
-        default_factory=list, description="directories a path registration may read from"
+        default_factory=list,
+        description='directories a path registration may read from (JSON: ["/models/vectors"])',
     )
     max_upload_bytes: int = Field(64 * 1024 * 1024, gt=0, description="largest vector upload")
     max_body_bytes: int = Field(

@@ -12,7 +12,7 @@ import httpx
 
 from svd_vllm.registry import Manifest, Registry, VectorEntry
 from svd_vllm.registry.manifest_watcher import ManifestWatcher
-from svd_vllm.vllm.admission import XARGS_NAMES, ArgNames, SteeringRequest, check_request
+from svd_vllm.registry.request import XARGS_NAMES, ArgNames, SteeringRequest, check_request
 
 from .errors import ApiError
 from .metrics import SidecarMetrics

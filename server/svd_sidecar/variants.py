@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from svd_vllm.registry import Manifest, PresetEntry
-from svd_vllm.vllm.admission import (
+from svd_vllm.registry.request import (
     ALPHA_KEY,
     ENABLE_KEY,
     LORA_KEY,
@@ -31,7 +31,15 @@ from svd_vllm.vllm.admission import (
 from .errors import ApiError
 from .state import SidecarState
 
-__all__ = ["SUFFIX", "Variant", "listed_variants", "rename_event", "rename_model", "resolve"]
+__all__ = [
+    "SUFFIX",
+    "Variant",
+    "listed_variants",
+    "not_found",
+    "rename_event",
+    "rename_model",
+    "resolve",
+]
 
 #: What marks a steered variant: ``ADAPTER:svd`` or ``ADAPTER:svd-PRESET``.
 SUFFIX = ":svd"
@@ -80,11 +88,18 @@ def _not_found(name: str, why: str) -> ApiError:
     )
 
 
-def resolve(state: SidecarState, body: dict[str, Any]) -> Variant | None:
-    """The variant ``body`` asks for, checked; None when its model is not a variant name.
+def not_found(variant: Variant, refusal: SteeringError) -> ApiError:
+    """The 404 a variant gets when admission refuses its steering: the model it names is not
+    one this server can serve."""
+    return _not_found(variant.requested, f"{variant.model!r} cannot steer ({refusal})")
 
-    ``ApiError``: 404 ``model_not_found`` for an unknown preset or a model that cannot steer,
-    400 ``steering_conflict`` when the body also asks for steering itself.
+
+def resolve(state: SidecarState, body: dict[str, Any]) -> Variant | None:
+    """The variant ``body`` asks for; None when its model is not a variant name.
+
+    ``ApiError``: 404 ``model_not_found`` for an unknown preset, 400 ``steering_conflict`` when
+    the body also asks for steering itself. Whether the model can steer is the admission check
+    that every steered request gets once (``not_found`` words its refusal for a variant).
     """
     requested = body.get("model")
     parsed = parse(requested) if isinstance(requested, str) else None
@@ -99,9 +114,6 @@ def resolve(state: SidecarState, body: dict[str, Any]) -> Variant | None:
         if preset is None:
             known = ", ".join(sorted(manifest.presets)) or "none"
             raise _not_found(requested, f"no steering preset named {preset_name!r} ({known})")
-    problem = _problem(state, manifest, model)
-    if problem is not None:
-        raise _not_found(requested, f"{model!r} cannot steer ({problem})")
     xargs = body.get("vllm_xargs")
     asked = [k for k in STEERING_KEYS if isinstance(xargs, dict) and k in xargs]
     if "steering" in body or asked:

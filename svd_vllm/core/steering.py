@@ -25,6 +25,8 @@ from typing import Literal
 
 import torch
 
+from .choices import MODES, Mode
+
 __all__ = [
     "GN_EPS",
     "LOG_PROB_FLOOR",
@@ -259,10 +261,6 @@ def pooled_mu(num: torch.Tensor, den: torch.Tensor) -> float:
         return 0.0
     value = float(num.double().sum() / (den.double().sum() + n * GN_EPS))
     return value if math.isfinite(value) else 0.0
-
-
-Mode = Literal["base", "adapter", "svd-exact", "svd-precomputed", "logit-bias"]
-MODES: tuple[str, ...] = ("base", "adapter", "svd-exact", "svd-precomputed", "logit-bias")
 
 
 def svd_logits(

@@ -7,11 +7,12 @@ error look like, so the engine, the sidecar and the registry can never disagree 
 from __future__ import annotations
 
 import math
-import os
 from collections.abc import Mapping, Sequence
 from typing import Annotated, Any, Protocol
 
 from pydantic import Field
+
+from .settings import engine_settings
 
 __all__ = [
     "MAX_ABS_SCALE",
@@ -24,8 +25,9 @@ __all__ = [
     "pydantic_message",
 ]
 
-#: Bound on ``|scale|`` (per request, a vector's default scale); ``SVD_VLLM_MAX_SCALE`` overrides.
-MAX_ABS_SCALE = float(os.environ.get("SVD_VLLM_MAX_SCALE", "100"))
+#: Bound on ``|scale|`` (per request, a vector's default scale): ``SVD_VLLM_MAX_SCALE``, read once
+#: when this module is imported (the field types below carry it).
+MAX_ABS_SCALE = engine_settings().max_scale
 
 
 #: pydantic field types: one rule for every model that takes these values (registry entries,

@@ -12,7 +12,6 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -23,6 +22,7 @@ from pathlib import Path
 from typing import Any, cast
 
 from ..core.identity import sha256_file
+from ..core.settings import engine_settings
 
 __all__ = [
     "MODELS",
@@ -40,9 +40,8 @@ class AssetError(RuntimeError):
 
 
 def cache_dir() -> Path:
-    return Path(
-        os.environ.get("SVD_VLLM_CACHE") or Path.home() / ".cache" / "svd-vllm"
-    ).expanduser()
+    """``SVD_VLLM_CACHE`` (``svd_vllm.core.settings``), ``~/.cache/svd-vllm`` unless set."""
+    return engine_settings().cache
 
 
 def _log(msg: str) -> None:

@@ -28,6 +28,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from ..core.choices import EVAL_METHODS
 from ..core.steering import Mode, svd_logits
 from .precision import TOKENS_PER_PASS, float32_chunks
 from .reference import ReferenceDecoder
@@ -42,7 +43,7 @@ __all__ = [
     "task_summary",
 ]
 
-METHODS = ("base", "peft", "peft+svd-exact", "peft+svd-precomputed", "peft+logit-bias")
+METHODS = EVAL_METHODS
 
 
 @dataclass(frozen=True)

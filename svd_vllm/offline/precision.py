@@ -21,6 +21,8 @@ from dataclasses import dataclass
 
 import torch
 
+from ..core.choices import DEVICES, DTYPE_NAMES
+
 __all__ = [
     "CHUNK_ELEMENTS",
     "DEVICES",
@@ -35,12 +37,8 @@ __all__ = [
     "resolve_dtype",
 ]
 
-DEVICES = ("auto", "cuda", "cpu")
-DTYPES = {
-    "auto": None,
-    "bfloat16": torch.bfloat16,
-    "float16": torch.float16,
-    "float32": torch.float32,
+DTYPES: dict[str, torch.dtype | None] = {
+    name: None if name == "auto" else getattr(torch, name) for name in DTYPE_NAMES
 }
 
 

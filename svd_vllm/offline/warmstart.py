@@ -37,6 +37,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from ..core.choices import PEFT_METHODS
 from .precision import Placement, resolve
 
 __all__ = [
@@ -50,7 +51,6 @@ __all__ = [
     "train_encoded",
 ]
 
-PEFT_METHODS = ("lora", "ia3", "prompt", "ptuning")
 #: The warm start's record (config, result, base), written inside the adapter directory.
 RECORD = "svd_vllm_warmstart.json"
 

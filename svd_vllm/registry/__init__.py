@@ -2,6 +2,8 @@
 
 * ``directory`` -- the on-disk registry (immutable artifact files and one atomic manifest).
 * ``manifest_watcher`` -- the current manifest as a long-lived process sees it (admission, sidecar).
+* ``request`` -- the steering-request contract: what a request asks for (``resolve``) and whether
+  this registry can serve it (``check_request``), the same rule in vLLM and in the sidecar.
 
 The engine's host cache and device table of vectors live with the engine code:
 ``svd_vllm.vllm.vector_store``.

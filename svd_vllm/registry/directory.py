@@ -37,6 +37,7 @@ from pydantic import (
 
 from ..core import artifact as _artifact
 from ..core.artifact import NAME_PATTERN, ArtifactError, SteeringArtifact, atomic_write_bytes
+from ..core.settings import engine_settings
 from ..core.validation import Alpha, FiniteFloat, Scale, check_scale, pydantic_message
 
 __all__ = [
@@ -65,8 +66,9 @@ _NAME_RE = re.compile(NAME_PATTERN)
 
 
 def default_registry_path() -> Path:
-    """``$SVD_VLLM_REGISTRY`` or ``~/.local/share/svd-vllm/registry``."""
-    return Path(os.environ.get("SVD_VLLM_REGISTRY") or DEFAULT_REGISTRY).expanduser()
+    """``SVD_VLLM_REGISTRY`` (``svd_vllm.core.settings``), ``~/.local/share/svd-vllm/registry``
+    unless set."""
+    return engine_settings().registry
 
 
 def _now() -> str:

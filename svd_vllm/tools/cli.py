@@ -5,14 +5,14 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import os
 import sys
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from ..core.steering import MODES
+from ..core.choices import DEVICES, DTYPE_NAMES, EVAL_METHODS, MODES, PEFT_METHODS
+from ..core.settings import set_default
 from ..offline.assets import MODELS
 
 if TYPE_CHECKING:
@@ -51,8 +51,6 @@ def _positive(value: str) -> int:
 
 def _placement_args(p: argparse.ArgumentParser) -> None:
     """``--device``/``--dtype``: one rule for every offline verb (``offline.precision``)."""
-    from ..offline.precision import DEVICES, DTYPES
-
     p.add_argument(
         "--device",
         choices=DEVICES,
@@ -61,7 +59,7 @@ def _placement_args(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--dtype",
-        choices=tuple(DTYPES),
+        choices=DTYPE_NAMES,
         default="auto",
         help="weights' dtype (auto: bf16 on CUDA and on CPUs with AMX, "
         "else float32); softmax and sums stay float32/float64",
@@ -267,12 +265,12 @@ def _cmd_extract(args: argparse.Namespace) -> int:
 
 def _cmd_eval(args: argparse.Namespace) -> int:
     from ..core import artifact
-    from ..offline.evaluation import METHODS, evaluate_items, method_specs, task_summary
+    from ..offline.evaluation import evaluate_items, method_specs, task_summary
     from ..offline.tasks import load_items
 
     vector = artifact.load(args.vector) if args.vector else None
     dec = _decoder(args, args.adapter)
-    specs = method_specs(vector, include=args.method or METHODS)
+    specs = method_specs(vector, include=args.method or EVAL_METHODS)
     report = {}
     for f in _task_files(args.task, args.split):
         items = load_items(f, limit=args.limit)
@@ -641,8 +639,6 @@ def _add_reference(sub: _Sub) -> None:
 
 def _add_offline(sub: _Sub) -> None:
     """Assets, warm start, extraction and evaluation: the offline pipeline."""
-    from ..offline.evaluation import METHODS
-    from ..offline.warmstart import PEFT_METHODS
 
     v = sub.add_parser("vector", help="inspect steering artifacts")
     vsub = v.add_subparsers(dest="vector_command", required=True)
@@ -726,7 +722,7 @@ def _add_offline(sub: _Sub) -> None:
     e.add_argument(
         "--method",
         action="append",
-        choices=METHODS,
+        choices=EVAL_METHODS,
         help="method to score, repeatable (default: all)",
     )
     e.add_argument("--generation", action="store_true", help="also greedy-generation accuracy")
@@ -789,7 +785,7 @@ def _add_tune(sub: _Sub) -> None:
         "tune",
         help="choose a vector's default scale on your labelled dev set, through vLLM",
         description="Send a labelled dev set through vLLM at a sweep of scales; report "
-        "accuracy per scale with paired 95%% CIs against the plain adapter (scale 0), answers "
+        "accuracy per scale with paired 95% CIs against the plain adapter (scale 0), answers "
         "changed, a plot and JSON + Markdown; --apply sets the best scale only when its CI "
         "lies above 0.",
     )
@@ -903,7 +899,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    set_default("HF_HUB_OFFLINE", "1")
     args = build_parser().parse_args(argv)
     from ..core.artifact import ArtifactError
 

@@ -20,6 +20,8 @@ from typing import Any
 
 import httpx
 
+from ..core.settings import environment
+
 __all__ = [
     "ChildProcess",
     "LocalStack",
@@ -217,7 +219,7 @@ class StackConfig:
     def cpu_binding(self) -> str | None:
         """The ``VLLM_CPU_OMP_THREADS_BIND`` the stack sets: only for several ranks on CPU when
         the environment does not set it already (``ValueError`` when the cores are too few)."""
-        if self.ranks < 2 or CPU_BIND_ENV in os.environ or _has_gpu():
+        if self.ranks < 2 or CPU_BIND_ENV in environment() or _has_gpu():
             return None
         return cpu_rank_binding(self.ranks, sorted(os.sched_getaffinity(0)))
 
@@ -236,7 +238,7 @@ class LocalStack:
         self._previous: Any = None
 
     def _env(self) -> dict[str, str]:
-        env = dict(os.environ)
+        env = environment()
         env.setdefault("HF_HUB_OFFLINE", "1")
         env["SVD_VLLM_REGISTRY"] = str(self.cfg.registry)
         if not _has_gpu():

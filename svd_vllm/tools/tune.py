@@ -34,7 +34,7 @@ import numpy as np
 
 from ..offline.evaluation import generation_correct, paired_bootstrap
 from ..offline.tasks import Item
-from ..vllm.admission import ALPHA_KEY, ENABLE_KEY, SCALE_KEY, VECTOR_KEY
+from ..registry.request import ALPHA_KEY, ENABLE_KEY, SCALE_KEY, VECTOR_KEY
 
 __all__ = [
     "DEFAULT_SCALES",

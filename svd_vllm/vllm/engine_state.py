@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import torch
 
 from ..registry import Registry, RegistryError, servable
-from .admission import PIN_KEY, SteeringRequest, expand_composition, parse_request_args
+from ..registry.request import PIN_KEY, SteeringRequest, resolve
 from .kernel import SteeringKernel
 from .request_state import RequestStates
 from .vector_store import VectorStore
@@ -77,13 +77,10 @@ class EngineState:
         if self.store is None or params is None:
             return None
         try:
-            req = parse_request_args(params.extra_args)
+            req = resolve(params.extra_args, self.store.compositions(), self.store.entries())
         except ValueError as e:  # admission already refused these; be safe anyway
             logger.warning("svd-vllm: ignoring invalid steering arguments: %s", e)
             return None
-        req = expand_composition(
-            req, self.store.compositions(), self.store.entries(), params.extra_args
-        )
         if req.composed:
             return self._resolve_composition(req, params) if req.enabled else None
         if not req.enabled or req.vector is None or req.disabled_composition:

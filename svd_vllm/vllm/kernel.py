@@ -23,16 +23,15 @@ from __future__ import annotations
 
 import functools
 import importlib.util
-import os
 from types import ModuleType
 
 import torch
 
+from ..core.settings import engine_settings, environment
 from ..core.steering import steer_table_rows_
 from .request_state import StateTensors
 
 __all__ = [
-    "KERNEL_CHOICES",
     "StateTensors",
     "SteeringKernel",
     "interpreting",
@@ -41,21 +40,14 @@ __all__ = [
 ]
 
 
-#: ``SVD_VLLM_KERNEL``: ``auto`` (Triton on CUDA when importable) or ``torch`` (always torch).
-KERNEL_CHOICES = ("auto", "torch")
-
-
 def kernel_setting() -> str:
     """``SVD_VLLM_KERNEL``, checked: a typo is an error at start-up, not a silent ``auto``."""
-    value = os.environ.get("SVD_VLLM_KERNEL", "auto").strip().lower() or "auto"
-    if value not in KERNEL_CHOICES:
-        raise ValueError(f"SVD_VLLM_KERNEL={value!r} is not one of {', '.join(KERNEL_CHOICES)}")
-    return value
+    return engine_settings().kernel
 
 
 def interpreting() -> bool:
     """Whether Triton runs kernels in its CPU interpreter (``TRITON_INTERPRET=1``: tests)."""
-    return os.environ.get("TRITON_INTERPRET") == "1"
+    return environment().get("TRITON_INTERPRET") == "1"
 
 
 @functools.cache

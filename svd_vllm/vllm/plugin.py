@@ -21,8 +21,9 @@ import inspect
 import logging
 from typing import Any
 
+from ..core.settings import engine_settings
+from ..registry.request import INTERNAL_KEYS, LORA_KEY, PIN_KEY
 from . import admission, compat
-from .admission import INTERNAL_KEYS, LORA_KEY, PIN_KEY
 
 __all__ = ["UnsupportedVLLMError", "register"]
 
@@ -69,8 +70,10 @@ def _skips_processors(input_processor: Any) -> str | None:
 
 
 def register() -> None:
-    """Entry point: check the vLLM, then patch ``InputProcessor.process_inputs`` once."""
+    """Entry point: check the vLLM and every ``SVD_VLLM_*`` setting (a bad value stops the
+    server at start, naming the variable), then patch ``InputProcessor.process_inputs`` once."""
     check_vllm()
+    engine_settings()
     from vllm import SamplingParams
     from vllm.v1.engine.input_processor import InputProcessor
 

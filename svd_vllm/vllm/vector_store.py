@@ -18,7 +18,6 @@ from __future__ import annotations
 import ctypes
 import functools
 import logging
-import os
 import threading
 from collections import OrderedDict
 from collections.abc import Callable
@@ -27,6 +26,7 @@ from dataclasses import dataclass
 import torch
 
 from ..core.artifact import ArtifactError
+from ..core.settings import engine_settings
 from ..registry.directory import CompositionEntry, Registry, RegistryError, VectorEntry
 from ..registry.manifest_watcher import ManifestWatcher, file_signature
 
@@ -69,14 +69,7 @@ def release_free_memory() -> None:
 
 def default_host_capacity() -> int:
     """``SVD_VLLM_HOST_CACHE``: how many vector versions the engine keeps in host memory."""
-    raw = os.environ.get("SVD_VLLM_HOST_CACHE", "64")
-    try:
-        value = int(raw)
-    except ValueError:
-        raise ValueError(f"SVD_VLLM_HOST_CACHE={raw!r} is not an integer") from None
-    if value < 1:
-        raise ValueError(f"SVD_VLLM_HOST_CACHE={raw!r} must be >= 1")
-    return value
+    return engine_settings().host_cache
 
 
 class VectorStore:

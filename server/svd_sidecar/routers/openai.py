@@ -8,7 +8,7 @@ is annotated with each model's steering and lists the steered variants (``ADAPTE
 miss: a 404 that says so (vLLM's admin endpoints, such as LoRA loading, stay off this open port).
 
 The keys it writes and the admission rule it checks them with are the engine's own
-(``svd_vllm.vllm.admission.check_request``), so a request the sidecar lets through is one vLLM
+(``svd_vllm.registry.request.check_request``), so a request the sidecar lets through is one vLLM
 admits. Bodies are parsed by ``json_body`` and sent by ``upstream``.
 """
 
@@ -23,7 +23,7 @@ from pydantic import ValidationError
 
 from svd_vllm.core.validation import pydantic_message
 from svd_vllm.registry import CompositionEntry, Manifest, VectorEntry
-from svd_vllm.vllm.admission import (
+from svd_vllm.registry.request import (
     ALPHA_KEY,
     ENABLE_KEY,
     INTERNAL_KEYS,
@@ -155,10 +155,12 @@ def not_proxied(path: str) -> ApiError:
     )  # fmt: skip
 
 
-def _steering_xargs(state: SidecarState, body: dict[str, Any]) -> tuple[dict[str, Any], str]:
-    """The request's ``vllm_xargs`` with its ``steering`` field folded in, checked by the
-    engine's own rule, and a metric label. ``vllm_xargs`` values that only the plugin may write
-    are dropped, as the plugin itself drops them."""
+def _steering_xargs(
+    state: SidecarState, body: dict[str, Any], variant: variants.Variant | None = None
+) -> tuple[dict[str, Any], str]:
+    """The request's ``vllm_xargs`` with its ``steering`` field (or the ``variant`` it names)
+    folded in, checked once by the engine's own rule, and a metric label. ``vllm_xargs`` values
+    that only the plugin may write are dropped, as the plugin itself drops them."""
     raw_opts = body.pop("steering", None)
     try:
         opts = SteeringOptions.model_validate(raw_opts if raw_opts is not None else {})
@@ -170,7 +172,9 @@ def _steering_xargs(state: SidecarState, body: dict[str, Any]) -> tuple[dict[str
     if not isinstance(xargs, dict):
         raise ApiError(400, "steering", f"vllm_xargs must be an object, got {type(xargs).__name__}")
     xargs = {k: v for k, v in xargs.items() if k not in INTERNAL_KEYS}
-    label = "default"
+    if variant is not None:
+        xargs |= variant.xargs
+    label = "default" if variant is None else "variant"
     if opts.enabled is not None:
         xargs[ENABLE_KEY] = 1 if opts.enabled else 0
         label = "on" if opts.enabled else "off"
@@ -202,7 +206,9 @@ def _steering_xargs(state: SidecarState, body: dict[str, Any]) -> tuple[dict[str
     try:
         state.admit(stamped, manifest, names)
     except SteeringError as e:
-        raise ApiError(400, e.code, str(e)) from None
+        raise (
+            variants.not_found(variant, e) if variant else ApiError(400, e.code, str(e))
+        ) from None
     return xargs, label
 
 
@@ -216,16 +222,13 @@ async def _generate(state: SidecarState, request: Request, path: str, endpoint: 
     variant = variants.resolve(state, body)
     if variant is not None:  # a steered model by name: the model itself, steering on
         body["model"] = variant.model
-        body["vllm_xargs"] = {**(body.get("vllm_xargs") or {}), **variant.xargs}
-    xargs, label = _steering_xargs(state, body)
+    xargs, label = _steering_xargs(state, body, variant)
     if xargs:
         body["vllm_xargs"] = xargs
     else:
         body.pop("vllm_xargs", None)
-    if variant is None:
-        return await forward(state, request, "POST", path, body, endpoint, label)
-    rename = (variant.model, variant.requested)
-    return await forward(state, request, "POST", path, body, endpoint, "variant", rename)
+    rename = None if variant is None else (variant.model, variant.requested)
+    return await forward(state, request, "POST", path, body, endpoint, label, rename)
 
 
 @router.api_route(
