@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import math
 import weakref
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, NamedTuple
 
 import torch
 
@@ -24,7 +24,7 @@ from .vector_store import VectorStore
 if TYPE_CHECKING:
     from vllm import SamplingParams
 
-__all__ = ["EngineState", "worker_rank"]
+__all__ = ["EngineState", "SteeringRow", "worker_rank"]
 
 logger = logging.getLogger("vllm.svd_vllm")
 
@@ -36,6 +36,15 @@ def worker_rank(vllm_config: Any) -> str:
     tp, pp = int(par.tensor_parallel_size), int(par.pipeline_parallel_size)
     rank = int(par.rank)
     return f"rank {rank} (tp {rank % tp}/{tp}, pp {rank // tp}/{pp})"
+
+
+class SteeringRow(NamedTuple):
+    """What the kernel needs for one steered request: its row of the device table of shifts,
+    its strength ``mu`` and the log of its mask threshold ``alpha``."""
+
+    table_row: int
+    mu: float
+    log_alpha: float
 
 
 class EngineState:
@@ -72,8 +81,8 @@ class EngineState:
                 len(self.store.names()),
             )  # fmt: skip
 
-    def _resolve(self, params: SamplingParams | None) -> tuple[int, float, float] | None:
-        """(device-table row, mu, log alpha) for a request, or None if it is not steered."""
+    def _resolve(self, params: SamplingParams | None) -> SteeringRow | None:
+        """Where and how a request steers, or None if it is not steered."""
         if self.store is None or params is None:
             return None
         try:
@@ -101,11 +110,11 @@ class EngineState:
             # Pin the version for this request's lifetime (it may be preempted and re-added).
             params.extra_args = {**(params.extra_args or {}), PIN_KEY: lv.key}
         mu = entry.strength(req.scale)
-        return self.store.acquire(lv), float(mu), math.log(entry.mask_alpha(req.alpha))
+        return SteeringRow(self.store.acquire(lv), float(mu), math.log(entry.mask_alpha(req.alpha)))
 
     def _resolve_composition(
         self, req: SteeringRequest, params: SamplingParams
-    ) -> tuple[int, float, float] | None:
+    ) -> SteeringRow | None:
         """One combined shift ``S = sum_i strength_i * shift_i`` (the maths is linear in the
         shift), built once per distinct composition and kept in a reference-counted table row
         like any vector; the row steers with it at strength 1. Every member's version is pinned.
@@ -148,7 +157,7 @@ class EngineState:
         except FloatingPointError as e:
             logger.warning("svd-vllm: %s; not steered", e)
             return None
-        return row, 1.0, math.log(alpha)
+        return SteeringRow(row, 1.0, math.log(alpha))
 
     def release(self, index: int) -> None:
         old = self.state.clear(index)
