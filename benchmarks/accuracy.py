@@ -68,20 +68,75 @@ class Suite:
 def full_suites() -> list[Suite]:
     cs = tuple(COMMONSENSE)
     return [
-        Suite("Commonsense (8 sets), LoRA lr 3e-4, 1 epoch", "cs-lora-strong", cs,
-              WarmStartConfig(lr=3e-4, max_length=256), 300, cs, 40, cs, 150,
-              ("arc_easy", "arc_challenge"), 100),
-        Suite("Commonsense (8 sets), LoRA lr 5e-5, 1 epoch (paper)", "cs-lora-paper", cs,
-              WarmStartConfig(lr=5e-5, max_length=256), 150, cs, 40, cs, 100),
-        Suite("TruthfulQA, LoRA lr 3e-4, 3 epochs", "tqa-lora-strong", ("truthfulqa",),
-              WarmStartConfig(lr=3e-4, epochs=3), None, ("truthfulqa",), None, ("truthfulqa",), None),
-        Suite("TruthfulQA, LoRA lr 5e-5, 1 epoch (paper)", "tqa-lora-paper", ("truthfulqa",),
-              WarmStartConfig(lr=5e-5), None, ("truthfulqa",), None, ("truthfulqa",), None),
-        Suite("ARC-Easy, IA3 lr 3e-3", "ia3-arc_easy", ("arc_easy",),
-              WarmStartConfig(method="ia3", lr=3e-3), None, ("arc_easy",), None, ("arc_easy",), None),
-        Suite("PIQA, IA3 lr 3e-3", "ia3-piqa", ("piqa",),
-              WarmStartConfig(method="ia3", lr=3e-3), 300, ("piqa",), None, ("piqa",), 150),
-    ]  # fmt: skip
+        Suite(
+            "Commonsense (8 sets), LoRA lr 3e-4, 1 epoch",
+            "cs-lora-strong",
+            cs,
+            WarmStartConfig(lr=3e-4, max_length=256),
+            300,
+            cs,
+            40,
+            cs,
+            150,
+            ("arc_easy", "arc_challenge"),
+            100,
+        ),
+        Suite(
+            "Commonsense (8 sets), LoRA lr 5e-5, 1 epoch (paper)",
+            "cs-lora-paper",
+            cs,
+            WarmStartConfig(lr=5e-5, max_length=256),
+            150,
+            cs,
+            40,
+            cs,
+            100,
+        ),
+        Suite(
+            "TruthfulQA, LoRA lr 3e-4, 3 epochs",
+            "tqa-lora-strong",
+            ("truthfulqa",),
+            WarmStartConfig(lr=3e-4, epochs=3),
+            None,
+            ("truthfulqa",),
+            None,
+            ("truthfulqa",),
+            None,
+        ),
+        Suite(
+            "TruthfulQA, LoRA lr 5e-5, 1 epoch (paper)",
+            "tqa-lora-paper",
+            ("truthfulqa",),
+            WarmStartConfig(lr=5e-5),
+            None,
+            ("truthfulqa",),
+            None,
+            ("truthfulqa",),
+            None,
+        ),
+        Suite(
+            "ARC-Easy, IA3 lr 3e-3",
+            "ia3-arc_easy",
+            ("arc_easy",),
+            WarmStartConfig(method="ia3", lr=3e-3),
+            None,
+            ("arc_easy",),
+            None,
+            ("arc_easy",),
+            None,
+        ),
+        Suite(
+            "PIQA, IA3 lr 3e-3",
+            "ia3-piqa",
+            ("piqa",),
+            WarmStartConfig(method="ia3", lr=3e-3),
+            300,
+            ("piqa",),
+            None,
+            ("piqa",),
+            150,
+        ),
+    ]
 
 
 def gemma_suites() -> list[Suite]:
@@ -92,11 +147,29 @@ def gemma_suites() -> list[Suite]:
     """
     cs = tuple(COMMONSENSE)
     return [
-        Suite("Commonsense (8 sets), LoRA lr 3e-4, 1 epoch", "cs-lora-strong", cs,
-              WarmStartConfig(lr=3e-4, max_length=256), 60, cs, 15, cs, 40),
-        Suite("ARC-Easy, IA3 lr 3e-3", "ia3-arc_easy", ("arc_easy",),
-              WarmStartConfig(method="ia3", lr=3e-3), None, ("arc_easy",), 40, ("arc_easy",), 120),
-    ]  # fmt: skip
+        Suite(
+            "Commonsense (8 sets), LoRA lr 3e-4, 1 epoch",
+            "cs-lora-strong",
+            cs,
+            WarmStartConfig(lr=3e-4, max_length=256),
+            60,
+            cs,
+            15,
+            cs,
+            40,
+        ),
+        Suite(
+            "ARC-Easy, IA3 lr 3e-3",
+            "ia3-arc_easy",
+            ("arc_easy",),
+            WarmStartConfig(method="ia3", lr=3e-3),
+            None,
+            ("arc_easy",),
+            40,
+            ("arc_easy",),
+            120,
+        ),
+    ]
 
 
 def suites_for(model: str, quick: bool) -> list[Suite]:
@@ -108,9 +181,18 @@ def suites_for(model: str, quick: bool) -> list[Suite]:
 def quick_suites() -> list[Suite]:
     four = ("arc_easy", "piqa", "siqa", "obqa")
     return [
-        Suite("Commonsense (4 sets), quick LoRA lr 3e-4", "quick-lora", four,
-              WarmStartConfig(lr=3e-4, max_length=256), 60, four, 10, four, 40),
-    ]  # fmt: skip
+        Suite(
+            "Commonsense (4 sets), quick LoRA lr 3e-4",
+            "quick-lora",
+            four,
+            WarmStartConfig(lr=3e-4, max_length=256),
+            60,
+            four,
+            10,
+            four,
+            40,
+        ),
+    ]
 
 
 def adapter_dir(model: str, name: str) -> Path:
@@ -225,9 +307,15 @@ def run_suite(model: str, model_dir: Path, suite: Suite) -> dict[str, Any]:
         raw[t] = {
             m: {k: v for k, v in s.items() if not k.startswith("_")} for m, s in scores.items()
         }
-        print(f"[study] {suite.adapter} {t}: " + ", ".join(
-            f"{m}={100 * tasks[t][m][primary_metric(t)]['score']:.1f}" for m in tasks[t] if m != "seconds"
-        ), flush=True)  # fmt: skip
+        print(
+            f"[study] {suite.adapter} {t}: "
+            + ", ".join(
+                f"{m}={100 * tasks[t][m][primary_metric(t)]['score']:.1f}"
+                for m in tasks[t]
+                if m != "seconds"
+            ),
+            flush=True,
+        )
     # Average gain over tasks (commonsense: acc; TruthfulQA: mc1 and mc2), CI resampling items.
     average: dict[str, Any] = {}
     metrics = ["mc1", "mc2"] if suite.test_tasks == ("truthfulqa",) else ["acc"]
@@ -293,30 +381,43 @@ def pct(x: float | None) -> str:
 
 
 def markdown(report: dict[str, Any]) -> str:
-    lines = [f"# Accuracy study: {report['model']}", "",
-             f"Generated by `benchmarks/accuracy.py{' --quick' if report['quick'] else ''}` on "
-             f"{report['created']} ({report['machine']}), {report['seconds'] / 60:.1f} min of compute.",
-             "Scores in %. Commonsense: accuracy of the option with the highest token-normalised "
-             "log-likelihood; TruthfulQA: MC1 / MC2. Multiple-choice scoring uses soft steering "
-             "(`log_softmax(z + mu*I*dz)`). Δ = paired difference to the PEFT (warm-started) model "
-             "with a 95% bootstrap CI over items.", ""]  # fmt: skip
+    lines = [
+        f"# Accuracy study: {report['model']}",
+        "",
+        f"Generated by `benchmarks/accuracy.py{' --quick' if report['quick'] else ''}` on "
+        f"{report['created']} ({report['machine']}), {report['seconds'] / 60:.1f} min of compute.",
+        "Scores in %. Commonsense: accuracy of the option with the highest token-normalised "
+        "log-likelihood; TruthfulQA: MC1 / MC2. Multiple-choice scoring uses soft steering "
+        "(`log_softmax(z + mu*I*dz)`). Δ = paired difference to the PEFT (warm-started) model "
+        "with a 95% bootstrap CI over items.",
+        "",
+    ]
     for s in report["suites"]:
         v = s["vector"]
-        lines += [f"## {s['title']}", "",
-                  f"Warm start: {s['warmstart']['method']} lr {s['warmstart']['lr']}, "
-                  f"{s['warmstart']['examples']} examples, {s['warmstart']['seconds'] / 60:.1f} min. "
-                  f"Calibration: {s['sizes']['calib_items']} items / {s['sizes']['calib_tokens']} tokens. "
-                  f"mu_bar (precomputed, {v['shift_weighting']} shift, {v['estimator']}) = "
-                  f"{v['mu_bar']:+.3f}; mu_bar_exact = {v['mu_bar_exact']:+.3f}; logit-bias beta = "
-                  f"{v['logit_bias_beta']:+.3f}; alpha = {v['alpha']}.", ""]  # fmt: skip
+        lines += [
+            f"## {s['title']}",
+            "",
+            f"Warm start: {s['warmstart']['method']} lr {s['warmstart']['lr']}, "
+            f"{s['warmstart']['examples']} examples, {s['warmstart']['seconds'] / 60:.1f} min. "
+            f"Calibration: {s['sizes']['calib_items']} items / {s['sizes']['calib_tokens']} tokens. "
+            f"mu_bar (precomputed, {v['shift_weighting']} shift, {v['estimator']}) = "
+            f"{v['mu_bar']:+.3f}; mu_bar_exact = {v['mu_bar_exact']:+.3f}; logit-bias beta = "
+            f"{v['logit_bias_beta']:+.3f}; alpha = {v['alpha']}.",
+            "",
+        ]
         if "warm_start_gain_vs_base" in s:  # studies from before it was recorded lack it
-            gains = ", ".join(f"{metric} {format_ci(d)}"
-                              for metric, d in s["warm_start_gain_vs_base"].items())  # fmt: skip
-            lines[-1:-1] = [f"The warm start's own gain over the base model (average over "
-                            f"tasks, PEFT - base): {gains}."]  # fmt: skip
-        lines += ["| task | metric | n | base | PEFT | +SVD exact | +SVD precomputed | +logit-bias | "
-                  "Δ exact | Δ precomputed | Δ logit-bias |",
-                  "|---|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+            gains = ", ".join(
+                f"{metric} {format_ci(d)}" for metric, d in s["warm_start_gain_vs_base"].items()
+            )
+            lines[-1:-1] = [
+                f"The warm start's own gain over the base model (average over "
+                f"tasks, PEFT - base): {gains}."
+            ]
+        lines += [
+            "| task | metric | n | base | PEFT | +SVD exact | +SVD precomputed | +logit-bias | "
+            "Δ exact | Δ precomputed | Δ logit-bias |",
+            "|---|---|---|---|---|---|---|---|---|---|---|",
+        ]
         for t, res in s["tasks"].items():
             for metric in [k for k in res["peft"]]:
                 row = [t, metric, str(res["peft"][metric]["n"])]
@@ -329,8 +430,11 @@ def markdown(report: dict[str, Any]) -> str:
             for metric, d in metrics.items():
                 if d["tasks"] == 1:  # the task's own row already has it
                     continue
-                lines.append(f"| **average ({d['tasks']} tasks)** | {metric} | {d['n']} | | | | | | "
-                             + " | ".join(format_ci(d) if m == method else "" for m in STEERED) + " |")  # fmt: skip
+                lines.append(
+                    f"| **average ({d['tasks']} tasks)** | {metric} | {d['n']} | | | | | | "
+                    + " | ".join(format_ci(d) if m == method else "" for m in STEERED)
+                    + " |"
+                )
         lines.append("")
     lines += ["## Not run", ""] + [f"- {x}" for x in report["not_run"]] + [""]
     return "\n".join(lines)
@@ -361,10 +465,23 @@ def plot_suite(ax: Any, s: dict[str, Any]) -> None:
     width = 0.27
     for k, m in enumerate(STEERED):
         vals = [100 * g[m]["diff"] if g.get(m) else 0 for g in groups]
-        err = np.array([[100 * (g[m]["diff"] - g[m]["lo"]), 100 * (g[m]["hi"] - g[m]["diff"])]
-                        if g.get(m) else [0, 0] for g in groups]).T  # fmt: skip
-        ax.bar(x + (k - 1) * width, vals, width, yerr=err, capsize=2, color=colors[m],
-               label=m.replace("peft+", "+"))  # fmt: skip
+        err = np.array(
+            [
+                [100 * (g[m]["diff"] - g[m]["lo"]), 100 * (g[m]["hi"] - g[m]["diff"])]
+                if g.get(m)
+                else [0, 0]
+                for g in groups
+            ]
+        ).T
+        ax.bar(
+            x + (k - 1) * width,
+            vals,
+            width,
+            yerr=err,
+            capsize=2,
+            color=colors[m],
+            label=m.replace("peft+", "+"),
+        )
     ax.axhline(0, color="black", lw=0.8)
     ax.set_xticks(x, labels, fontsize=7)
     ax.set_xlim(-0.75, max(len(labels), 2) - 0.25)  # a lone group keeps the bars' width

@@ -34,10 +34,15 @@ from svd_vllm.offline.precision import cpu_bf16_is_fast, resolve_dtype
 ROOT = Path(__file__).resolve().parents[1]
 #: SmolLM2-135M's architecture (its config.json), the model the first measurement used.
 SMOLLM2_135M = dict(
-    hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
-    num_key_value_heads=3, vocab_size=49152, max_position_embeddings=2048,
+    hidden_size=576,
+    intermediate_size=1536,
+    num_hidden_layers=30,
+    num_attention_heads=9,
+    num_key_value_heads=3,
+    vocab_size=49152,
+    max_position_embeddings=2048,
     tie_word_embeddings=True,
-)  # fmt: skip
+)
 
 
 def cpu_kind() -> str:

@@ -118,9 +118,17 @@ def config(vocab: int, max_seqs: int) -> Any:
 
 # What each request of the mixed batch asks for; None = unsteered. (vector, scale, alpha)
 REQUESTS: list[tuple[str, float | None, float | None] | None] = [
-    ("a", None, None), None, ("b", None, None), ("b", 0.5, None), ("c", None, None),
-    None, ("a", 2.0, 1.0), ("a", None, None), ("c", -1.0, 0.5), ("b", None, None),
-]  # fmt: skip
+    ("a", None, None),
+    None,
+    ("b", None, None),
+    ("b", 0.5, None),
+    ("c", None, None),
+    None,
+    ("a", 2.0, 1.0),
+    ("a", None, None),
+    ("c", -1.0, 0.5),
+    ("b", None, None),
+]
 
 
 def mixed_logits(rows: int, vocab: int, device: torch.device) -> torch.Tensor:
@@ -220,10 +228,14 @@ def check(device: torch.device, vocab: int) -> dict[str, Any]:
     z2 = mixed_logits(len(rows), vocab, device)
     m = torch.tensor(rows, dtype=torch.int32, device=device)
     ctx = LogitsContext(
-        expanded_idx_mapping=m, idx_mapping=m, idx_mapping_np=np.array(slot_of, dtype=np.int32),
-        expanded_local_pos=torch.zeros_like(m), input_ids=torch.zeros_like(m), pos=torch.zeros_like(m),
+        expanded_idx_mapping=m,
+        idx_mapping=m,
+        idx_mapping_np=np.array(slot_of, dtype=np.int32),
+        expanded_local_pos=torch.zeros_like(m),
+        input_ids=torch.zeros_like(m),
+        pos=torch.zeros_like(m),
         seq_lens_upper_bound_np=np.ones(len(slot_of), dtype=np.int32),
-    )  # fmt: skip
+    )
     v2.apply(z2.clone(), ctx)  # compiles the row -> slot variant of the kernel
     zz = z2.clone()
     if sync_mode:
@@ -350,8 +362,10 @@ def write(result: dict[str, Any], out_dir: Path) -> Path:
     ]
     for k in ("v1", "v2"):
         c = result["check"][k]
-        lines.append(f"| {k.upper()} | {c['same_mask']} | {c['max_abs_diff']:.2e} | {c['nan']} | "
-                     f"{'no sync' if c['no_host_sync'] else 'not checked (CPU)'} |")  # fmt: skip
+        lines.append(
+            f"| {k.upper()} | {c['same_mask']} | {c['max_abs_diff']:.2e} | {c['nan']} | "
+            f"{'no sync' if c['no_host_sync'] else 'not checked (CPU)'} |"
+        )
     if "timings" in result:
         t = result["timings"]
         lines += [

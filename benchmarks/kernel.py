@@ -106,8 +106,15 @@ def run_case(
     t = statistics.median(times)
     elem = torch.finfo(dtype).bits // 8
     nbytes = 2 * n * vocab * elem + vocab * 4
-    return {"kernel": kernel, "batch": n, "vocab": vocab, "dtype": str(dtype).replace("torch.", ""),
-            "us": 1e6 * t, "GB_s": nbytes / t / 1e9, "bytes": nbytes}  # fmt: skip
+    return {
+        "kernel": kernel,
+        "batch": n,
+        "vocab": vocab,
+        "dtype": str(dtype).replace("torch.", ""),
+        "us": 1e6 * t,
+        "GB_s": nbytes / t / 1e9,
+        "bytes": nbytes,
+    }
 
 
 def copy_bandwidth(device: torch.device, mbytes: int = 256, reps: int = 10) -> float:
@@ -161,13 +168,21 @@ def main(argv: list[str] | None = None) -> int:
                         continue
                     r = run_case(n, vocab, dtype, device, reps, kernel)
                     rows.append(r)
-                    print(f"{kernel:6s} {r['dtype']:8s} vocab={vocab:6d} batch={n:3d}: {r['us']:10.1f} us "
-                          f"{r['GB_s']:7.1f} GB/s", flush=True)  # fmt: skip
+                    print(
+                        f"{kernel:6s} {r['dtype']:8s} vocab={vocab:6d} batch={n:3d}: {r['us']:10.1f} us "
+                        f"{r['GB_s']:7.1f} GB/s",
+                        flush=True,
+                    )
     slug = "gpu-" + name.lower().replace(" ", "-") if device.type == "cuda" else "cpu"
     out = args.out or RESULTS / f"kernel-{slug}.json"
-    report = {"device": name, "created": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-              "torch": torch.__version__, "peak_GB_s": args.peak_gbs,
-              "copy_GB_s": copy_gbs, "rows": rows}  # fmt: skip
+    report = {
+        "device": name,
+        "created": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "torch": torch.__version__,
+        "peak_GB_s": args.peak_gbs,
+        "copy_GB_s": copy_gbs,
+        "rows": rows,
+    }
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2))
     plot(report, out.with_suffix(".png"))
@@ -185,16 +200,27 @@ def plot(report: dict[str, Any], path: Path) -> None:
     for kernel, marker in (("sparse", "o"), ("dense", "s")):
         for dtype, color in (("float32", "#1f77b4"), ("bfloat16", "#ff7f0e")):
             pts = [r for r in report["rows"] if r["kernel"] == kernel and r["dtype"] == dtype]
-            ax.scatter([r["bytes"] / 1e6 for r in pts], [r["GB_s"] for r in pts], marker=marker, color=color,
-                       label=f"{kernel} {dtype}", alpha=0.8)  # fmt: skip
+            ax.scatter(
+                [r["bytes"] / 1e6 for r in pts],
+                [r["GB_s"] for r in pts],
+                marker=marker,
+                color=color,
+                label=f"{kernel} {dtype}",
+                alpha=0.8,
+            )
     if report.get("peak_GB_s"):
         ax.axhline(report["peak_GB_s"], color="black", ls="--", lw=1, label="memory bandwidth")
         ax.axhline(
             report["peak_GB_s"] / 1.5, color="gray", ls=":", lw=1, label="bound / 1.5 (goal)"
         )
     if report.get("copy_GB_s"):
-        ax.axhline(report["copy_GB_s"], color="#2ca02c", ls="--", lw=1,
-                   label=f"measured copy bandwidth ({report['copy_GB_s']:.0f} GB/s)")  # fmt: skip
+        ax.axhline(
+            report["copy_GB_s"],
+            color="#2ca02c",
+            ls="--",
+            lw=1,
+            label=f"measured copy bandwidth ({report['copy_GB_s']:.0f} GB/s)",
+        )
     ax.set_xscale("log")
     ax.set_xlabel("minimum bytes moved per call (MB)")
     ax.set_ylabel("achieved GB/s")

@@ -43,11 +43,23 @@ from svd_vllm.offline.warmstart import WarmStartConfig, train_encoded
 ROOT = Path(__file__).resolve().parents[1]
 
 SHAPES: dict[str, dict[str, int]] = {
-    "8b": dict(hidden_size=4096, num_hidden_layers=32, num_attention_heads=32,
-               num_key_value_heads=8, intermediate_size=14336, vocab_size=128256),
-    "tiny": dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-                 num_key_value_heads=2, intermediate_size=128, vocab_size=4096),
-}  # fmt: skip
+    "8b": dict(
+        hidden_size=4096,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        intermediate_size=14336,
+        vocab_size=128256,
+    ),
+    "tiny": dict(
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        intermediate_size=128,
+        vocab_size=4096,
+    ),
+}
 LOGIT_STD = 3.0
 
 
@@ -56,8 +68,13 @@ def build_model(shape: str, device: torch.device, dtype: torch.dtype, seed: int 
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
-    cfg = LlamaConfig(**SHAPES[shape], max_position_embeddings=4096, tie_word_embeddings=False,
-                      rms_norm_eps=1e-5, rope_theta=500000.0)  # fmt: skip
+    cfg = LlamaConfig(
+        **SHAPES[shape],
+        max_position_embeddings=4096,
+        tie_word_embeddings=False,
+        rms_norm_eps=1e-5,
+        rope_theta=500000.0,
+    )
     previous = torch.get_default_dtype()
     torch.set_default_dtype(dtype)  # initialise in the target dtype: no float32 copy of 8B
     try:
@@ -74,8 +91,12 @@ def build_model(shape: str, device: torch.device, dtype: torch.dtype, seed: int 
 def add_lora(model: Any, seed: int = 1) -> Any:
     from peft import LoraConfig, get_peft_model
 
-    cfg = LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0,
-                     target_modules=["q_proj", "k_proj", "v_proj", "o_proj"])  # fmt: skip
+    cfg = LoraConfig(
+        r=8,
+        lora_alpha=16,
+        lora_dropout=0.0,
+        target_modules=["q_proj", "k_proj", "v_proj", "o_proj"],
+    )
     peft_model = get_peft_model(model, cfg)
     g = torch.Generator(device="cpu").manual_seed(seed)
     with torch.no_grad():
@@ -133,21 +154,38 @@ def bench_extraction(args: argparse.Namespace, report: dict[str, Any], tmp: Path
     model = add_lora(build_model(args.shape, place.device, place.dtype))
     _sync(place.device)
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
-    report["model"] = {"shape": args.shape, **SHAPES[args.shape], "build_seconds":
-                       time.perf_counter() - t0, "weight_bytes": weights}  # fmt: skip
+    report["model"] = {
+        "shape": args.shape,
+        **SHAPES[args.shape],
+        "build_seconds": time.perf_counter() - t0,
+        "weight_bytes": weights,
+    }
     dec = ReferenceDecoder.from_model(model, _tokenizer(tmp), adapter_dir="bench-lora")
     items = calibration_set(args.items, SHAPES[args.shape]["vocab_size"])
     answer = sum(it.n_labels for it in items)
     prompt = sum(it.n_ctx for it in items)
 
     def extract(subset: list[EncodedItem], batch_size: int, reps: int) -> Any:
-        return extract_vector(dec, [], name="bench", encoded=subset, batch_size=batch_size,
-                              bootstrap_reps=reps, progress=False, base_model="random-8b",
-                              adapter="random-lora")  # fmt: skip
+        return extract_vector(
+            dec,
+            [],
+            name="bench",
+            encoded=subset,
+            batch_size=batch_size,
+            bootstrap_reps=reps,
+            progress=False,
+            base_model="random-8b",
+            adapter="random-lora",
+        )
 
     extract(items[:16], args.batch_size[0], 2)  # warm-up: kernels, cuBLAS handles, allocator
-    report["extraction"] = {"placement": place.describe(), "items": len(items),
-                            "answer_tokens": answer, "prompt_tokens": prompt, "runs": []}  # fmt: skip
+    report["extraction"] = {
+        "placement": place.describe(),
+        "items": len(items),
+        "answer_tokens": answer,
+        "prompt_tokens": prompt,
+        "runs": [],
+    }
     for bs in args.batch_size:
         _reset_peak(place.device)
         _sync(place.device)
@@ -157,17 +195,24 @@ def bench_extraction(args: argparse.Namespace, report: dict[str, Any], tmp: Path
         seconds = time.perf_counter() - t0
         peak = _peak(place.device)
         summary = rep.summary()
-        report["extraction"]["runs"].append({
-            "batch_size": bs, "seconds": seconds, "seconds_passes": summary["seconds_passes"],
-            "seconds_calibration": seconds - summary["seconds_passes"],
-            "calibration_tokens_per_s": (answer + prompt) / seconds,
-            "completion_tokens_per_s": answer / seconds,
-            "forward_tokens_per_s": 3 * (answer + prompt) / seconds,
-            "peak_bytes": peak, "peak_over_weights_bytes": None if peak is None else peak - weights,
-            "mask_positions": art.meta.calibration.positions, "mu_bar": art.meta.mu_bar,
-            "estimator": art.meta.estimator, "shift_finite": bool(torch.isfinite(art.shift).all()),
-            "bootstrap_reps": args.bootstrap,
-        })  # fmt: skip
+        report["extraction"]["runs"].append(
+            {
+                "batch_size": bs,
+                "seconds": seconds,
+                "seconds_passes": summary["seconds_passes"],
+                "seconds_calibration": seconds - summary["seconds_passes"],
+                "calibration_tokens_per_s": (answer + prompt) / seconds,
+                "completion_tokens_per_s": answer / seconds,
+                "forward_tokens_per_s": 3 * (answer + prompt) / seconds,
+                "peak_bytes": peak,
+                "peak_over_weights_bytes": None if peak is None else peak - weights,
+                "mask_positions": art.meta.calibration.positions,
+                "mu_bar": art.meta.mu_bar,
+                "estimator": art.meta.estimator,
+                "shift_finite": bool(torch.isfinite(art.shift).all()),
+                "bootstrap_reps": args.bootstrap,
+            }
+        )
         write(report, args.out)
     # The floor: the same three passes with nothing after the logits.
     batches = length_batches(items, args.batch_size[-1])
@@ -175,8 +220,9 @@ def bench_extraction(args: argparse.Namespace, report: dict[str, Any], tmp: Path
     t0 = time.perf_counter()
     for adapter in (True, False, True):
         for b in batches:
-            dec.teacher_forced([items[i].ids for i in b], [items[i].n_ctx for i in b],
-                               adapter=adapter)  # fmt: skip
+            dec.teacher_forced(
+                [items[i].ids for i in b], [items[i].n_ctx for i in b], adapter=adapter
+            )
     _sync(place.device)
     report["extraction"]["forward_only_seconds"] = time.perf_counter() - t0
     write(report, args.out)
@@ -194,9 +240,15 @@ def bench_warmstart(
     report["warmstart"] = {"placement": place.describe()}
     for label, (n, bs) in runs.items():
         data = training_set(n, vocab)
-        cfg = WarmStartConfig(lr=5e-5, batch_size=bs, max_length=512, checkpoint_every=0,
-                              device=str(place.device), dtype=args.dtype,
-                              gradient_checkpointing=args.checkpointing)  # fmt: skip
+        cfg = WarmStartConfig(
+            lr=5e-5,
+            batch_size=bs,
+            max_length=512,
+            checkpoint_every=0,
+            device=str(place.device),
+            dtype=args.dtype,
+            gradient_checkpointing=args.checkpointing,
+        )
         _reset_peak(place.device)
         _sync(place.device)
         t0 = time.perf_counter()
@@ -204,11 +256,16 @@ def bench_warmstart(
         _sync(place.device)
         seconds = time.perf_counter() - t0
         report["warmstart"][label] = {
-            "examples": n, "batch_size": bs, "tokens": sum(len(i) for i, _ in data),
-            "seconds": seconds, "examples_per_s": n / seconds,
-            "peak_bytes": _peak(place.device), "first_loss": res.first_loss,
-            "last_loss": res.last_loss, "gradient_checkpointing": args.checkpointing,
-        }  # fmt: skip
+            "examples": n,
+            "batch_size": bs,
+            "tokens": sum(len(i) for i, _ in data),
+            "seconds": seconds,
+            "examples_per_s": n / seconds,
+            "peak_bytes": _peak(place.device),
+            "first_loss": res.first_loss,
+            "last_loss": res.last_loss,
+            "gradient_checkpointing": args.checkpointing,
+        }
         write(report, args.out)
     paper = report["warmstart"]["paper"]
     report["warmstart"]["paper_projection"] = {
@@ -230,7 +287,7 @@ def markdown(report: dict[str, Any]) -> str:
         f"torch {report['torch']}). Model: a randomly initialised Llama of the `{report['args']['shape']}` "
         "shape built on the device (see the script's docstring), LoRA r=8 on q,k,v,o.",
         "",
-    ]  # fmt: skip
+    ]
     ex = report.get("extraction")
     if ex:
         m = report["model"]
@@ -240,14 +297,14 @@ def markdown(report: dict[str, Any]) -> str:
             f"{ex['placement']}; {ex['items']} items, {ex['answer_tokens']} completion tokens "
             f"behind {ex['prompt_tokens']} prompt tokens; weights {_gib(m['weight_bytes'])}. "
             "Calibration tokens = prompt + completion tokens of the set (each runs through 3 "
-            "forward passes: adapter and base, then adapter again). \"calibration\" is the "
+            'forward passes: adapter and base, then adapter again). "calibration" is the '
             "estimators and their 200-resample bootstrap, on the same device. After one untimed "
             "warm-up.",
             "",
             "| batch | wall | passes | calibration | calibration tok/s | completion tok/s | "
             "forward tok/s | peak GPU memory | peak over weights |",
             "|---|---|---|---|---|---|---|---|---|",
-        ]  # fmt: skip
+        ]
         for r in ex["runs"]:
             lines.append(
                 f"| {r['batch_size']} | {r['seconds']:.1f} s | {r['seconds_passes']:.1f} s | "
@@ -256,18 +313,27 @@ def markdown(report: dict[str, Any]) -> str:
                 f"{_gib(r['peak_bytes'])} | {_gib(r['peak_over_weights_bytes'])} |"
             )
         r = ex["runs"][-1]
-        lines += ["", f"Masked-in positions: {r['mask_positions']}; mu_bar {r['mu_bar']:+.4g} "
-                  f"({r['estimator']}); shift finite: {r['shift_finite']}; bootstrap reps "
-                  f"{r['bootstrap_reps']}."]  # fmt: skip
+        lines += [
+            "",
+            f"Masked-in positions: {r['mask_positions']}; mu_bar {r['mu_bar']:+.4g} "
+            f"({r['estimator']}); shift finite: {r['shift_finite']}; bootstrap reps "
+            f"{r['bootstrap_reps']}.",
+        ]
         if "forward_only_seconds" in ex:
-            lines += ["", f"The same three passes with nothing after the logits (batch "
-                      f"{ex['runs'][-1]['batch_size']}): {ex['forward_only_seconds']:.1f} s."]  # fmt: skip
+            lines += [
+                "",
+                f"The same three passes with nothing after the logits (batch "
+                f"{ex['runs'][-1]['batch_size']}): {ex['forward_only_seconds']:.1f} s.",
+            ]
         lines.append("")
     ws = report.get("warmstart")
     if ws:
-        lines += ["## Warm start (`train_encoded`, 1 epoch)", "",
-                  "| run | examples | batch | tokens | wall | examples/s | peak GPU memory | loss first -> last |",
-                  "|---|---|---|---|---|---|---|---|"]  # fmt: skip
+        lines += [
+            "## Warm start (`train_encoded`, 1 epoch)",
+            "",
+            "| run | examples | batch | tokens | wall | examples/s | peak GPU memory | loss first -> last |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
         for label in ("batch", "paper"):
             r = ws.get(label)
             if r:
@@ -278,8 +344,11 @@ def markdown(report: dict[str, Any]) -> str:
                 )
         proj = ws.get("paper_projection")
         if proj:
-            lines += ["", f"Projection for the paper's setting ({proj['setting']}): "
-                      f"{proj['seconds_per_10k_examples'] / 60:.1f} min per 10,000 examples."]  # fmt: skip
+            lines += [
+                "",
+                f"Projection for the paper's setting ({proj['setting']}): "
+                f"{proj['seconds_per_10k_examples'] / 60:.1f} min per 10,000 examples.",
+            ]
     return "\n".join(lines) + "\n"
 
 
@@ -316,14 +385,19 @@ def main(argv: list[str] | None = None) -> int:
     if args.quick:
         args.items, args.bootstrap, args.train_examples, args.paper_examples = 24, 10, 32, 4
     place = resolve(args.device, args.dtype)
-    name = (torch.cuda.get_device_name(place.device) if place.device.type == "cuda"
-            else f"CPU {torch.backends.cpu.get_cpu_capability()}")  # fmt: skip
+    name = (
+        torch.cuda.get_device_name(place.device)
+        if place.device.type == "cuda"
+        else f"CPU {torch.backends.cpu.get_cpu_capability()}"
+    )
     report: dict[str, Any] = {
-        "device": name, "device_slug": name.lower().replace(" ", "-"),
+        "device": name,
+        "device_slug": name.lower().replace(" ", "-"),
         "created": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-        "host": f"{platform.machine()}, {platform.python_version()}", "torch": torch.__version__,
+        "host": f"{platform.machine()}, {platform.python_version()}",
+        "torch": torch.__version__,
         "args": {k: str(v) for k, v in vars(args).items()},
-    }  # fmt: skip
+    }
     with tempfile.TemporaryDirectory() as d:
         model = bench_extraction(args, report, Path(d))
         if not args.skip_warmstart:

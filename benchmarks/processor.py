@@ -36,12 +36,25 @@ def _vector(name: str, vocab: int, seed: int = 0):  # type: ignore[no-untyped-de
     from svd_vllm.core.artifact import SteeringArtifact
 
     g = torch.Generator().manual_seed(seed)
-    return SteeringArtifact.create(torch.randn(vocab, generator=g), name=name, base_model="bench", adapter="bench",
-                                   tokenizer_fingerprint="bench", mu_bar=-1.0, alpha=0.1)  # fmt: skip
+    return SteeringArtifact.create(
+        torch.randn(vocab, generator=g),
+        name=name,
+        base_model="bench",
+        adapter="bench",
+        tokenizer_fingerprint="bench",
+        mu_bar=-1.0,
+        alpha=0.1,
+    )
 
 
-def _processor(registry_dir: Path, vocab: int, rows: int, n_vectors: int = 1, steered: bool = True,  # type: ignore[no-untyped-def]
-               extras: list[dict[str, Any]] | None = None):  # fmt: skip
+def _processor(
+    registry_dir: Path,
+    vocab: int,
+    rows: int,
+    n_vectors: int = 1,
+    steered: bool = True,  # type: ignore[no-untyped-def]
+    extras: list[dict[str, Any]] | None = None,
+):
     from vllm import SamplingParams
     from vllm.v1.sample.logits_processor import BatchUpdate
 
@@ -54,10 +67,11 @@ def _processor(registry_dir: Path, vocab: int, rows: int, n_vectors: int = 1, st
     for i in range(n_vectors):
         if f"v{i}" not in have:
             reg.add(_vector(f"v{i}", vocab, seed=i))
-    cfg = SimpleNamespace(model_config=SimpleNamespace(get_vocab_size=lambda: vocab),
-                          scheduler_config=SimpleNamespace(max_num_seqs=max(rows, 8)),
-                          parallel_config=SimpleNamespace(rank=0, tensor_parallel_size=1,
-                                                          pipeline_parallel_size=1))  # fmt: skip
+    cfg = SimpleNamespace(
+        model_config=SimpleNamespace(get_vocab_size=lambda: vocab),
+        scheduler_config=SimpleNamespace(max_num_seqs=max(rows, 8)),
+        parallel_config=SimpleNamespace(rank=0, tensor_parallel_size=1, pipeline_parallel_size=1),
+    )
     p = SVDLogitsProcessor(cfg, "cpu", False)
     extra = {"svd": 1, "svd_vector": "v0"} if steered else {"svd": 0}
     per_row = extras or [extra] * rows
@@ -71,8 +85,12 @@ def _probe_rss(registry_dir: Path) -> float:
 
     A separate process per registry size, so what one size allocated cannot hide another's.
     """
-    res = subprocess.run([sys.executable, __file__, "--probe-rss", str(registry_dir)],
-                         capture_output=True, text=True, timeout=600)  # fmt: skip
+    res = subprocess.run(
+        [sys.executable, __file__, "--probe-rss", str(registry_dir)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     if res.returncode != 0:
         raise RuntimeError(res.stderr[-3000:])
     return float(res.stdout.strip().splitlines()[-1])
@@ -129,18 +147,31 @@ def part1(reps: int) -> dict[str, Any]:
                 idle = _processor(reg, vocab, rows, steered=False)
                 ti = time_apply(idle, rows, vocab, reps)
                 out["idle"].append({"batch": rows, "vocab": vocab, "us": 1e6 * ti})
-                print(f"apply vocab={vocab:6d} batch={rows:3d}: {1e3 * t:8.3f} ms  "
-                      f"{nbytes / t / 1e9:5.2f} GB/s   idle {1e6 * ti:6.2f} us", flush=True)  # fmt: skip
+                print(
+                    f"apply vocab={vocab:6d} batch={rows:3d}: {1e3 * t:8.3f} ms  "
+                    f"{nbytes / t / 1e9:5.2f} GB/s   idle {1e6 * ti:6.2f} us",
+                    flush=True,
+                )
         # Compositions vs single vectors in the same batch shape (#15): one combined table row
         # per distinct composition, so the per-step kernel is the same.
         rows, vocab = 32, 49152
         shapes = {
             "single vectors": [{"svd": 1, "svd_vector": f"v{i % 4}"} for i in range(rows)],
-            "compositions": [{"svd": 1, "svd_vector": [f"v{i % 4}", f"v{(i + 1) % 4}", f"v{(i + 2) % 4}"],
-                              "svd_scale": [0.5, 1.0, -0.25]} for i in range(rows)],
-            "half and half": [{"svd": 1, "svd_vector": f"v{i % 4}"} if i % 2 else
-                              {"svd": 1, "svd_vector": [f"v{i % 4}", f"v{(i + 1) % 4}"]} for i in range(rows)],
-        }  # fmt: skip
+            "compositions": [
+                {
+                    "svd": 1,
+                    "svd_vector": [f"v{i % 4}", f"v{(i + 1) % 4}", f"v{(i + 2) % 4}"],
+                    "svd_scale": [0.5, 1.0, -0.25],
+                }
+                for i in range(rows)
+            ],
+            "half and half": [
+                {"svd": 1, "svd_vector": f"v{i % 4}"}
+                if i % 2
+                else {"svd": 1, "svd_vector": [f"v{i % 4}", f"v{(i + 1) % 4}"]}
+                for i in range(rows)
+            ],
+        }
         creg = Path(tmp) / "compose"
         _processor(creg, vocab, 1, n_vectors=4)  # register the vectors outside the timing
         built: dict[str, Any] = {}
@@ -155,14 +186,23 @@ def part1(reps: int) -> dict[str, Any]:
                 csamples[name].append(time_apply(p, rows, vocab, max(5, reps // 3)))
         single = statistics.median(csamples["single vectors"])
         out["composition"] = [
-            {"batch": rows, "vocab": vocab, "rows": name, "ms": 1e3 * statistics.median(v),
-             "ratio_to_single": statistics.median(v) / single, "slots": built[name].store.rows_in_use(),
-             "build_and_admit_ms": admit_ms[name]}
+            {
+                "batch": rows,
+                "vocab": vocab,
+                "rows": name,
+                "ms": 1e3 * statistics.median(v),
+                "ratio_to_single": statistics.median(v) / single,
+                "slots": built[name].store.rows_in_use(),
+                "build_and_admit_ms": admit_ms[name],
+            }
             for name, v in csamples.items()
-        ]  # fmt: skip
+        ]
         for x in out["composition"]:
-            print(f"composition: {x['rows']:15s} apply {x['ms']:.3f} ms ({x['ratio_to_single']:.3f}x "
-                  f"single), {x['slots']} table slots", flush=True)  # fmt: skip
+            print(
+                f"composition: {x['rows']:15s} apply {x['ms']:.3f} ms ({x['ratio_to_single']:.3f}x "
+                f"single), {x['slots']} table slots",
+                flush=True,
+            )
         # One registry per size (a store watches its registry: a shared one would grow under it).
         procs = {
             n: _processor(Path(tmp) / f"scale{n}", 49152, 32, n_vectors=n)
@@ -176,15 +216,26 @@ def part1(reps: int) -> dict[str, Any]:
         for n, p in procs.items():
             t = statistics.median(samples[n])
             host = p.store.host_cached()
-            out["registered"].append({"registered": n, "batch": 32, "vocab": 49152, "ms": 1e3 * t,
-                                      "device_table_MB": p.store.table.numel() * 4 / 1e6,
-                                      "host_vectors": host, "host_MB": host * 49152 * 4 / 1e6,
-                                      "host_capacity": p.store.host_capacity,
-                                      "process_rss_growth_MB": rss[n]})  # fmt: skip
-            print(f"registered={n:5d}: apply {1e3 * t:.3f} ms, device table "
-                  f"{p.store.table.numel() * 4 / 1e6:.2f} MB, host cache {host} vectors "
-                  f"({host * 49152 * 4 / 1e6:.1f} MB, capacity {p.store.host_capacity}), "
-                  f"process RSS growth {rss[n]:.1f} MB", flush=True)  # fmt: skip
+            out["registered"].append(
+                {
+                    "registered": n,
+                    "batch": 32,
+                    "vocab": 49152,
+                    "ms": 1e3 * t,
+                    "device_table_MB": p.store.table.numel() * 4 / 1e6,
+                    "host_vectors": host,
+                    "host_MB": host * 49152 * 4 / 1e6,
+                    "host_capacity": p.store.host_capacity,
+                    "process_rss_growth_MB": rss[n],
+                }
+            )
+            print(
+                f"registered={n:5d}: apply {1e3 * t:.3f} ms, device table "
+                f"{p.store.table.numel() * 4 / 1e6:.2f} MB, host cache {host} vectors "
+                f"({host * 49152 * 4 / 1e6:.1f} MB, capacity {p.store.host_capacity}), "
+                f"process RSS growth {rss[n]:.1f} MB",
+                flush=True,
+            )
     return out
 
 
@@ -197,8 +248,13 @@ def _decode(spec: dict[str, Any], hide: bool, registry: Path) -> list[dict[str, 
             env["PYTHONPATH"] = (
                 str(SUPPORT / "hide_plugin") + os.pathsep + env.get("PYTHONPATH", "")
             )
-        res = subprocess.run([sys.executable, str(SUPPORT / "decode_run.py"), str(sp), str(op)], env=env,
-                             capture_output=True, text=True, timeout=1800)  # fmt: skip
+        res = subprocess.run(
+            [sys.executable, str(SUPPORT / "decode_run.py"), str(sp), str(op)],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=1800,
+        )
         if res.returncode != 0:
             raise RuntimeError(res.stderr[-4000:])
         log = res.stdout + res.stderr
@@ -253,11 +309,15 @@ def part2(rounds: int, batch: int, max_tokens: int) -> dict[str, Any]:
         for c in ("not-installed", "idle", "steered")
     }
     return {
-        "batch": batch, "max_tokens": max_tokens, "rounds": rounds, "adapter": lora.name, "runs": runs,
+        "batch": batch,
+        "max_tokens": max_tokens,
+        "rounds": rounds,
+        "adapter": lora.name,
+        "runs": runs,
         "median_tok_s": med,
         "ratio_to_not_installed": {c: med[c] / med["not-installed"] for c in med},
         "overhead_pct": {c: 100 * (1 - med[c] / med["not-installed"]) for c in med},
-    }  # fmt: skip
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -278,9 +338,9 @@ def main(argv: list[str] | None = None) -> int:
     report: dict[str, Any] = {
         "created": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         "device": f"CPU ({platform.machine()}, {os.cpu_count()} cores), torch {torch.__version__}, "
-                  f"{torch.get_num_threads()} threads",
+        f"{torch.get_num_threads()} threads",
         "part1_apply": part1(args.reps),
-    }  # fmt: skip
+    }
     if not args.skip_vllm:
         report["part2_decode"] = part2(args.rounds, args.batch, args.max_tokens)
     elif args.out.exists():
@@ -299,18 +359,30 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def markdown(r: dict[str, Any]) -> str:
-    lines = ["# Steering processor overhead (CPU)", "", f"{r['created']}; {r['device']}.", "",
-             "## `apply` alone (V1 interface, float32 logits, all rows steered, one vector)", "",
-             "| vocab | batch | median ms | effective GB/s | idle apply (µs) |", "|---|---|---|---|---|"]  # fmt: skip
+    lines = [
+        "# Steering processor overhead (CPU)",
+        "",
+        f"{r['created']}; {r['device']}.",
+        "",
+        "## `apply` alone (V1 interface, float32 logits, all rows steered, one vector)",
+        "",
+        "| vocab | batch | median ms | effective GB/s | idle apply (µs) |",
+        "|---|---|---|---|---|",
+    ]
     idle = {(x["vocab"], x["batch"]): x["us"] for x in r["part1_apply"]["idle"]}
     for x in r["part1_apply"]["apply"]:
         lines.append(
             f"| {x['vocab']} | {x['batch']} | {x['ms']:.3f} | {x['GB_s']:.2f} | {idle[(x['vocab'], x['batch'])]:.1f} |"
         )
-    lines += ["", "Effective bytes = logits read + written (2 x batch x vocab x 4) + one vector read.", "",
-              "## Registered vectors vs per-step cost (batch 32, vocab 49152, one vector in use)", "",
-              "| registered | apply ms | device table MB | host-cached vectors (capacity) | host MB | process RSS growth MB |",
-              "|---|---|---|---|---|---|"]  # fmt: skip
+    lines += [
+        "",
+        "Effective bytes = logits read + written (2 x batch x vocab x 4) + one vector read.",
+        "",
+        "## Registered vectors vs per-step cost (batch 32, vocab 49152, one vector in use)",
+        "",
+        "| registered | apply ms | device table MB | host-cached vectors (capacity) | host MB | process RSS growth MB |",
+        "|---|---|---|---|---|---|",
+    ]
     for x in r["part1_apply"]["registered"]:
         lines.append(
             f"| {x['registered']} | {x['ms']:.3f} | {x['device_table_MB']:.2f} | "
@@ -319,21 +391,39 @@ def markdown(r: dict[str, Any]) -> str:
         )
     comp = r["part1_apply"].get("composition")
     if comp:
-        lines += ["", "## Compositions vs single vectors (batch 32, vocab 49152, all rows steered; 21 interleaved rounds)", "",
-                  "| rows | apply ms (median) | ratio to single vectors | table slots in use | processor build + admission of the batch (ms) |",
-                  "|---|---|---|---|---|"]  # fmt: skip
+        lines += [
+            "",
+            "## Compositions vs single vectors (batch 32, vocab 49152, all rows steered; 21 interleaved rounds)",
+            "",
+            "| rows | apply ms (median) | ratio to single vectors | table slots in use | processor build + admission of the batch (ms) |",
+            "|---|---|---|---|---|",
+        ]
         for x in comp:
-            lines.append(f"| {x['rows']} | {x['ms']:.3f} | {x['ratio_to_single']:.3f} | {x['slots']} | "
-                         f"{x['build_and_admit_ms']:.1f} |")  # fmt: skip
-        lines += ["", "A composition is combined once per distinct set of versions and strengths (at admission "
-                  "into the batch) into one table row, so a step costs the same; the goal is within 10% of "
-                  "single vectors."]  # fmt: skip
+            lines.append(
+                f"| {x['rows']} | {x['ms']:.3f} | {x['ratio_to_single']:.3f} | {x['slots']} | "
+                f"{x['build_and_admit_ms']:.1f} |"
+            )
+        lines += [
+            "",
+            "A composition is combined once per distinct set of versions and strengths (at admission "
+            "into the batch) into one table row, so a step costs the same; the goal is within 10% of "
+            "single vectors.",
+        ]
     d = r.get("part2_decode")
     if d:
-        lines += ["", f"## vLLM decode throughput, SmolLM2-135M + LoRA ({d['adapter']}), batch {d['batch']}, "
-                  f"{d['max_tokens']} tokens/request, {d['rounds']} rounds (median)"
-                  + (f", measured {d['measured']} (not re-run with --skip-vllm)" if d.get("measured") else ""), "",
-                  "| configuration | tokens/s | ratio to not installed | overhead |", "|---|---|---|---|"]  # fmt: skip
+        lines += [
+            "",
+            f"## vLLM decode throughput, SmolLM2-135M + LoRA ({d['adapter']}), batch {d['batch']}, "
+            f"{d['max_tokens']} tokens/request, {d['rounds']} rounds (median)"
+            + (
+                f", measured {d['measured']} (not re-run with --skip-vllm)"
+                if d.get("measured")
+                else ""
+            ),
+            "",
+            "| configuration | tokens/s | ratio to not installed | overhead |",
+            "|---|---|---|---|",
+        ]
         for c, v in d["median_tok_s"].items():
             lines.append(
                 f"| {c} | {v:.0f} | {d['ratio_to_not_installed'][c]:.3f} | {d['overhead_pct'][c]:+.1f}% |"
@@ -347,12 +437,16 @@ def markdown(r: dict[str, Any]) -> str:
         idle_us = max(
             x["us"] for x in r["part1_apply"]["idle"] if x["vocab"] == 49152 and x["batch"] <= 64
         )
-        lines += ["", f"Direct bound: one decode step at batch {d['batch']} takes {step_ms:.0f} ms here; `apply` with all "
-                  f"{d['batch']} rows steered takes {reg[1]:.2f} ms ({100 * reg[1] / step_ms:.2f}% of a step) and with no "
-                  f"steered row at most {idle_us:.1f} µs ({100 * idle_us / 1e3 / step_ms:.4f}%). The end-to-end medians "
-                  "above move by more than that between rounds (machine noise: compare the per-round values), so "
-                  "they bound the overhead only coarsely.",
-                  "", "Goals: idle <= 1%, all rows steered <= 10% on this CPU."]  # fmt: skip
+        lines += [
+            "",
+            f"Direct bound: one decode step at batch {d['batch']} takes {step_ms:.0f} ms here; `apply` with all "
+            f"{d['batch']} rows steered takes {reg[1]:.2f} ms ({100 * reg[1] / step_ms:.2f}% of a step) and with no "
+            f"steered row at most {idle_us:.1f} µs ({100 * idle_us / 1e3 / step_ms:.4f}%). The end-to-end medians "
+            "above move by more than that between rounds (machine noise: compare the per-round values), so "
+            "they bound the overhead only coarsely.",
+            "",
+            "Goals: idle <= 1%, all rows steered <= 10% on this CPU.",
+        ]
     else:
         lines += ["", "vLLM decode throughput: not run (--skip-vllm)."]
     return "\n".join(lines) + "\n"

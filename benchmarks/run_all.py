@@ -56,12 +56,22 @@ def main(argv: list[str] | None = None) -> int:
         if rc != 0:
             failed.append(name)
     total = time.time() - t0
-    report = {"created": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "seconds": times,
-              "total_seconds": total, "failed": failed}  # fmt: skip
+    report = {
+        "created": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "seconds": times,
+        "total_seconds": total,
+        "failed": failed,
+    }
     out = HERE / "results" / "bench-times.json"
     out.write_text(json.dumps(report, indent=2))
-    lines = ["# `make bench` wall times (this 2-core CPU machine)", "", f"{report['created']}.", "",
-             "| step | minutes |", "|---|---|"]  # fmt: skip
+    lines = [
+        "# `make bench` wall times (this 2-core CPU machine)",
+        "",
+        f"{report['created']}.",
+        "",
+        "| step | minutes |",
+        "|---|---|",
+    ]
     lines += [f"| {k} | {v / 60:.1f} |" for k, v in times.items()]
     lines += [f"| **total** | **{total / 60:.1f}** |", ""]
     if failed:

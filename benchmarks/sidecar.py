@@ -45,8 +45,17 @@ AUTH = {"Authorization": f"Bearer {KEY}"}
 
 def vec(name: str, seed: int, vocab: int = 256, mu: float = -20.0) -> bytes:
     g = torch.Generator().manual_seed(seed)
-    return artifact.to_bytes(SteeringArtifact.create(torch.randn(vocab, generator=g) * 3, name=name, base_model="tiny",
-                                                     adapter="lora", tokenizer_fingerprint="t", mu_bar=mu, alpha=0.2))  # fmt: skip
+    return artifact.to_bytes(
+        SteeringArtifact.create(
+            torch.randn(vocab, generator=g) * 3,
+            name=name,
+            base_model="tiny",
+            adapter="lora",
+            tokenizer_fingerprint="t",
+            mu_bar=mu,
+            alpha=0.2,
+        )
+    )
 
 
 def pct(xs: list[float], q: float) -> float:
@@ -100,11 +109,17 @@ def registration_latency(sc: SidecarProcess, client: httpx.Client, n: int) -> di
         patch_lat.append(time.perf_counter() - t0)
     return {
         "n": n,
-        "register_to_live_ms": {"median": 1e3 * statistics.median(reg_lat), "p95": 1e3 * pct(reg_lat, 0.95),
-                                "max": 1e3 * max(reg_lat)},
-        "patch_to_live_ms": {"median": 1e3 * statistics.median(patch_lat), "p95": 1e3 * pct(patch_lat, 0.95),
-                             "max": 1e3 * max(patch_lat)},
-    }  # fmt: skip
+        "register_to_live_ms": {
+            "median": 1e3 * statistics.median(reg_lat),
+            "p95": 1e3 * pct(reg_lat, 0.95),
+            "max": 1e3 * max(reg_lat),
+        },
+        "patch_to_live_ms": {
+            "median": 1e3 * statistics.median(patch_lat),
+            "p95": 1e3 * pct(patch_lat, 0.95),
+            "max": 1e3 * max(patch_lat),
+        },
+    }
 
 
 def proxy_overhead(
@@ -122,14 +137,23 @@ def proxy_overhead(
             sink.append(time.perf_counter() - t0)
             assert r.status_code == 200
     diff = [p - d for p, d in zip(proxied, direct, strict=True)]
-    return {"n": n, "direct_ms_median": 1e3 * statistics.median(direct), "proxied_ms_median": 1e3 * statistics.median(proxied),
-            "overhead_ms_median": 1e3 * statistics.median(diff), "overhead_ms_p95": 1e3 * pct(diff, 0.95)}  # fmt: skip
+    return {
+        "n": n,
+        "direct_ms_median": 1e3 * statistics.median(direct),
+        "proxied_ms_median": 1e3 * statistics.median(proxied),
+        "overhead_ms_median": 1e3 * statistics.median(diff),
+        "overhead_ms_p95": 1e3 * pct(diff, 0.95),
+    }
 
 
 def durability(root: Path, rounds: int) -> dict[str, Any]:
     reg_dir = root / "dur-registry"
-    env = {"SVD_SIDECAR_API_KEY": KEY, "SVD_SIDECAR_REGISTRY": str(reg_dir), "SVD_SIDECAR_VOCAB_SIZE": "1000000",
-           "SVD_SIDECAR_VLLM_URL": "http://127.0.0.1:9"}  # fmt: skip
+    env = {
+        "SVD_SIDECAR_API_KEY": KEY,
+        "SVD_SIDECAR_REGISTRY": str(reg_dir),
+        "SVD_SIDECAR_VOCAB_SIZE": "1000000",
+        "SVD_SIDECAR_VLLM_URL": "http://127.0.0.1:9",
+    }
     sc = SidecarProcess(env, root / "dur.log").start()
     registry = Registry(reg_dir)
     tally = {"old_version": 0, "new_version": 0, "inconsistent": 0}
@@ -180,16 +204,32 @@ def durability(root: Path, rounds: int) -> dict[str, Any]:
 
 
 def fuzz() -> dict[str, Any]:
-    res = subprocess.run([sys.executable, "-m", "pytest", "-q", str(ROOT / "tests" / "test_sidecar_fuzz.py"),
-                          "--hypothesis-show-statistics", "-p", "no:cacheprovider"],
-                         capture_output=True, text=True, cwd=ROOT)  # fmt: skip
+    res = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pytest",
+            "-q",
+            str(ROOT / "tests" / "test_sidecar_fuzz.py"),
+            "--hypothesis-show-statistics",
+            "-p",
+            "no:cacheprovider",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+    )
     counts = [
         tuple(map(int, m))
         for m in re.findall(r"(\d+) passing, (\d+) failing, and (\d+) invalid", res.stdout)
     ]
-    return {"operations": len(counts), "passing_cases": sum(c[0] for c in counts),
-            "failing_cases": sum(c[1] for c in counts), "invalid_cases_skipped": sum(c[2] for c in counts),
-            "pytest_exit": res.returncode}  # fmt: skip
+    return {
+        "operations": len(counts),
+        "passing_cases": sum(c[0] for c in counts),
+        "failing_cases": sum(c[1] for c in counts),
+        "invalid_cases_skipped": sum(c[2] for c in counts),
+        "pytest_exit": res.returncode,
+    }
 
 
 def main() -> int:
@@ -200,8 +240,14 @@ def main() -> int:
         lora = build_tiny_lora(base, root / "lora")
         registry = root / "registry"
         srv = VLLMServer(base, {"lora": lora}, registry, root / "vllm.log")
-        sc = SidecarProcess({"SVD_SIDECAR_API_KEY": KEY, "SVD_SIDECAR_REGISTRY": str(registry),
-                             "SVD_SIDECAR_VLLM_URL": srv.base_url}, root / "sidecar.log")  # fmt: skip
+        sc = SidecarProcess(
+            {
+                "SVD_SIDECAR_API_KEY": KEY,
+                "SVD_SIDECAR_REGISTRY": str(registry),
+                "SVD_SIDECAR_VLLM_URL": srv.base_url,
+            },
+            root / "sidecar.log",
+        )
         try:
             srv.wait_ready()
             sc.start()

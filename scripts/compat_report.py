@@ -38,11 +38,24 @@ def fetch_wheel(requirement: str) -> Path:
     found = sorted(dest.glob(stem + "*.whl"))
     if not found:
         subprocess.run(
-            [sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--only-binary=:all:",
-             "--python-version", "3.12", "--platform", "manylinux_2_28_x86_64", "-d", str(dest),
-             requirement],
+            [
+                sys.executable,
+                "-m",
+                "pip",
+                "download",
+                "--quiet",
+                "--no-deps",
+                "--only-binary=:all:",
+                "--python-version",
+                "3.12",
+                "--platform",
+                "manylinux_2_28_x86_64",
+                "-d",
+                str(dest),
+                requirement,
+            ],
             check=True,
-        )  # fmt: skip
+        )
         found = sorted(dest.glob(stem + "*.whl"))
     if not found:
         raise FileNotFoundError(f"pip downloaded no wheel for {requirement} into {dest}")
@@ -80,19 +93,22 @@ def main(argv: list[str] | None = None) -> int:
         failed |= bool(problems)
         rows.append(f"| `{req}` | {wheel.name} | {'ok' if not problems else '; '.join(problems)} |")
         print(f"{req}: {'ok' if not problems else problems}")
-    text = "\n".join([
-        "# Interface check of vLLM wheels (`make compat`)",
-        "",
-        f"{time.strftime('%Y-%m-%d')}; declared range `vllm{SUPPORTED_VLLM}`. Each wheel's sources",
-        "are read, not imported: `svd_vllm/vllm/compat.py` lists what is checked (the",
-        "wrapped method's parameters, both processor interfaces' abstract methods and",
-        "constructor arguments, the fields of `BatchUpdate`, `MoveDirectionality`,",
-        "`LogitsContext`, `LogitsProcRequestState` and `LoRARequest` that the plugin reads).",
-        "",
-        "| requirement | wheel | result |",
-        "|---|---|---|",
-        *rows,
-    ])  # fmt: skip
+    text = "\n".join(
+        [
+            "# Interface check of vLLM wheels (`make compat`)",
+            "",
+            f"{time.strftime('%Y-%m-%d')}; declared range `vllm{SUPPORTED_VLLM}`. Each wheel's "
+            "sources",
+            "are read, not imported: `svd_vllm/vllm/compat.py` lists what is checked (the",
+            "wrapped method's parameters, both processor interfaces' abstract methods and",
+            "constructor arguments, the fields of `BatchUpdate`, `MoveDirectionality`,",
+            "`LogitsContext`, `LogitsProcRequestState` and `LoRARequest` that the plugin reads).",
+            "",
+            "| requirement | wheel | result |",
+            "|---|---|---|",
+            *rows,
+        ]
+    )
     args.out.write_text(text + "\n")
     print(f"wrote {args.out}")
     return 1 if failed else 0

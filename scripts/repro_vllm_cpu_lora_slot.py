@@ -36,9 +36,15 @@ def main() -> int:
         from vllm import LLM, SamplingParams
         from vllm.lora.request import LoRARequest
 
-        llm = LLM(model=str(base), enable_lora=True, max_lora_rank=8,
-                  max_loras=2 if args.spare else 1, max_model_len=128, dtype="float32",
-                  enforce_eager=True)  # fmt: skip
+        llm = LLM(
+            model=str(base),
+            enable_lora=True,
+            max_lora_rank=8,
+            max_loras=2 if args.spare else 1,
+            max_model_len=128,
+            dtype="float32",
+            enforce_eager=True,
+        )
         greedy = SamplingParams(temperature=0, max_tokens=12)
         prompt = "w17 w42 w99 w7"
         lora = LoRARequest("task", 1, str(lora_dir))

@@ -67,10 +67,19 @@ def main() -> int:
         lora_args: dict[str, Any] = (
             {} if args.no_enable_lora else {"enable_lora": True, "max_lora_rank": 8, "max_loras": 2}
         )
-        llm = LLM(model=str(base), **lora_args,
-                  max_model_len=128, dtype="float32", enforce_eager=True,
-                  speculative_config={"method": "ngram", "num_speculative_tokens": 3,
-                                      "prompt_lookup_max": 3, "prompt_lookup_min": 1})  # fmt: skip
+        llm = LLM(
+            model=str(base),
+            **lora_args,
+            max_model_len=128,
+            dtype="float32",
+            enforce_eager=True,
+            speculative_config={
+                "method": "ngram",
+                "num_speculative_tokens": 3,
+                "prompt_lookup_max": 3,
+                "prompt_lookup_min": 1,
+            },
+        )
         greedy = SamplingParams(temperature=0, max_tokens=16)
         # A repetitive prompt, so that the ngram proposer drafts tokens to verify.
         prompt = "w5 w6 w7 w5 w6 w7 w5 w6 w7 w5 w6"

@@ -19,19 +19,32 @@ __version__ = "0.1.0"
 #: Public name -> (module, attribute). Imported on first use (PEP 562): the sidecar imports
 #: ``svd_vllm.registry`` without torch, and the plugin without transformers or peft.
 _LAZY: dict[str, tuple[str, str]] = {
-    **{n: ("svd_vllm.core.artifact", n)
-       for n in ("ArtifactError", "ArtifactMeta", "CalibrationStats", "SteeringArtifact")},
+    **{
+        n: ("svd_vllm.core.artifact", n)
+        for n in ("ArtifactError", "ArtifactMeta", "CalibrationStats", "SteeringArtifact")
+    },
     "load_artifact": ("svd_vllm.core.artifact", "load"),
     "save_artifact": ("svd_vllm.core.artifact", "save"),
     "validate_artifact": ("svd_vllm.core.artifact", "validate"),
-    **{n: ("svd_vllm.core.steering", n)
-       for n in ("aggregate_mu", "confidence_mask", "exact_delta", "gauss_newton_mu",
-                 "gauss_newton_terms", "log_ratio", "pooled_mu", "precomputed_delta", "steer",
-                 "svd_logits")},
+    **{
+        n: ("svd_vllm.core.steering", n)
+        for n in (
+            "aggregate_mu",
+            "confidence_mask",
+            "exact_delta",
+            "gauss_newton_mu",
+            "gauss_newton_terms",
+            "log_ratio",
+            "pooled_mu",
+            "precomputed_delta",
+            "steer",
+            "svd_logits",
+        )
+    },
     "ReferenceDecoder": ("svd_vllm.offline.reference", "ReferenceDecoder"),
     "extract_vector": ("svd_vllm.offline.extraction", "extract_vector"),
     "CalibrationItem": ("svd_vllm.offline.extraction", "CalibrationItem"),
-}  # fmt: skip
+}
 
 __all__ = ["__version__", *sorted(_LAZY)]
 

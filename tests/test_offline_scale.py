@@ -56,9 +56,21 @@ def test_cuda_without_a_gpu_is_a_clear_error(tiny_dirs: tuple[Path, Path], tmp_p
         precision.resolve_device("cuda")
     with pytest.raises(ValueError, match=r"unsupported device|unknown device"):
         precision.resolve_device("tpu")
-    rc = cli_main(["extract", "--base", str(tiny_dirs[0]), "--adapter", str(tiny_dirs[1]),
-                   "--task", str(_jsonl(tmp_path, 2)), "--out", str(tmp_path / "v.safetensors"),
-                   "--device", "cuda"])  # fmt: skip
+    rc = cli_main(
+        [
+            "extract",
+            "--base",
+            str(tiny_dirs[0]),
+            "--adapter",
+            str(tiny_dirs[1]),
+            "--task",
+            str(_jsonl(tmp_path, 2)),
+            "--out",
+            str(tmp_path / "v.safetensors"),
+            "--device",
+            "cuda",
+        ]
+    )
     assert rc == 2 and not (tmp_path / "v.safetensors").exists()
 
 
@@ -74,10 +86,12 @@ def _jsonl(tmp_path: Path, n: int) -> Path:
 # -- batched passes ----------------------------------------------------------------------------
 def test_batched_extraction_equals_one_item_at_a_time(decoder: ReferenceDecoder) -> None:
     items = _items(30)
-    one, _ = extract_vector(decoder, items, name="t", progress=False, batch_size=1,
-                            bootstrap_reps=20)  # fmt: skip
-    many, rep = extract_vector(decoder, items, name="t", progress=False, batch_size=7,
-                               bootstrap_reps=20)  # fmt: skip
+    one, _ = extract_vector(
+        decoder, items, name="t", progress=False, batch_size=1, bootstrap_reps=20
+    )
+    many, rep = extract_vector(
+        decoder, items, name="t", progress=False, batch_size=7, bootstrap_reps=20
+    )
     assert rep.extra["batches"] < len(items)
     torch.testing.assert_close(many.shift, one.shift, rtol=1e-5, atol=1e-6)
     assert many.meta.mu_bar == pytest.approx(one.meta.mu_bar, rel=1e-4)
@@ -120,18 +134,26 @@ def test_batched_evaluation_equals_the_unbatched_scores(decoder: ReferenceDecode
     rnd = random.Random(1)
 
     def item(i: int) -> Item:
-        texts = [" " + " ".join(rnd.choice(WORDS) for _ in range(rnd.randint(1, 4)))
-                 for _ in range(3)]  # fmt: skip
+        texts = [
+            " " + " ".join(rnd.choice(WORDS) for _ in range(rnd.randint(1, 4))) for _ in range(3)
+        ]
         gold = rnd.randrange(3)
-        return Item(id=str(i), task="toy", prompt=" ".join(rnd.choice(WORDS) for _ in range(5)),
-                    completion=texts[gold],
-                    options=[{"text": t, "correct": k == gold} for k, t in enumerate(texts)])  # fmt: skip
+        return Item(
+            id=str(i),
+            task="toy",
+            prompt=" ".join(rnd.choice(WORDS) for _ in range(5)),
+            completion=texts[gold],
+            options=[{"text": t, "correct": k == gold} for k, t in enumerate(texts)],
+        )
 
     items = [item(i) for i in range(10)]
     shift = torch.randn(decoder.vocab_size)
-    specs = [MethodSpec("base", "base"), MethodSpec("peft", "adapter"),
-             MethodSpec("exact", "svd-exact", -2.0, 0.1),
-             MethodSpec("pre", "svd-precomputed", -3.0, 0.1, shift)]  # fmt: skip
+    specs = [
+        MethodSpec("base", "base"),
+        MethodSpec("peft", "adapter"),
+        MethodSpec("exact", "svd-exact", -2.0, 0.1),
+        MethodSpec("pre", "svd-precomputed", -3.0, 0.1, shift),
+    ]
     batched = evaluate_items(decoder, items, specs, progress=False, batch_size=4)
     single = evaluate_items(decoder, items, specs, progress=False, batch_size=1)
     for s in specs:
@@ -150,9 +172,21 @@ def test_too_long_items_are_refused_with_the_limit(decoder: ReferenceDecoder) ->
     ):
         extract_vector(decoder, [_items(1)[0], long], name="t", progress=False, max_length=16)
     with pytest.raises(ValueError, match="over the maximum length 16"):
-        evaluate_items(decoder, [Item(id="0", task="t", prompt=long.prompt, completion=" blue",
-                                      options=[{"text": " blue", "correct": True}])],
-                       [MethodSpec("peft", "adapter")], progress=False, max_length=16)  # fmt: skip
+        evaluate_items(
+            decoder,
+            [
+                Item(
+                    id="0",
+                    task="t",
+                    prompt=long.prompt,
+                    completion=" blue",
+                    options=[{"text": " blue", "correct": True}],
+                )
+            ],
+            [MethodSpec("peft", "adapter")],
+            progress=False,
+            max_length=16,
+        )
 
 
 # -- warm start --------------------------------------------------------------------------------
@@ -162,8 +196,7 @@ def test_interrupted_warm_start_resumes_to_the_same_adapter(
     from safetensors.torch import load_file
 
     examples = [(it.prompt, it.completion) for it in _items(24, seed=7)]
-    cfg = WarmStartConfig(lr=1e-2, batch_size=4, grad_accum=2, checkpoint_every=1,
-                          dtype="float32")  # fmt: skip
+    cfg = WarmStartConfig(lr=1e-2, batch_size=4, grad_accum=2, checkpoint_every=1, dtype="float32")
     straight = train_adapter(tiny_dirs[0], examples, tmp_path / "a", cfg, progress=False)
     assert straight.steps == 3 and straight.resumed_from_step == 0  # 6 batches, 2 per step
 
@@ -183,8 +216,9 @@ def test_interrupted_warm_start_resumes_to_the_same_adapter(
     monkeypatch.setattr(_Checkpoint, "save", real_save)
 
     # A different config must not pick up that checkpoint.
-    other = WarmStartConfig(lr=2e-2, batch_size=4, grad_accum=2, checkpoint_every=1,
-                            dtype="float32")  # fmt: skip
+    other = WarmStartConfig(
+        lr=2e-2, batch_size=4, grad_accum=2, checkpoint_every=1, dtype="float32"
+    )
     with pytest.raises(ValueError, match="different warm start"):
         train_adapter(tiny_dirs[0], examples, tmp_path / "b", other, progress=False)
 
@@ -205,8 +239,9 @@ def test_gradient_checkpointing_trains_the_same_adapter(
 
     examples = [(it.prompt, it.completion) for it in _items(8, seed=9)]
     plain = WarmStartConfig(lr=1e-2, batch_size=4, dtype="float32", lora_dropout=0.0)
-    ckpt = WarmStartConfig(lr=1e-2, batch_size=4, dtype="float32", lora_dropout=0.0,
-                           gradient_checkpointing=True)  # fmt: skip
+    ckpt = WarmStartConfig(
+        lr=1e-2, batch_size=4, dtype="float32", lora_dropout=0.0, gradient_checkpointing=True
+    )
     train_adapter(tiny_dirs[0], examples, tmp_path / "p", plain, progress=False)
     train_adapter(tiny_dirs[0], examples, tmp_path / "c", ckpt, progress=False)
     a = load_file(tmp_path / "p" / "adapter_model.safetensors")

@@ -78,8 +78,12 @@ def test_gguf_add_bos_flag_is_read(tmp_path: Path, flag: bool | None) -> None:
 
 
 def test_task_conversion_and_splits() -> None:
-    arc = {"id": "q1", "question": "Which is a fruit?", "answerKey": "B",
-           "choices": "{'text': ['rock', 'apple'], 'label': ['A', 'B']}"}  # fmt: skip
+    arc = {
+        "id": "q1",
+        "question": "Which is a fruit?",
+        "answerKey": "B",
+        "choices": "{'text': ['rock', 'apple'], 'label': ['A', 'B']}",
+    }
     item = _convert("arc_easy", arc, 0)
     assert item["prompt"].endswith("the correct answer is") and item["completion"] == " apple"
     assert [o["correct"] for o in item["options"]] == [False, True]
@@ -155,9 +159,18 @@ def _toy_items(tmp_path: Path) -> Path:
         ]
         * 3
     ):
-        rows.append({"id": f"i{i}", "task": "toy", "prompt": f"the color of {q} is",
-                     "completion": f" {good}", "options": [{"text": f" {good}", "correct": True},
-                                                           {"text": f" {bad}", "correct": False}]})  # fmt: skip
+        rows.append(
+            {
+                "id": f"i{i}",
+                "task": "toy",
+                "prompt": f"the color of {q} is",
+                "completion": f" {good}",
+                "options": [
+                    {"text": f" {good}", "correct": True},
+                    {"text": f" {bad}", "correct": False},
+                ],
+            }
+        )
     d = tmp_path / "tasks" / "toy"
     d.mkdir(parents=True)
     for split in ("train", "calib", "test"):
@@ -228,14 +241,40 @@ def test_evaluate_items_and_cli_extract_eval(
     d = _toy_items(tmp_path)
     dec = ReferenceDecoder(base, lora)
     items = load_items(d / "test.jsonl", limit=4)
-    scores = evaluate_items(dec, items, [MethodSpec("base", "base"), MethodSpec("peft", "adapter"),
-                                         MethodSpec("exact0", "svd-exact", 0.0, 0.1)],
-                            generation=True, progress=False)  # fmt: skip
+    scores = evaluate_items(
+        dec,
+        items,
+        [
+            MethodSpec("base", "base"),
+            MethodSpec("peft", "adapter"),
+            MethodSpec("exact0", "svd-exact", 0.0, 0.1),
+        ],
+        generation=True,
+        progress=False,
+    )
     assert scores["exact0"]["acc"] == scores["peft"]["acc"] and len(scores["peft"]["acc"]) == 4
     assert len(scores["peft"]["gen"]) == 4
     vec = tmp_path / "v.safetensors"
-    assert cli_main(["extract", "--base", str(base), "--adapter", str(lora), "--task", str(d / "calib.jsonl"),
-                     "--out", str(vec), "--name", "toy", "--report", str(tmp_path / "r.json")]) == 0  # fmt: skip
+    assert (
+        cli_main(
+            [
+                "extract",
+                "--base",
+                str(base),
+                "--adapter",
+                str(lora),
+                "--task",
+                str(d / "calib.jsonl"),
+                "--out",
+                str(vec),
+                "--name",
+                "toy",
+                "--report",
+                str(tmp_path / "r.json"),
+            ]
+        )
+        == 0
+    )
     art = artifact.load(vec)
     assert art.meta.name == "toy" and torch.isfinite(art.shift).all()
     directions = json.loads((tmp_path / "r.json").read_text())["directions"]
@@ -244,15 +283,40 @@ def test_evaluate_items_and_cli_extract_eval(
         art.meta.mu_bar
     )
     capsys.readouterr()
-    assert cli_main(["eval", "--base", str(base), "--adapter", str(lora), "--vector", str(vec),
-                     "--task", str(d / "test.jsonl"), "--limit", "3", "--out", str(tmp_path / "e.json")]) == 0  # fmt: skip
+    assert (
+        cli_main(
+            [
+                "eval",
+                "--base",
+                str(base),
+                "--adapter",
+                str(lora),
+                "--vector",
+                str(vec),
+                "--task",
+                str(d / "test.jsonl"),
+                "--limit",
+                "3",
+                "--out",
+                str(tmp_path / "e.json"),
+            ]
+        )
+        == 0
+    )
     report = json.loads((tmp_path / "e.json").read_text())["toy"]
     # The CLI's scores are those of the library on the same items: base and PEFT directly,
     # and the precomputed vector at the file's strength.
-    direct = evaluate_items(dec, load_items(d / "test.jsonl", limit=3),
-                            [MethodSpec("base", "base"), MethodSpec("peft", "adapter"),
-                             MethodSpec("svd", "svd-precomputed", art.meta.mu_bar, art.meta.alpha, art.shift)],
-                            generation=False, progress=False)  # fmt: skip
+    direct = evaluate_items(
+        dec,
+        load_items(d / "test.jsonl", limit=3),
+        [
+            MethodSpec("base", "base"),
+            MethodSpec("peft", "adapter"),
+            MethodSpec("svd", "svd-precomputed", art.meta.mu_bar, art.meta.alpha, art.shift),
+        ],
+        generation=False,
+        progress=False,
+    )
     for method, name in (("base", "base"), ("peft", "peft"), ("peft+svd-precomputed", "svd")):
         assert report[method]["acc"]["score"] == pytest.approx(float(np.mean(direct[name]["acc"])))
     assert (

@@ -204,10 +204,14 @@ def fake_ctx(row_state: list[int]) -> LogitsContext:
     m = torch.tensor(row_state, dtype=torch.int32)
     n = len(row_state)
     return LogitsContext(
-        expanded_idx_mapping=m, idx_mapping=m, idx_mapping_np=np.array(row_state, dtype=np.int32),
-        expanded_local_pos=torch.zeros(n, dtype=torch.int32), input_ids=torch.zeros(n, dtype=torch.int32),
-        pos=torch.zeros(n, dtype=torch.int32), seq_lens_upper_bound_np=np.ones(n, dtype=np.int32),
-    )  # fmt: skip
+        expanded_idx_mapping=m,
+        idx_mapping=m,
+        idx_mapping_np=np.array(row_state, dtype=np.int32),
+        expanded_local_pos=torch.zeros(n, dtype=torch.int32),
+        input_ids=torch.zeros(n, dtype=torch.int32),
+        pos=torch.zeros(n, dtype=torch.int32),
+        seq_lens_upper_bound_np=np.ones(n, dtype=np.int32),
+    )
 
 
 def test_v2_request_indices_rows_and_recycling(registry: Registry) -> None:
@@ -242,10 +246,19 @@ def sampler_warmup_params() -> SamplingParams:
     made = getattr(SamplingParams, "for_sampler_warmup", None)
     if made is not None:
         return made()
-    return SamplingParams(temperature=0.9, top_p=0.9, top_k=50, min_p=0.1,
-                          frequency_penalty=0.5, presence_penalty=0.5, repetition_penalty=1.2,
-                          min_tokens=2, logit_bias={0: -1.0, 1: 0.5}, logprobs=5,
-                          prompt_logprobs=1)  # fmt: skip
+    return SamplingParams(
+        temperature=0.9,
+        top_p=0.9,
+        top_k=50,
+        min_p=0.1,
+        frequency_penalty=0.5,
+        presence_penalty=0.5,
+        repetition_penalty=1.2,
+        min_tokens=2,
+        logit_bias={0: -1.0, 1: 0.5},
+        logprobs=5,
+        prompt_logprobs=1,
+    )
 
 
 def test_v2_sampler_warmup_leaves_no_state(registry: Registry) -> None:
@@ -255,8 +268,9 @@ def test_v2_sampler_warmup_leaves_no_state(registry: Registry) -> None:
     unsteered, nothing counts as active, and the next requests steer exactly as usual."""
     req_states = SimpleNamespace(device=torch.device("cpu"), max_num_reqs=8)
     p = SVDLogitsProcessor(config(), req_states)
-    fresh = SVDLogitsProcessor(config(max_seqs=4), SimpleNamespace(device=torch.device("cpu"),
-                                                                   max_num_reqs=8))  # fmt: skip
+    fresh = SVDLogitsProcessor(
+        config(max_seqs=4), SimpleNamespace(device=torch.device("cpu"), max_num_reqs=8)
+    )
     assert p.add_request(3, sp(svd=1, svd_vector="b")) is True  # e.g. left by a profile run
     p.apply_staged_writes()
     warm = sampler_warmup_params()
@@ -271,8 +285,9 @@ def test_v2_sampler_warmup_leaves_no_state(registry: Registry) -> None:
         assert proc.add_request(0, sp()) is False
         proc.apply_staged_writes()
     z2 = logits(2, seed=5)
-    torch.testing.assert_close(p.apply(z2.clone(), fake_ctx([0, 3])),
-                               fresh.apply(z2.clone(), fake_ctx([0, 3])))  # fmt: skip
+    torch.testing.assert_close(
+        p.apply(z2.clone(), fake_ctx([0, 3])), fresh.apply(z2.clone(), fake_ctx([0, 3]))
+    )
     assert torch.equal(p.apply(z2.clone(), fake_ctx([0, 3]))[0], z2[0])
 
 
@@ -527,7 +542,11 @@ def test_a_registered_composition_is_an_adapters_default_steering(registry: Regi
     # Its own alpha, if set, replaces the members' smallest.
     registry.compose("combo", [("a", 0.5), ("b", None)], alpha=0.6, replace=True)
     p.store.refresh()
-    p.update_state(BatchUpdate(batch_size=2, removed=[], added=[(1, sp(svd=1, svd_vector="combo"), None, [])], moved=[]))  # fmt: skip
+    p.update_state(
+        BatchUpdate(
+            batch_size=2, removed=[], added=[(1, sp(svd=1, svd_vector="combo"), None, [])], moved=[]
+        )
+    )
     z2 = logits(2, seed=9)
     torch.testing.assert_close(
         p.apply(z2.clone())[1], composed_expected(z2[1:2], [(a, -2.0), (b, -9.0)], 0.6)[0]

@@ -307,7 +307,11 @@ def test_a_member_is_named_by_vector_or_name_and_its_scale_is_a_scale() -> None:
 
     assert Member.model_validate({"name": "a", "scale": 0.5}) == Member(vector="a", scale=0.5)
     assert Member.model_validate({"vector": "a"}).model_dump() == {"vector": "a", "scale": None}
-    for bad in ({"vector": "a", "name": "b"}, {"name": "a", "scale": float("nan")},
-                {"name": "a", "scale": "0.5"}, {"name": "a", "scale": 1e6}):  # fmt: skip
+    for bad in (
+        {"vector": "a", "name": "b"},
+        {"name": "a", "scale": float("nan")},
+        {"name": "a", "scale": "0.5"},
+        {"name": "a", "scale": 1e6},
+    ):
         with pytest.raises(ValidationError):
             Member.model_validate(bad)

@@ -19,13 +19,22 @@ from svd_vllm.core.artifact import SteeringArtifact
 from svd_vllm.offline.warmstart import RECORD
 
 MODEL = "qwen2.5-coder-0.5b"
-WARMSTART = {"examples": 1184, "steps": 148, "tokens": 11795, "first_loss": 5.5419,
-             "last_loss": 3.5957, "mean_loss": 3.7093}  # fmt: skip
+WARMSTART = {
+    "examples": 1184,
+    "steps": 148,
+    "tokens": 11795,
+    "first_loss": 5.5419,
+    "last_loss": 3.5957,
+    "mean_loss": 3.7093,
+}
 
 
 def _reported() -> dict[str, Any]:
-    return {"adapter": "cs-lora-paper", "warmstart": dict(WARMSTART),
-            "vector": {"mu_bar": -1.4963, "mu_bar_exact": -1.2714}}  # fmt: skip
+    return {
+        "adapter": "cs-lora-paper",
+        "warmstart": dict(WARMSTART),
+        "vector": {"mu_bar": -1.4963, "mu_bar_exact": -1.2714},
+    }
 
 
 def _again(mu_bar: float = -1.4963, **ws: float) -> tuple[dict[str, Any], Any]:
@@ -69,9 +78,19 @@ def test_generation_records_give_per_task_and_average_gains_and_say_what_is_pend
     # every split: items 1-5 (the first 4 are answered), each with the options "A" and "X"
     monkeypatch.setenv("SVD_VLLM_CACHE", str(tmp_path / "cache"))
     for t in suite.test_tasks:
-        rows = [{"id": i, "task": t, "prompt": "Q", "completion": " A",
-                 "options": [{"text": " A", "correct": i != "2"}, {"text": " X", "correct": i == "2"}]}
-                for i in ("1", "2", "3", "4", "5")]  # fmt: skip
+        rows = [
+            {
+                "id": i,
+                "task": t,
+                "prompt": "Q",
+                "completion": " A",
+                "options": [
+                    {"text": " A", "correct": i != "2"},
+                    {"text": " X", "correct": i == "2"},
+                ],
+            }
+            for i in ("1", "2", "3", "4", "5")
+        ]
         for split in ("test", "calib"):
             path = tmp_path / "cache" / "tasks" / t / f"{split}.jsonl"
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -80,19 +99,37 @@ def test_generation_records_give_per_task_and_average_gains_and_say_what_is_pend
     assert ss._missing(tmp_path, [suite]) == [(suite.adapter, None)] + [
         (suite.adapter, t) for t in suite.test_tasks
     ]
-    _write(where / "tune.json", {
-        "dev_items": ["1", "2", "3"] * len(suite.calib_tasks),
-        "n": 24, "seconds": 60.0, "first_token_note": "", "chosen": {"scale": 0.5, "reason": "r"},
-        "points": [{"scale": s, "alpha": 0.1, "vs_adapter": None} for s in (0.0, 0.5, 1.0)],
-    })  # fmt: skip
+    _write(
+        where / "tune.json",
+        {
+            "dev_items": ["1", "2", "3"] * len(suite.calib_tasks),
+            "n": 24,
+            "seconds": 60.0,
+            "first_token_note": "",
+            "chosen": {"scale": 0.5, "reason": "r"},
+            "points": [{"scale": s, "alpha": 0.1, "vs_adapter": None} for s in (0.0, 0.5, 1.0)],
+        },
+    )
     # Every task: PEFT right on 1 of 4 items; scale 1 on 2 of 4 (one answer changed); the tuned
     # scale 0.5 answers exactly as PEFT does.
     peft = {"scale": 0.0, "texts": ["A", "B", "C", "D"], "correct": [True, False, False, False]}
     for t in suite.test_tasks[:-1]:
-        _write(where / f"gen-{t}.json", {"items": ["1", "2", "3", "4"], "seconds": 10.0, "points": [
-            peft, peft | {"scale": 0.5},
-            {"scale": 1.0, "texts": ["A", "X", "C", "D"], "correct": [True, True, False, False]},
-        ]})  # fmt: skip
+        _write(
+            where / f"gen-{t}.json",
+            {
+                "items": ["1", "2", "3", "4"],
+                "seconds": 10.0,
+                "points": [
+                    peft,
+                    peft | {"scale": 0.5},
+                    {
+                        "scale": 1.0,
+                        "texts": ["A", "X", "C", "D"],
+                        "correct": [True, True, False, False],
+                    },
+                ],
+            },
+        )
     assert ss._missing(tmp_path, [suite]) == [(suite.adapter, suite.test_tasks[-1])]
     last = suite.test_tasks[-1]
     _write(
@@ -169,9 +206,14 @@ def test_a_suite_is_cached_exactly_when_the_study_reads_its_lora_and_vector_back
     record = {"config": {}, "result": WARMSTART, "base": MODEL}
     _write(accuracy.adapter_dir(MODEL, suite.adapter) / RECORD, record)
     vec = SteeringArtifact.create(
-        torch.linspace(-1, 1, 16), name=suite.adapter, base_model=MODEL, adapter=suite.adapter,
-        tokenizer_fingerprint="t", mu_bar=-1.5, alpha=0.2,
-    )  # fmt: skip
+        torch.linspace(-1, 1, 16),
+        name=suite.adapter,
+        base_model=MODEL,
+        adapter=suite.adapter,
+        tokenizer_fingerprint="t",
+        mu_bar=-1.5,
+        alpha=0.2,
+    )
     artifact.save(vec, accuracy.vector_path(MODEL, suite.adapter))
     assert not accuracy.is_cached(MODEL, suite)  # no calibration report yet: it is extracted again
     _write(accuracy.vector_report_path(MODEL, suite.adapter), {"mu_bar": -1.5})

@@ -25,8 +25,15 @@ def _alive(pid: int) -> bool:
 
 def test_local_stack_serves_and_stops(serving_assets: dict, tmp_path: Path) -> None:
     a = serving_assets
-    cfg = StackConfig(model=a["base"], loras={"lora1": a["loras"]["lora1"]}, registry=tmp_path / "registry",
-                      max_model_len=512, dtype="float32", log_dir=tmp_path / "logs", kv_cache_gib=1)  # fmt: skip
+    cfg = StackConfig(
+        model=a["base"],
+        loras={"lora1": a["loras"]["lora1"]},
+        registry=tmp_path / "registry",
+        max_model_len=512,
+        dtype="float32",
+        log_dir=tmp_path / "logs",
+        kv_cache_gib=1,
+    )
     stack = LocalStack(cfg)
     with stack:
         stack.wait_ready(timeout=300)
@@ -39,8 +46,14 @@ def test_local_stack_serves_and_stops(serving_assets: dict, tmp_path: Path) -> N
             timeout=30,
         )
         assert r.status_code == 201, r.text
-        body = {"model": "lora1", "prompt": "the color of sky is", "max_tokens": 6, "temperature": 0,
-                "return_token_ids": True, "steering": {"enabled": True}}  # fmt: skip
+        body = {
+            "model": "lora1",
+            "prompt": "the color of sky is",
+            "max_tokens": 6,
+            "temperature": 0,
+            "return_token_ids": True,
+            "steering": {"enabled": True},
+        }
         r = httpx.post(f"{stack.sidecar_url}/v1/completions", json=body, timeout=60)
         assert r.status_code == 200, r.text
         dec = ReferenceDecoder(a["base"], a["loras"]["lora1"], vector=a["vectors"]["lora1"])
@@ -65,8 +78,22 @@ def test_serve_stops_its_children_on_sigterm(serving_assets: dict, tmp_path: Pat
     import time
 
     a = serving_assets
-    cmd = [sys.executable, "-m", "svd_vllm.tools.cli", "serve", "--model", str(a["base"]),
-           "--lora", f"lora1={a['loras']['lora1']}", "--registry", str(tmp_path / "registry"), "--port", "0", "--sidecar-port", "0"]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "svd_vllm.tools.cli",
+        "serve",
+        "--model",
+        str(a["base"]),
+        "--lora",
+        f"lora1={a['loras']['lora1']}",
+        "--registry",
+        str(tmp_path / "registry"),
+        "--port",
+        "0",
+        "--sidecar-port",
+        "0",
+    ]
     env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"}
     proc = subprocess.Popen(
         cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env
@@ -102,9 +129,14 @@ def test_serve_stops_its_children_on_sigterm(serving_assets: dict, tmp_path: Pat
 
 @pytest.mark.parametrize(
     ("ranks", "cores", "binding"),
-    [(2, [0, 1], "0|1"), (2, range(8), "0-3|4-7"), (3, range(7), "0-1|2-3|4-5"),
-     (2, [6, 0, 4, 2], "0,2|4,6"), (1, [5], "5")],
-)  # fmt: skip
+    [
+        (2, [0, 1], "0|1"),
+        (2, range(8), "0-3|4-7"),
+        (3, range(7), "0-1|2-3|4-5"),
+        (2, [6, 0, 4, 2], "0,2|4,6"),
+        (1, [5], "5"),
+    ],
+)
 def test_cpu_rank_binding_gives_each_rank_its_own_cores(
     ranks: int, cores: list[int], binding: str
 ) -> None:
@@ -138,7 +170,16 @@ def test_serve_refuses_more_cpu_ranks_than_cores(
     monkeypatch.delenv(CPU_BIND_ENV, raising=False)
     monkeypatch.setattr(os, "sched_getaffinity", lambda _pid: {0, 1})
     monkeypatch.setattr("svd_vllm.tools.serve._has_gpu", lambda: False)
-    code = main(["serve", "--model", str(tmp_path), "--registry", str(tmp_path / "r"),
-                 "--tensor-parallel-size", "4"])  # fmt: skip
+    code = main(
+        [
+            "serve",
+            "--model",
+            str(tmp_path),
+            "--registry",
+            str(tmp_path / "r"),
+            "--tensor-parallel-size",
+            "4",
+        ]
+    )
     assert code != 0
     assert "4 ranks need at least 4 cores" in capsys.readouterr().err

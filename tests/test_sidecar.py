@@ -99,8 +99,15 @@ def _bad_artifacts(tmp: Path) -> dict[str, bytes]:
         json.loads(good[8 : 8 + int.from_bytes(good[:8], "little")])["__metadata__"]["svd_vllm"]
     )
     p = tmp / "x.safetensors"
-    save_file({"shift": torch.zeros(VOCAB, dtype=torch.float64)}, str(p),
-              metadata={"format": "svd-vllm-steering", "format_version": "1", "svd_vllm": json.dumps(meta)})  # fmt: skip
+    save_file(
+        {"shift": torch.zeros(VOCAB, dtype=torch.float64)},
+        str(p),
+        metadata={
+            "format": "svd-vllm-steering",
+            "format_version": "1",
+            "svd_vllm": json.dumps(meta),
+        },
+    )
     out["dtype"] = p.read_bytes()
     nan = torch.zeros(VOCAB)
     nan[3] = float("nan")
@@ -120,8 +127,15 @@ def _bad_artifacts(tmp: Path) -> dict[str, bytes]:
         metadata={"format": "svd-vllm-steering", "format_version": "1"},
     )
     out["metadata"] = p.read_bytes()
-    save_file({"shift": torch.zeros(VOCAB)}, str(p),
-              metadata={"format": "svd-vllm-steering", "format_version": "1", "svd_vllm": json.dumps(meta)})  # fmt: skip
+    save_file(
+        {"shift": torch.zeros(VOCAB)},
+        str(p),
+        metadata={
+            "format": "svd-vllm-steering",
+            "format_version": "1",
+            "svd_vllm": json.dumps(meta),
+        },
+    )
     out["hash"] = p.read_bytes()  # valid structure, content does not match its hash
     return out
 
@@ -224,8 +238,15 @@ def test_health_ready_metrics(env: dict, tmp_path: Path) -> None:
 def test_front_translates_steering_and_validates(env: dict) -> None:
     c, up = env["client"], env["upstream"]
     upload(c, vec_bytes("lora-a"))
-    r = c.post("/v1/completions", json={"model": "lora-a", "prompt": "hi", "vllm_xargs": {"other": 3},
-                                         "steering": {"enabled": True, "scale": 0.5, "alpha": 0.2}})  # fmt: skip
+    r = c.post(
+        "/v1/completions",
+        json={
+            "model": "lora-a",
+            "prompt": "hi",
+            "vllm_xargs": {"other": 3},
+            "steering": {"enabled": True, "scale": 0.5, "alpha": 0.2},
+        },
+    )
     assert r.status_code == 200, r.text
     sent = up.seen[-1]
     assert "steering" not in sent
@@ -291,21 +312,32 @@ def test_openapi_schema_is_published(env: dict) -> None:
 
 
 # -- composition and every generation endpoint -------------------------------------------
-@pytest.mark.parametrize("path", ["/v1/completions", "/v1/chat/completions", "/v1/responses",
-                                  "/v1/messages"])  # fmt: skip
+@pytest.mark.parametrize(
+    "path", ["/v1/completions", "/v1/chat/completions", "/v1/responses", "/v1/messages"]
+)
 def test_every_generation_endpoint_folds_in_steering(env: dict, path: str) -> None:
     c, up = env["client"], env["upstream"]
     upload(c, vec_bytes("tone", seed=1))
     upload(c, vec_bytes("task", seed=2))
-    body = {"model": "base", "steering": {"enabled": True, "vectors": [
-        {"name": "tone", "scale": 0.5}, {"name": "task"}]}, "vllm_xargs": {"keep": 1}}  # fmt: skip
+    body = {
+        "model": "base",
+        "steering": {
+            "enabled": True,
+            "vectors": [{"name": "tone", "scale": 0.5}, {"name": "task"}],
+        },
+        "vllm_xargs": {"keep": 1},
+    }
     r = c.post(path, json=body)
     assert r.status_code == 200, r.text
     sent = up.seen[-1]
     assert "steering" not in sent
     # A missing scale is the vector's default scale (1.0 here), so the lists stay aligned.
-    assert sent["vllm_xargs"] == {"keep": 1, "svd": 1, "svd_vector": ["tone", "task"],
-                                  "svd_scale": [0.5, 1.0]}  # fmt: skip
+    assert sent["vllm_xargs"] == {
+        "keep": 1,
+        "svd": 1,
+        "svd_vector": ["tone", "task"],
+        "svd_scale": [0.5, 1.0],
+    }
     r = c.post(path, json={"model": "base", "steering": {"vectors": [{"name": "tone"}]}})
     assert r.status_code == 200 and up.seen[-1]["vllm_xargs"] == {"svd_vector": ["tone"]}
     with c.stream("POST", path, json={**body, "stream": True}) as s:
@@ -322,25 +354,44 @@ def test_every_generation_endpoint_folds_in_steering(env: dict, path: str) -> No
     ("steering", "code", "message"),
     [
         ({"enabled": True, "vectors": []}, "steering", "at least 1"),
-        ({"enabled": True, "vectors": [{"name": f"v{i}"} for i in range(9)]}, "steering", "at most 8"),
-        ({"enabled": True, "vectors": [{"name": "tone"}, {"name": "tone"}]}, "steering",
-         r"vectors\[1\]: 'tone' is listed twice"),
-        ({"enabled": True, "vector": "tone", "vectors": [{"name": "tone"}]}, "steering", "not both"),
-        ({"enabled": True, "vectors": [{"name": "tone", "scale": float("inf")}]}, "json",
-         r"steering.vectors\[0\].scale: Infinity is not a JSON number"),
-        ({"enabled": True, "vectors": [{"name": "tone"}, {"name": "nope"}]}, "unknown_vector",
-         r"steering.vectors\[1\]: no steering vector named 'nope'"),
+        (
+            {"enabled": True, "vectors": [{"name": f"v{i}"} for i in range(9)]},
+            "steering",
+            "at most 8",
+        ),
+        (
+            {"enabled": True, "vectors": [{"name": "tone"}, {"name": "tone"}]},
+            "steering",
+            r"vectors\[1\]: 'tone' is listed twice",
+        ),
+        (
+            {"enabled": True, "vector": "tone", "vectors": [{"name": "tone"}]},
+            "steering",
+            "not both",
+        ),
+        (
+            {"enabled": True, "vectors": [{"name": "tone", "scale": float("inf")}]},
+            "json",
+            r"steering.vectors\[0\].scale: Infinity is not a JSON number",
+        ),
+        (
+            {"enabled": True, "vectors": [{"name": "tone"}, {"name": "nope"}]},
+            "unknown_vector",
+            r"steering.vectors\[1\]: no steering vector named 'nope'",
+        ),
     ],
-)  # fmt: skip
+)
 def test_composition_errors_are_400s_naming_the_field(
     env: dict, steering: dict, code: str, message: str
 ) -> None:
     c, up = env["client"], env["upstream"]
     upload(c, vec_bytes("tone", seed=1))
     n = len(up.seen)
-    r = c.post("/v1/responses", content=json.dumps({"model": "base", "input": "hi",
-                                                    "steering": steering}, allow_nan=True),
-               headers={"content-type": "application/json"})  # fmt: skip
+    r = c.post(
+        "/v1/responses",
+        content=json.dumps({"model": "base", "input": "hi", "steering": steering}, allow_nan=True),
+        headers={"content-type": "application/json"},
+    )
     assert r.status_code == 400 and r.json()["error"]["code"] == code, r.text
     assert re.search(message, r.json()["error"]["message"])
     assert len(up.seen) == n
@@ -348,8 +399,12 @@ def test_composition_errors_are_400s_naming_the_field(
 
 def test_other_vllm_paths_are_not_proxied(env: dict) -> None:
     c, up = env["client"], env["upstream"]
-    for method, path in (("POST", "/v1/load_lora_adapter"), ("GET", "/v1/nothing"),
-                         ("POST", "/reset_prefix_cache"), ("DELETE", "/v1/models")):  # fmt: skip
+    for method, path in (
+        ("POST", "/v1/load_lora_adapter"),
+        ("GET", "/v1/nothing"),
+        ("POST", "/reset_prefix_cache"),
+        ("DELETE", "/v1/models"),
+    ):
         r = c.request(method, path, json={})
         assert r.status_code in (404, 405), (method, path)
         if r.status_code == 404:
@@ -448,8 +503,12 @@ def test_the_management_api_runs_without_torch(tmp_path: Path) -> None:
     import subprocess
     import sys
 
-    res = subprocess.run([sys.executable, "-c", _WITHOUT_TORCH, str(tmp_path / "reg")],
-                         capture_output=True, text=True, timeout=120)  # fmt: skip
+    res = subprocess.run(
+        [sys.executable, "-c", _WITHOUT_TORCH, str(tmp_path / "reg")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert res.returncode == 0 and res.stdout.strip() == "ok", res.stdout + res.stderr
 
 

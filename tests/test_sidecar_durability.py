@@ -25,8 +25,10 @@ def art_bytes(seed: int) -> bytes:
 
 def slow_body(data: bytes, boundary: str, delay: float, half_sent: threading.Event | None = None):  # type: ignore[no-untyped-def]
     """A multipart body sent in 256 KiB pieces; ``half_sent`` is set once half the file is out."""
-    head = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"big.safetensors\"\r\n"
-            "Content-Type: application/octet-stream\r\n\r\n").encode()  # fmt: skip
+    head = (
+        f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="big.safetensors"\r\n'
+        "Content-Type: application/octet-stream\r\n\r\n"
+    ).encode()
     yield head
     for i in range(0, len(data), 256 * 1024):
         yield data[i : i + 256 * 1024]
@@ -63,16 +65,24 @@ def test_kill_during_upload_keeps_registry_consistent(
     tmp_path: Path, phase: str, seed: int
 ) -> None:
     reg_dir = tmp_path / "registry"
-    env = {"SVD_SIDECAR_API_KEY": KEY, "SVD_SIDECAR_REGISTRY": str(reg_dir), "SVD_SIDECAR_VOCAB_SIZE": str(VOCAB),
-           "SVD_SIDECAR_VLLM_URL": "http://127.0.0.1:9"}  # fmt: skip
+    env = {
+        "SVD_SIDECAR_API_KEY": KEY,
+        "SVD_SIDECAR_REGISTRY": str(reg_dir),
+        "SVD_SIDECAR_VOCAB_SIZE": str(VOCAB),
+        "SVD_SIDECAR_VLLM_URL": "http://127.0.0.1:9",
+    }
     sc = SidecarProcess(env, tmp_path / "sidecar.log").start()
     registry = Registry(reg_dir)
     auth = {"Authorization": f"Bearer {KEY}"}
     boundary = "svdboundary"
     new = art_bytes(seed)
     try:
-        r = httpx.post(f"{sc.url}/v1/steering/vectors", files={"file": ("b", art_bytes(0))},
-                       headers=auth, timeout=60)  # fmt: skip
+        r = httpx.post(
+            f"{sc.url}/v1/steering/vectors",
+            files={"file": ("b", art_bytes(0))},
+            headers=auth,
+            timeout=60,
+        )
         assert r.status_code == 201, r.text
         landed = False
         for _ in range(5):

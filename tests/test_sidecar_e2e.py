@@ -27,8 +27,13 @@ def stack(serving_assets: dict, tmp_path_factory: pytest.TempPathFactory) -> Ite
     reg = root / "registry"
     template = root / "chat.jinja"  # the tiny tokenizer has none; chat-style endpoints need one
     template.write_text("{% for m in messages %}{{ m['content'] }} {% endfor %}")
-    srv = VLLMServer(serving_assets["base"], serving_assets["loras"], reg, root / "vllm.log",
-                     extra_args=["--chat-template", str(template)])  # fmt: skip
+    srv = VLLMServer(
+        serving_assets["base"],
+        serving_assets["loras"],
+        reg,
+        root / "vllm.log",
+        extra_args=["--chat-template", str(template)],
+    )
     sc = SidecarProcess(
         {
             "SVD_SIDECAR_API_KEY": KEY,
@@ -96,9 +101,19 @@ def test_register_steer_patch_restart(stack: dict) -> None:
     )
     assert half == dec.generate(prompt, "svd-precomputed", mu=-10.0, max_new_tokens=8).token_ids
     # Streaming passes through unchanged.
-    with httpx.stream("POST", f"{sc.url}/v1/completions", timeout=60,
-                      json={"model": "lora1", "prompt": prompt, "max_tokens": 8, "temperature": 0, "stream": True,
-                            "steering": {"enabled": True}}) as s:  # fmt: skip
+    with httpx.stream(
+        "POST",
+        f"{sc.url}/v1/completions",
+        timeout=60,
+        json={
+            "model": "lora1",
+            "prompt": prompt,
+            "max_tokens": 8,
+            "temperature": 0,
+            "stream": True,
+            "steering": {"enabled": True},
+        },
+    ) as s:
         body = b"".join(s.iter_raw()).decode()
     assert body.rstrip().endswith("data: [DONE]") and body.count("data: ") >= 3
     # Restart the sidecar: every registration is still there.
@@ -181,27 +196,52 @@ def test_responses_and_messages_endpoints_steer_through_the_sidecar(stack: dict)
     direct = OpenAI(base_url=f"{srv.base_url}/v1", api_key="none")
     common = {"model": "lora1", "input": prompt, "max_output_tokens": 8, "temperature": 0}
     # Explicit scales: an earlier test may have changed lora1's default scale (kept on replace).
-    composed = {"enabled": True, "vectors": [{"name": "lora1", "scale": 1.0},
-                                             {"name": "other", "scale": 0.5}]}  # fmt: skip
+    composed = {
+        "enabled": True,
+        "vectors": [{"name": "lora1", "scale": 1.0}, {"name": "other", "scale": 0.5}],
+    }
     on = via_front.responses.create(**common, extra_body={"steering": composed})
-    want = direct.responses.create(**common, extra_body={"vllm_xargs": {
-        "svd": 1, "svd_vector": ["lora1", "other"], "svd_scale": [1.0, 0.5]}})  # fmt: skip
+    want = direct.responses.create(
+        **common,
+        extra_body={
+            "vllm_xargs": {"svd": 1, "svd_vector": ["lora1", "other"], "svd_scale": [1.0, 0.5]}
+        },
+    )
     off = via_front.responses.create(**common, extra_body={"steering": {"enabled": False}})
     plain = direct.responses.create(**common)
     assert on.output_text == want.output_text and off.output_text == plain.output_text
     assert on.output_text != off.output_text  # steering changed the answer: the check can fail
     # Anthropic-style Messages API.
-    body = {"model": "lora1", "max_tokens": 8, "temperature": 0,
-            "messages": [{"role": "user", "content": prompt}]}  # fmt: skip
+    body = {
+        "model": "lora1",
+        "max_tokens": 8,
+        "temperature": 0,
+        "messages": [{"role": "user", "content": prompt}],
+    }
     headers = {"anthropic-version": "2023-06-01", "x-api-key": "none"}
-    m_on = httpx.post(f"{sc.url}/v1/messages", headers=headers, timeout=120,
-                      json={**body, "steering": {"enabled": True}})  # fmt: skip
-    m_want = httpx.post(f"{srv.base_url}/v1/messages", headers=headers, timeout=120,
-                        json={**body, "vllm_xargs": {"svd": 1}})  # fmt: skip
+    m_on = httpx.post(
+        f"{sc.url}/v1/messages",
+        headers=headers,
+        timeout=120,
+        json={**body, "steering": {"enabled": True}},
+    )
+    m_want = httpx.post(
+        f"{srv.base_url}/v1/messages",
+        headers=headers,
+        timeout=120,
+        json={**body, "vllm_xargs": {"svd": 1}},
+    )
     assert m_on.status_code == 200, m_on.text
     assert m_on.json()["content"] == m_want.json()["content"]
-    bad = httpx.post(f"{sc.url}/v1/messages", headers=headers, timeout=60, json={
-        **body, "steering": {"enabled": True, "vectors": [{"name": "lora1"}, {"name": "nope"}]}})  # fmt: skip
+    bad = httpx.post(
+        f"{sc.url}/v1/messages",
+        headers=headers,
+        timeout=60,
+        json={
+            **body,
+            "steering": {"enabled": True, "vectors": [{"name": "lora1"}, {"name": "nope"}]},
+        },
+    )
     assert bad.status_code == 400 and "steering.vectors[1]" in bad.text
 
 
@@ -212,19 +252,35 @@ def _direct(srv: VLLMServer, path: str, body: dict, svd: int) -> dict:
     return dict(r.json())
 
 
-PROMPTS = ["the color of sky is", "one two three", "a b c d", "hello world", "the cat sat on",
-           "red green blue", "up down left", "sun moon star"]  # fmt: skip
+PROMPTS = [
+    "the color of sky is",
+    "one two three",
+    "a b c d",
+    "hello world",
+    "the cat sat on",
+    "red green blue",
+    "up down left",
+    "sun moon star",
+]
 
 
 def _variant_stack(stack: dict) -> tuple[VLLMServer, SidecarProcess]:
     """lora1's vector registered at scale 1 (earlier tests change it)."""
     sc, a = stack["sidecar"], stack["assets"]
     data = artifact.to_bytes(a["vectors"]["lora1"])
-    r = httpx.post(f"{sc.url}/v1/steering/vectors?replace=true", headers=AUTH, timeout=30,
-                   files={"file": ("lora1.safetensors", data)})  # fmt: skip
+    r = httpx.post(
+        f"{sc.url}/v1/steering/vectors?replace=true",
+        headers=AUTH,
+        timeout=30,
+        files={"file": ("lora1.safetensors", data)},
+    )
     assert r.status_code == 201, r.text
-    r = httpx.patch(f"{sc.url}/v1/steering/vectors/lora1", headers=AUTH, timeout=30,
-                    json={"default_scale": 1.0, "enabled": True})  # fmt: skip
+    r = httpx.patch(
+        f"{sc.url}/v1/steering/vectors/lora1",
+        headers=AUTH,
+        timeout=30,
+        json={"default_scale": 1.0, "enabled": True},
+    )
     assert r.status_code == 200, r.text
     return stack["vllm"], sc
 
@@ -246,13 +302,18 @@ def test_the_openai_sdk_and_langchain_pick_a_variant_by_name(stack: dict) -> Non
         assert got.choices[0].text == on["choices"][0]["text"]
         changed += on["choices"][0]["text"] != off["choices"][0]["text"]
     assert changed >= 1  # steering changes answers here: the equality above can fail
-    chat = ChatOpenAI(model="lora1:svd", base_url=f"{sc.url}/v1", api_key="none", temperature=0,
-                      max_tokens=8)  # fmt: skip
+    chat = ChatOpenAI(
+        model="lora1:svd", base_url=f"{sc.url}/v1", api_key="none", temperature=0, max_tokens=8
+    )
     changed = 0
     for prompt in PROMPTS[:4]:
         message = chat.invoke(prompt)
-        body = {"model": "lora1", "messages": [{"role": "user", "content": prompt}],
-                "max_tokens": 8, "temperature": 0}  # fmt: skip
+        body = {
+            "model": "lora1",
+            "messages": [{"role": "user", "content": prompt}],
+            "max_tokens": 8,
+            "temperature": 0,
+        }
         on = _direct(srv, "/v1/chat/completions", body, 1)
         off = _direct(srv, "/v1/chat/completions", body, 0)
         assert message.content == on["choices"][0]["message"]["content"]
@@ -285,12 +346,18 @@ def test_lm_eval_harness_evaluates_a_variant_through_the_front(
     )
     out = lm_eval.simple_evaluate(
         model="local-completions",
-        model_args={"model": "lora1:svd", "base_url": f"{sc.url}/v1/completions",
-                    "tokenizer_backend": None, "tokenized_requests": False,
-                    "num_concurrent": 1, "max_retries": 1},
-        tasks=["svd_local"], task_manager=TaskManager(include_path=str(tmp_path)),
+        model_args={
+            "model": "lora1:svd",
+            "base_url": f"{sc.url}/v1/completions",
+            "tokenizer_backend": None,
+            "tokenized_requests": False,
+            "num_concurrent": 1,
+            "max_retries": 1,
+        },
+        tasks=["svd_local"],
+        task_manager=TaskManager(include_path=str(tmp_path)),
         log_samples=True,
-    )  # fmt: skip
+    )
     assert out is not None
     samples = sorted(out["samples"]["svd_local"], key=lambda s: s["doc_id"])
     assert len(samples) == len(PROMPTS)

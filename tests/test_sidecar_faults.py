@@ -39,9 +39,13 @@ def front(tmp_path: Path, upstream: FaultyUpstream) -> Iterator[dict[str, Any]]:
     allowed = tmp_path / "allowed"
     allowed.mkdir()
     settings = SidecarSettings(
-        api_key=KEY, registry=tmp_path / "reg", vocab_size=VOCAB, allowed_roots=[allowed],
-        vllm_url=upstream.url, proxy_timeout=PROXY_TIMEOUT,
-    )  # fmt: skip
+        api_key=KEY,
+        registry=tmp_path / "reg",
+        vocab_size=VOCAB,
+        allowed_roots=[allowed],
+        vllm_url=upstream.url,
+        proxy_timeout=PROXY_TIMEOUT,
+    )
     with TestClient(create_app(settings), raise_server_exceptions=False) as client:
         for name, seed in (("a", 1), ("b", 2)):
             assert upload(client, vec_bytes(name, seed=seed)).status_code == 201
@@ -62,10 +66,13 @@ def post_raw(client: TestClient, path: str, text: str) -> Any:
         ('"top_p": Infinity', "top_p", "Infinity"),
         ('"top_p": -Infinity', "top_p", "-Infinity"),
         ('"vllm_xargs": {"svd_scale": 1e999}', "vllm_xargs.svd_scale", "1e999"),
-        ('"messages": [{"role": "user", "content": [1, -1e400]}]', "messages[0].content[1]",
-         "-1e400"),
+        (
+            '"messages": [{"role": "user", "content": [1, -1e400]}]',
+            "messages[0].content[1]",
+            "-1e400",
+        ),
     ],
-)  # fmt: skip
+)
 def test_non_finite_numbers_are_400s_naming_the_field(
     front: dict, path: str, fragment: str, field: str, token: str
 ) -> None:
@@ -116,8 +123,9 @@ def test_an_unreachable_upstream_is_a_502(tmp_path: Path) -> None:
     with socket.socket() as s:  # a port nobody listens on
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    settings = SidecarSettings(dev=True, registry=tmp_path, vocab_size=VOCAB,
-                               vllm_url=f"http://127.0.0.1:{port}")  # fmt: skip
+    settings = SidecarSettings(
+        dev=True, registry=tmp_path, vocab_size=VOCAB, vllm_url=f"http://127.0.0.1:{port}"
+    )
     with TestClient(create_app(settings)) as c:
         r = c.post("/v1/completions", json={"model": "m", "prompt": "x"})
         assert r.status_code == 502 and r.json()["error"]["code"] == "upstream"
@@ -194,12 +202,19 @@ def test_the_front_asks_for_identity_and_decodes_a_compressed_answer(
 # -- what reaches vLLM -----------------------------------------------------------------------
 def test_internal_keys_and_steering_never_reach_vllm(front: dict) -> None:
     c, up = front["client"], front["upstream"]
-    r = c.post("/v1/completions", json={"model": "a", "prompt": "x", "vllm_xargs": {
-        "svd_lora_name": "b", "svd_pinned": "b@1#0", "svd": 1, "other": 2}})  # fmt: skip
+    r = c.post(
+        "/v1/completions",
+        json={
+            "model": "a",
+            "prompt": "x",
+            "vllm_xargs": {"svd_lora_name": "b", "svd_pinned": "b@1#0", "svd": 1, "other": 2},
+        },
+    )
     assert r.status_code == 200, r.text
     assert up.seen[-1][1]["vllm_xargs"] == {"svd": 1, "other": 2}
-    r = c.post("/v1/completions", json={"model": "a", "prompt": "x",
-                                        "vllm_xargs": {"svd_pinned": "b@1#0"}})  # fmt: skip
+    r = c.post(
+        "/v1/completions", json={"model": "a", "prompt": "x", "vllm_xargs": {"svd_pinned": "b@1#0"}}
+    )
     assert r.status_code == 200 and "vllm_xargs" not in up.seen[-1][1]
     for path in ("/tokenize", "/detokenize"):
         r = c.post(path, json={"model": "a", "prompt": "x", "steering": {"enabled": True}})
@@ -224,7 +239,7 @@ def test_internal_keys_and_steering_never_reach_vllm(front: dict) -> None:
         ({"vllm_xargs": {"svd": 1, "svd_alpha": False}}, "vllm_xargs.svd_alpha"),
         ({"vllm_xargs": {"svd": 2}}, "vllm_xargs.svd"),
     ],
-)  # fmt: skip
+)
 def test_wrong_types_are_refused_not_coerced(front: dict, extra: dict, field: str) -> None:
     c = front["client"]
     before = snapshot(front["root"])
@@ -243,8 +258,11 @@ def test_management_bodies_are_strict_too(front: dict) -> None:
     body = {"members": [{"vector": "a"}], "enabled": "no"}
     r = c.put("/v1/steering/compositions/c", json=body, headers=AUTH)
     assert r.status_code == 422 and "enabled" in r.text
-    r = c.put("/v1/steering/compositions/c", json={"members": [{"vector": "a", "scale": "2"}]},
-              headers=AUTH)  # fmt: skip
+    r = c.put(
+        "/v1/steering/compositions/c",
+        json={"members": [{"vector": "a", "scale": "2"}]},
+        headers=AUTH,
+    )
     assert r.status_code == 422 and "scale" in r.text
     assert snapshot(front["root"]) == before
 
@@ -253,20 +271,37 @@ def test_management_bodies_are_strict_too(front: dict) -> None:
 @pytest.mark.parametrize(
     ("extra", "code", "message"),
     [
-        ({"steering": {"enabled": True, "vectors": [{"name": "a"}, {"name": "b"}]},
-          "vllm_xargs": {"svd_scale": 2.0}}, "steering",
-         "svd_scale must be a list of 2 numbers"),
-        ({"steering": {"enabled": True, "vector": "a"}, "vllm_xargs": {"svd_scale": [1.0, 2.0]}},
-         "steering", "svd_scale is a list"),
-        ({"steering": {"vectors": [{"name": "a"}, {"name": "zz"}]}}, "unknown_vector",
-         r"steering.vectors\[1\]: no steering vector named 'zz'"),
-        ({"steering": {"vectors": [{"name": "a", "scale": 2.0}, {"name": "zz"}]}},
-         "unknown_vector", r"steering.vectors\[1\]: no steering vector named 'zz'"),
-        ({"vllm_xargs": {"svd": 1, "svd_vector": ["a", "zz"]}}, "unknown_vector",
-         r"vllm_xargs.svd_vector\[1\]: no steering vector named 'zz'"),
+        (
+            {
+                "steering": {"enabled": True, "vectors": [{"name": "a"}, {"name": "b"}]},
+                "vllm_xargs": {"svd_scale": 2.0},
+            },
+            "steering",
+            "svd_scale must be a list of 2 numbers",
+        ),
+        (
+            {"steering": {"enabled": True, "vector": "a"}, "vllm_xargs": {"svd_scale": [1.0, 2.0]}},
+            "steering",
+            "svd_scale is a list",
+        ),
+        (
+            {"steering": {"vectors": [{"name": "a"}, {"name": "zz"}]}},
+            "unknown_vector",
+            r"steering.vectors\[1\]: no steering vector named 'zz'",
+        ),
+        (
+            {"steering": {"vectors": [{"name": "a", "scale": 2.0}, {"name": "zz"}]}},
+            "unknown_vector",
+            r"steering.vectors\[1\]: no steering vector named 'zz'",
+        ),
+        (
+            {"vllm_xargs": {"svd": 1, "svd_vector": ["a", "zz"]}},
+            "unknown_vector",
+            r"vllm_xargs.svd_vector\[1\]: no steering vector named 'zz'",
+        ),
         ({"vllm_xargs": {"svd": 1, "svd_vector": ["a", "a"]}}, "steering", "listed twice"),
     ],
-)  # fmt: skip
+)
 def test_the_front_refuses_what_the_engine_refuses(
     front: dict, extra: dict, code: str, message: str
 ) -> None:
@@ -280,8 +315,11 @@ def test_the_front_refuses_what_the_engine_refuses(
 
 def test_models_report_a_composition_with_a_disabled_member(front: dict) -> None:
     c, up = front["client"], front["upstream"]
-    r = c.put("/v1/steering/compositions/ok", json={"members": [{"vector": "a"}, {"vector": "b"}]},
-              headers=AUTH)  # fmt: skip
+    r = c.put(
+        "/v1/steering/compositions/ok",
+        json={"members": [{"vector": "a"}, {"vector": "b"}]},
+        headers=AUTH,
+    )
     assert r.status_code == 200
     assert up.seen == []
 
@@ -319,9 +357,12 @@ def _send_head(url: str, path: str, declared: int, sent: bytes, auth: bool) -> s
 
     u = urlsplit(url)
     sock = socket.create_connection((u.hostname, u.port), timeout=30)
-    head = [f"PUT {path} HTTP/1.1" if "compositions" in path else f"POST {path} HTTP/1.1",
-            f"Host: {u.hostname}:{u.port}", "Content-Type: application/json",
-            f"Content-Length: {declared}"]  # fmt: skip
+    head = [
+        f"PUT {path} HTTP/1.1" if "compositions" in path else f"POST {path} HTTP/1.1",
+        f"Host: {u.hostname}:{u.port}",
+        "Content-Type: application/json",
+        f"Content-Length: {declared}",
+    ]
     if auth:
         head.append(f"Authorization: Bearer {KEY}")
     sock.sendall(("\r\n".join(head) + "\r\n\r\n").encode() + sent)
@@ -334,13 +375,20 @@ def test_a_body_that_never_arrives_gets_a_408_and_a_vanishing_client_no_crash(
     from svd_vllm.tools.child_servers import SidecarProcess
 
     log = tmp_path / "sidecar.log"
-    env = {"SVD_SIDECAR_API_KEY": KEY, "SVD_SIDECAR_REGISTRY": str(tmp_path / "reg"),
-           "SVD_SIDECAR_VOCAB_SIZE": str(VOCAB), "SVD_SIDECAR_VLLM_URL": "http://127.0.0.1:9",
-           "SVD_SIDECAR_BODY_TIMEOUT": "1"}  # fmt: skip
+    env = {
+        "SVD_SIDECAR_API_KEY": KEY,
+        "SVD_SIDECAR_REGISTRY": str(tmp_path / "reg"),
+        "SVD_SIDECAR_VOCAB_SIZE": str(VOCAB),
+        "SVD_SIDECAR_VLLM_URL": "http://127.0.0.1:9",
+        "SVD_SIDECAR_BODY_TIMEOUT": "1",
+    }
     sc = SidecarProcess(env, log).start()
     try:
-        for path, auth in (("/v1/completions", False), ("/v1/steering/compositions/x", False),
-                           ("/v1/steering/compositions/x", True)):  # fmt: skip
+        for path, auth in (
+            ("/v1/completions", False),
+            ("/v1/steering/compositions/x", False),
+            ("/v1/steering/compositions/x", True),
+        ):
             sock = _send_head(sc.url, path, 100, b'{"model": ', auth)
             t0 = time.monotonic()
             answer = b""
@@ -372,13 +420,21 @@ def _wild() -> Any:
     from hypothesis import strategies as st
 
     scalars = st.one_of(
-        st.none(), st.booleans(), st.integers(-3, 3), st.sampled_from([0.5, 2.0, 1e9, -1e300]),
-        st.floats(allow_nan=True, allow_infinity=True), st.sampled_from(["", "a", "b", "zz", "yes", "../x", "a\n"]),
-    )  # fmt: skip
+        st.none(),
+        st.booleans(),
+        st.integers(-3, 3),
+        st.sampled_from([0.5, 2.0, 1e9, -1e300]),
+        st.floats(allow_nan=True, allow_infinity=True),
+        st.sampled_from(["", "a", "b", "zz", "yes", "../x", "a\n"]),
+    )
     return st.recursive(
-        scalars, lambda kids: st.lists(kids, max_size=3) | st.dictionaries(
-            st.sampled_from(["name", "scale", "x"]), kids, max_size=2), max_leaves=6,
-    )  # fmt: skip
+        scalars,
+        lambda kids: (
+            st.lists(kids, max_size=3)
+            | st.dictionaries(st.sampled_from(["name", "scale", "x"]), kids, max_size=2)
+        ),
+        max_leaves=6,
+    )
 
 
 def _bodies() -> Any:
@@ -391,17 +447,37 @@ def _bodies() -> Any:
         )
         | wild
     )
-    xargs = st.dictionaries(
-        st.sampled_from(["svd", "svd_vector", "svd_scale", "svd_alpha", "svd_lora_name",
-                         "svd_pinned", "other"]), wild,
-    ) | wild  # fmt: skip
+    xargs = (
+        st.dictionaries(
+            st.sampled_from(
+                [
+                    "svd",
+                    "svd_vector",
+                    "svd_scale",
+                    "svd_alpha",
+                    "svd_lora_name",
+                    "svd_pinned",
+                    "other",
+                ]
+            ),
+            wild,
+        )
+        | wild
+    )
     depth = st.sampled_from([0, MAX_JSON_DEPTH - 2, MAX_JSON_DEPTH - 1, MAX_JSON_DEPTH, 966, 980])
     return st.fixed_dictionaries(
-        {"model": st.sampled_from(["a", "b", "ok", "c"]), "path": st.sampled_from(GENERATION),
-         "depth": depth},
-        optional={"steering": steering, "vllm_xargs": xargs, "temperature": wild,
-                  "stream": st.booleans()},
-    )  # fmt: skip
+        {
+            "model": st.sampled_from(["a", "b", "ok", "c"]),
+            "path": st.sampled_from(GENERATION),
+            "depth": depth,
+        },
+        optional={
+            "steering": steering,
+            "vllm_xargs": xargs,
+            "temperature": wild,
+            "stream": st.booleans(),
+        },
+    )
 
 
 def test_fuzzing_the_generation_endpoints_finds_no_5xx(front: dict) -> None:
@@ -411,8 +487,9 @@ def test_fuzzing_the_generation_endpoints_finds_no_5xx(front: dict) -> None:
     before = snapshot(root)
     statuses: dict[int, int] = {}
 
-    @settings(max_examples=300, deadline=None, derandomize=True,
-              suppress_health_check=list(HealthCheck))  # fmt: skip
+    @settings(
+        max_examples=300, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck)
+    )
     @given(_bodies())
     def one(case: dict) -> None:
         path, depth = case.pop("path"), case.pop("depth")
@@ -442,15 +519,26 @@ def test_a_real_sidecar_forwards_an_empty_bearer_as_a_valid_header(
 
     from svd_vllm.tools.child_servers import SidecarProcess
 
-    env = {"SVD_SIDECAR_DEV": "1", "SVD_SIDECAR_REGISTRY": str(tmp_path / "reg"),
-           "SVD_SIDECAR_VOCAB_SIZE": str(VOCAB), "SVD_SIDECAR_VLLM_URL": upstream.url}  # fmt: skip
+    env = {
+        "SVD_SIDECAR_DEV": "1",
+        "SVD_SIDECAR_REGISTRY": str(tmp_path / "reg"),
+        "SVD_SIDECAR_VOCAB_SIZE": str(VOCAB),
+        "SVD_SIDECAR_VLLM_URL": upstream.url,
+    }
     sc = SidecarProcess(env, tmp_path / "sidecar.log").start()
     try:
         # http.client, like requests, sends the trailing space (httpx itself refuses to).
         conn = http.client.HTTPConnection("127.0.0.1", sc.port, timeout=30)
-        conn.request("POST", "/v1/completions", body=json.dumps({"model": "ok", "prompt": "x"}),
-                     headers={"Authorization": "Bearer ", "X-Request-Id": " r1 ",
-                              "Content-Type": "application/json"})  # fmt: skip
+        conn.request(
+            "POST",
+            "/v1/completions",
+            body=json.dumps({"model": "ok", "prompt": "x"}),
+            headers={
+                "Authorization": "Bearer ",
+                "X-Request-Id": " r1 ",
+                "Content-Type": "application/json",
+            },
+        )
         r = conn.getresponse()
         assert r.status == 200, r.read()
         conn.close()

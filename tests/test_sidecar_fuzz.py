@@ -22,9 +22,13 @@ def _seed() -> None:
     import torch
 
     art = SteeringArtifact.create(
-        torch.linspace(-1, 1, 16), name="seed", base_model="b", adapter="a",
-        tokenizer_fingerprint="t", mu_bar=-1.0,
-    )  # fmt: skip
+        torch.linspace(-1, 1, 16),
+        name="seed",
+        base_model="b",
+        adapter="a",
+        tokenizer_fingerprint="t",
+        mu_bar=-1.0,
+    )
     artifact.save(art, _allowed / "seed.safetensors")
 
 

@@ -45,8 +45,12 @@ def test_nul_byte_in_a_registration_path(env: dict) -> None:
 @pytest.mark.parametrize("name", ["ok\n", "ok\r\n", "\nok", "a/b", ""])
 def test_bad_multipart_names_leave_no_file(env: dict, name: str) -> None:
     before = snapshot(env["root"])
-    r = env["client"].post("/v1/steering/vectors", files={"file": ("v", vec_bytes("n"))},
-                           data={"name": name}, headers=AUTH)  # fmt: skip
+    r = env["client"].post(
+        "/v1/steering/vectors",
+        files={"file": ("v", vec_bytes("n"))},
+        data={"name": name},
+        headers=AUTH,
+    )
     if name == "":
         assert r.status_code == 201  # an empty field means "the artifact's own name"
         return
@@ -57,8 +61,12 @@ def test_bad_multipart_names_leave_no_file(env: dict, name: str) -> None:
 @pytest.mark.parametrize("scale", ["-1e300", "1e300", "101", "inf", "nan", "x"])
 def test_unbounded_strength_at_upload(env: dict, scale: str) -> None:
     before = snapshot(env["root"])
-    r = env["client"].post("/v1/steering/vectors", files={"file": ("v", vec_bytes("s"))},
-                           data={"default_scale": scale}, headers=AUTH)  # fmt: skip
+    r = env["client"].post(
+        "/v1/steering/vectors",
+        files={"file": ("v", vec_bytes("s"))},
+        data={"default_scale": scale},
+        headers=AUTH,
+    )
     assert r.status_code == 400 and r.json()["error"]["code"] == "validation", r.text
     assert snapshot(env["root"]) == before
 
@@ -169,8 +177,9 @@ def _chunks(total: int, size: int = 1024) -> Iterator[bytes]:
 def test_oversized_bodies_on_the_open_front_get_413(capped: dict, chunked: bool) -> None:
     body = b'{"model": "m", "prompt": "' + b"a" * 8192 + b'"}'
     content = _chunks(len(body)) if chunked else body
-    r = capped["client"].post("/v1/completions", content=content,
-                              headers={"content-type": "application/json"})  # fmt: skip
+    r = capped["client"].post(
+        "/v1/completions", content=content, headers={"content-type": "application/json"}
+    )
     assert r.status_code == 413 and r.json()["error"]["code"] == "size"
     assert capped["upstream"].seen == []  # nothing reached vLLM
     ok = capped["client"].post("/v1/completions", json={"model": "m", "prompt": "hi"})
@@ -180,16 +189,21 @@ def test_oversized_bodies_on_the_open_front_get_413(capped: dict, chunked: bool)
 def test_oversized_chunked_upload_gets_413_and_leaves_nothing(env: dict) -> None:
     before = snapshot(env["root"])
     boundary = "b0undary"
-    head = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"v\"\r\n"
-            "Content-Type: application/octet-stream\r\n\r\n").encode()  # fmt: skip
+    head = (
+        f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="v"\r\n'
+        "Content-Type: application/octet-stream\r\n\r\n"
+    ).encode()
 
     def body() -> Iterator[bytes]:
         yield head
         yield from _chunks(4 * 64 * 1024, 4096)  # 4x the upload cap, no Content-Length
         yield f"\r\n--{boundary}--\r\n".encode()
 
-    r = env["client"].post("/v1/steering/vectors", content=body(), headers={
-        **AUTH, "content-type": f"multipart/form-data; boundary={boundary}"})  # fmt: skip
+    r = env["client"].post(
+        "/v1/steering/vectors",
+        content=body(),
+        headers={**AUTH, "content-type": f"multipart/form-data; boundary={boundary}"},
+    )
     assert r.status_code == 413 and r.json()["error"]["code"] == "size"
     assert snapshot(env["root"]) == before
     assert not list((env["root"] / ".uploads").glob("*"))
@@ -206,8 +220,12 @@ def _stream_until_answered(
 
     u = urlsplit(url)
     sock = socket.create_connection((u.hostname, u.port), timeout=30)
-    head = [f"POST {path} HTTP/1.1", f"Host: {u.hostname}:{u.port}", "Transfer-Encoding: chunked",
-            *(f"{k}: {v}" for k, v in headers.items())]  # fmt: skip
+    head = [
+        f"POST {path} HTTP/1.1",
+        f"Host: {u.hostname}:{u.port}",
+        "Transfer-Encoding: chunked",
+        *(f"{k}: {v}" for k, v in headers.items()),
+    ]
     sock.sendall(("\r\n".join(head) + "\r\n\r\n").encode())
     if prefix:
         sock.sendall(b"%x\r\n" % len(prefix) + prefix + b"\r\n")
@@ -236,9 +254,14 @@ def test_a_real_sidecar_refuses_a_chunked_stream_as_it_arrives(tmp_path: Path) -
 
     cap = 2 << 20
     reg = tmp_path / "reg"
-    env = {"SVD_SIDECAR_API_KEY": KEY, "SVD_SIDECAR_REGISTRY": str(reg),
-           "SVD_SIDECAR_VOCAB_SIZE": str(VOCAB), "SVD_SIDECAR_VLLM_URL": "http://127.0.0.1:9",
-           "SVD_SIDECAR_MAX_BODY_BYTES": str(cap), "SVD_SIDECAR_MAX_UPLOAD_BYTES": str(cap)}  # fmt: skip
+    env = {
+        "SVD_SIDECAR_API_KEY": KEY,
+        "SVD_SIDECAR_REGISTRY": str(reg),
+        "SVD_SIDECAR_VOCAB_SIZE": str(VOCAB),
+        "SVD_SIDECAR_VLLM_URL": "http://127.0.0.1:9",
+        "SVD_SIDECAR_MAX_BODY_BYTES": str(cap),
+        "SVD_SIDECAR_MAX_UPLOAD_BYTES": str(cap),
+    }
     sc = SidecarProcess(env, tmp_path / "sidecar.log").start()
     try:
         status, sent = _stream_until_answered(
@@ -246,10 +269,12 @@ def test_a_real_sidecar_refuses_a_chunked_stream_as_it_arrives(tmp_path: Path) -
         )
         assert status == 413 and sent <= 8 * cap, (status, sent)
         status, sent = _stream_until_answered(
-            sc.url, "/v1/steering/vectors",
+            sc.url,
+            "/v1/steering/vectors",
             {"Content-Type": "multipart/form-data; boundary=b", "Authorization": f"Bearer {KEY}"},
-            cap, b'--b\r\nContent-Disposition: form-data; name="file"; filename="v"\r\n\r\n',
-        )  # fmt: skip
+            cap,
+            b'--b\r\nContent-Disposition: form-data; name="file"; filename="v"\r\n\r\n',
+        )
         assert status == 413 and sent <= 8 * cap, (status, sent)
         assert not list((reg / ".uploads").glob("*"))
     finally:
@@ -271,15 +296,18 @@ def test_a_corrupt_file_is_shown_and_refused_never_a_500(env: dict) -> None:
     detail = client.get("/v1/steering/vectors/keep")
     assert detail.status_code == 200 and detail.json()["status"] == "unloadable"
     assert detail.json()["calibration"] is None
-    r = client.post("/v1/completions", json={"model": "keep", "prompt": "hi",
-                                             "steering": {"enabled": True}})  # fmt: skip
+    r = client.post(
+        "/v1/completions", json={"model": "keep", "prompt": "hi", "steering": {"enabled": True}}
+    )
     assert r.status_code == 400 and r.json()["error"]["code"] == "unloadable_vector"
     assert "'keep'" in r.json()["error"]["message"] and env["upstream"].seen == []
-    off = client.post("/v1/completions", json={"model": "keep", "prompt": "hi",
-                                               "steering": {"enabled": False}})  # fmt: skip
+    off = client.post(
+        "/v1/completions", json={"model": "keep", "prompt": "hi", "steering": {"enabled": False}}
+    )
     assert off.status_code == 200  # not asking for it: proxied
     assert snapshot(root) == before
     # A good replacement: ready again.
-    r = client.post("/v1/steering/vectors?replace=true", files={"file": ("v", vec_bytes("keep"))},
-                    headers=AUTH)  # fmt: skip
+    r = client.post(
+        "/v1/steering/vectors?replace=true", files={"file": ("v", vec_bytes("keep"))}, headers=AUTH
+    )
     assert r.status_code == 201 and r.json()["status"] == "ready"

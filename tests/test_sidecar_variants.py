@@ -37,11 +37,17 @@ class ModelEcho:
         self.seen.append(body)
         model = body["model"]
         if body.get("stream"):
-            events = [{"model": model, "i": 0}, {"type": "message_start", "message": {"model": model}},
-                      {"type": "response.created", "response": {"model": model}}]  # fmt: skip
+            events = [
+                {"model": model, "i": 0},
+                {"type": "message_start", "message": {"model": model}},
+                {"type": "response.created", "response": {"model": model}},
+            ]
             raw = b"".join(b"data: " + json.dumps(e).encode() + b"\n\n" for e in events)
-            return httpx.Response(200, stream=httpx.ByteStream(raw + b"data: [DONE]\n\n"),
-                                  headers={"content-type": "text/event-stream"})  # fmt: skip
+            return httpx.Response(
+                200,
+                stream=httpx.ByteStream(raw + b"data: [DONE]\n\n"),
+                headers={"content-type": "text/event-stream"},
+            )
         return httpx.Response(200, json={"model": model, "choices": [{"text": "ok"}]})
 
 
@@ -64,19 +70,37 @@ def test_models_list_a_variant_per_adapter_that_can_steer_and_per_preset(env: di
     c = env["client"]
     assert ids(c) == ["base", "lora-a", "lora-a:svd", "lora-b", "lora-c"]
     # A composition named like an adapter is its default steering: it gets variants too.
-    r = c.put("/v1/steering/compositions/lora-b", json={"members": [{"vector": "tone"}]},
-              headers=AUTH)  # fmt: skip
+    r = c.put(
+        "/v1/steering/compositions/lora-b", json={"members": [{"vector": "tone"}]}, headers=AUTH
+    )
     assert r.status_code == 200
     assert c.put("/v1/steering/presets/strong", json={"scale": 2}, headers=AUTH).status_code == 200
-    assert c.put("/v1/steering/presets/back", json={"scale": -0.5, "alpha": 0.3},
-                 headers=AUTH).status_code == 200  # fmt: skip
-    assert ids(c) == ["base", "lora-a", "lora-a:svd", "lora-a:svd-back", "lora-a:svd-strong",
-                      "lora-b", "lora-b:svd", "lora-b:svd-back", "lora-b:svd-strong", "lora-c"]  # fmt: skip
+    assert (
+        c.put(
+            "/v1/steering/presets/back", json={"scale": -0.5, "alpha": 0.3}, headers=AUTH
+        ).status_code
+        == 200
+    )
+    assert ids(c) == [
+        "base",
+        "lora-a",
+        "lora-a:svd",
+        "lora-a:svd-back",
+        "lora-a:svd-strong",
+        "lora-b",
+        "lora-b:svd",
+        "lora-b:svd-back",
+        "lora-b:svd-strong",
+        "lora-c",
+    ]
     listed = {m["id"]: m for m in c.get("/v1/models").json()["data"]}
     back = listed["lora-a:svd-back"]
     assert back["parent"] == "lora-a" and back["root"] == "/l/lora-a"
-    assert back["svd_steering"] == {"variant_of": "lora-a", "preset": "back",
-                                    "vllm_xargs": {"svd": 1, "svd_scale": -0.5, "svd_alpha": 0.3}}  # fmt: skip
+    assert back["svd_steering"] == {
+        "variant_of": "lora-a",
+        "preset": "back",
+        "vllm_xargs": {"svd": 1, "svd_scale": -0.5, "svd_alpha": 0.3},
+    }
     # A base model never gets variants (the engine steers LoRA requests), even with a vector.
     assert upload(c, vec_bytes("base", seed=3)).status_code == 201
     assert "base:svd" not in ids(c)
@@ -90,8 +114,10 @@ def test_models_list_a_variant_per_adapter_that_can_steer_and_per_preset(env: di
 def test_a_variant_is_the_adapter_with_steering_on(env: dict, path: str, stream: bool) -> None:
     c, up = env["client"], env["upstream"]
     c.put("/v1/steering/presets/strong", json={"scale": 2}, headers=AUTH)
-    for requested, xargs in (("lora-a:svd", {"svd": 1}),
-                             ("lora-a:svd-strong", {"svd": 1, "svd_scale": 2.0})):  # fmt: skip
+    for requested, xargs in (
+        ("lora-a:svd", {"svd": 1}),
+        ("lora-a:svd-strong", {"svd": 1, "svd_scale": 2.0}),
+    ):
         body = {"model": requested, "prompt": "x", "vllm_xargs": {"other": 1}, "stream": stream}
         if stream:
             with c.stream("POST", path, json=body) as s:
@@ -134,9 +160,13 @@ def test_unknown_or_unservable_variants_are_404s_in_openai_shape(
 
 @pytest.mark.parametrize(
     "extra",
-    [{"steering": {"enabled": False}}, {"steering": {"scale": 3.0}},
-     {"vllm_xargs": {"svd_scale": 3.0}}, {"vllm_xargs": {"svd": 0}}],
-)  # fmt: skip
+    [
+        {"steering": {"enabled": False}},
+        {"steering": {"scale": 3.0}},
+        {"vllm_xargs": {"svd_scale": 3.0}},
+        {"vllm_xargs": {"svd": 0}},
+    ],
+)
 def test_a_variant_with_its_own_steering_is_a_400(env: dict, extra: dict) -> None:
     r = env["client"].post("/v1/completions", json={"model": "lora-a:svd", "prompt": "x", **extra})
     assert r.status_code == 400 and r.json()["error"]["code"] == "steering_conflict", r.text

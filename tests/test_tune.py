@@ -22,8 +22,11 @@ from svd_vllm.tools.tune import run_tune
 from tests.support.faulty_upstream import FaultyUpstream
 from tests.support.vllm_server import VLLMServer
 
-PROMPTS = [f"{a} {b}" for a in ("the sky", "one two", "red blue", "a b c", "cat dog", "up down")
-           for b in ("is", "and", "then", "of")]  # fmt: skip
+PROMPTS = [
+    f"{a} {b}"
+    for a in ("the sky", "one two", "red blue", "a b c", "cat dog", "up down")
+    for b in ("is", "and", "then", "of")
+]
 MAX_TOKENS = 6
 
 
@@ -33,8 +36,13 @@ def server(serving_assets: dict, tmp_path_factory: pytest.TempPathFactory) -> It
     registry = Registry(root / "registry")
     registry.add(serving_assets["vectors"]["lora1"])
     registry.update("lora1", default_scale=0.25)  # tune should find something else
-    srv = VLLMServer(serving_assets["base"], serving_assets["loras"], registry.root,
-                     root / "vllm.log", extra_args=["--logprobs-mode", "processed_logprobs"])  # fmt: skip
+    srv = VLLMServer(
+        serving_assets["base"],
+        serving_assets["loras"],
+        registry.root,
+        root / "vllm.log",
+        extra_args=["--logprobs-mode", "processed_logprobs"],
+    )
     try:
         srv.wait_ready()
         yield {"srv": srv, "registry": registry, "root": root}
@@ -43,8 +51,13 @@ def server(serving_assets: dict, tmp_path_factory: pytest.TempPathFactory) -> It
 
 
 def answer(srv: VLLMServer, prompt: str, xargs: dict) -> str:
-    body = {"model": "lora1", "prompt": prompt, "max_tokens": MAX_TOKENS, "temperature": 0,
-            "vllm_xargs": xargs}  # fmt: skip
+    body = {
+        "model": "lora1",
+        "prompt": prompt,
+        "max_tokens": MAX_TOKENS,
+        "temperature": 0,
+        "vllm_xargs": xargs,
+    }
     r = httpx.post(f"{srv.base_url}/v1/completions", json=body, timeout=120)
     assert r.status_code == 200, r.text
     return str(r.json()["choices"][0]["text"])
@@ -56,9 +69,24 @@ def dev_set(path: Path, rows: list[dict]) -> Path:
 
 
 def tune(server: dict, dev: Path, out: Path, *extra: str) -> int:
-    return main(["tune", "--url", server["srv"].base_url, "--dev", str(dev), "--adapter", "lora1",
-                 "--registry", str(server["registry"].root), "--max-tokens", str(MAX_TOKENS),
-                 "--out", str(out), *extra])  # fmt: skip
+    return main(
+        [
+            "tune",
+            "--url",
+            server["srv"].base_url,
+            "--dev",
+            str(dev),
+            "--adapter",
+            "lora1",
+            "--registry",
+            str(server["registry"].root),
+            "--max-tokens",
+            str(MAX_TOKENS),
+            "--out",
+            str(out),
+            *extra,
+        ]
+    )
 
 
 @pytest.mark.vllm
@@ -66,16 +94,22 @@ def test_tune_applies_a_scale_that_wins_and_refuses_one_that_does_not(
     server: dict, tmp_path: Path
 ) -> None:
     srv, registry = server["srv"], server["registry"]
-    steered = {p: answer(srv, p, {"svd": 1, "svd_vector": "lora1", "svd_scale": 1.0})
-               for p in PROMPTS}  # fmt: skip
+    steered = {
+        p: answer(srv, p, {"svd": 1, "svd_vector": "lora1", "svd_scale": 1.0}) for p in PROMPTS
+    }
     plain = {p: answer(srv, p, {"svd": 0}) for p in PROMPTS}
-    changed = [p for p in PROMPTS if steered[p].strip() and plain[p].strip()
-               and steered[p].strip() != plain[p].strip()]  # fmt: skip
+    changed = [
+        p
+        for p in PROMPTS
+        if steered[p].strip() and plain[p].strip() and steered[p].strip() != plain[p].strip()
+    ]
     assert len(changed) >= 8, "steering changes too few answers here for the test to mean much"
 
     # Gold = the steered answer, the plain one a distractor: scale 1 must win and be applied.
-    wins = dev_set(tmp_path / "wins.jsonl", [
-        {"prompt": p, "choices": [steered[p], plain[p]], "answer": 0} for p in changed])  # fmt: skip
+    wins = dev_set(
+        tmp_path / "wins.jsonl",
+        [{"prompt": p, "choices": [steered[p], plain[p]], "answer": 0} for p in changed],
+    )
     before = registry.get("lora1")
     assert tune(server, wins, tmp_path / "wins", "--scales", "0,1", "--apply") == 0
     report = json.loads((tmp_path / "wins" / "tune.json").read_text())
@@ -92,8 +126,10 @@ def test_tune_applies_a_scale_that_wins_and_refuses_one_that_does_not(
     assert "processed_logprobs" in report["first_token_note"], report["first_token_note"]
 
     # Gold = the plain adapter's answer: no scale beats it, --apply refuses, nothing changes.
-    loses = dev_set(tmp_path / "loses.jsonl", [
-        {"prompt": p, "choices": [plain[p], steered[p]], "answer": 0} for p in changed])  # fmt: skip
+    loses = dev_set(
+        tmp_path / "loses.jsonl",
+        [{"prompt": p, "choices": [plain[p], steered[p]], "answer": 0} for p in changed],
+    )
     manifest = (registry.root / "manifest.json").read_bytes()
     assert tune(server, loses, tmp_path / "loses", "--scales=-0.5,0,1,2", "--apply") == 0
     report = json.loads((tmp_path / "loses" / "tune.json").read_text())
@@ -124,8 +160,13 @@ def test_bad_input_is_a_clear_error_that_writes_nothing(
     ]
     for extra, message in cases:
         out = tmp_path / "out"
-        args = {"--url": server["srv"].base_url, "--adapter": "lora1", "--dev": "",
-                "--registry": str(server["registry"].root), "--out": str(out)}  # fmt: skip
+        args = {
+            "--url": server["srv"].base_url,
+            "--adapter": "lora1",
+            "--dev": "",
+            "--registry": str(server["registry"].root),
+            "--out": str(out),
+        }
         it = iter(extra)
         for k in it:
             args[k] = next(it)

@@ -38,8 +38,10 @@ def test_ties_prefer_the_smaller_scale() -> None:
 
 
 def test_the_answers_a_scale_changed_are_counted_against_scale_0() -> None:
-    points = [Point(0.0, None, ["a", "b", "c"], [1.0, 0.0, 0.0]),
-              Point(1.0, None, ["a", "x", "y"], [1.0, 0.0, 0.0])]  # fmt: skip
+    points = [
+        Point(0.0, None, ["a", "b", "c"], [1.0, 0.0, 0.0]),
+        Point(1.0, None, ["a", "x", "y"], [1.0, 0.0, 0.0]),
+    ]
     _summarise(points)
     assert points[1].changed == 2 and points[1].vs_adapter["diff"] == 0.0
 

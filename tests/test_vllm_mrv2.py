@@ -26,16 +26,26 @@ def test_the_lane_runs_mrv2_with_the_interpreted_triton_kernel(
     serving_assets: dict, tmp_path: Path
 ) -> None:
     a = serving_assets
-    spec = {"model": str(a["base"]), "loras": {k: str(v) for k, v in a["loras"].items()},
-            "max_tokens": 4, "modes": ["batch"],
-            "requests": [{"prompt": "the color of sky is", "lora": "lora1",
-                          "extra_args": {"svd": 1}}]}  # fmt: skip
+    spec = {
+        "model": str(a["base"]),
+        "loras": {k: str(v) for k, v in a["loras"].items()},
+        "max_tokens": 4,
+        "modes": ["batch"],
+        "requests": [{"prompt": "the color of sky is", "lora": "lora1", "extra_args": {"svd": 1}}],
+    }
     (tmp_path / "spec.json").write_text(json.dumps(spec))
     proc = subprocess.run(
-        [sys.executable, str(SUPPORT / "offline_llm.py"), str(tmp_path / "spec.json"),
-         str(tmp_path / "out.json")],
-        env=vllm_env(a["registry"].root), capture_output=True, text=True, timeout=900,
-    )  # fmt: skip
+        [
+            sys.executable,
+            str(SUPPORT / "offline_llm.py"),
+            str(tmp_path / "spec.json"),
+            str(tmp_path / "out.json"),
+        ],
+        env=vllm_env(a["registry"].root),
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     log = proc.stdout + proc.stderr
     assert proc.returncode == 0, log[-5000:]
     assert "Using V2 Model Runner" in log, log[-5000:]

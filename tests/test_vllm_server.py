@@ -104,8 +104,16 @@ def test_a_base_request_batched_with_every_lora_equals_it_alone(
     prompt = "the color of sky is"
 
     def run(model: str) -> list[int]:
-        return ids(srv.complete(client, model=model, prompt=prompt, max_tokens=64,
-                                min_tokens=64, vllm_xargs={"svd": 0}))  # fmt: skip
+        return ids(
+            srv.complete(
+                client,
+                model=model,
+                prompt=prompt,
+                max_tokens=64,
+                min_tokens=64,
+                vllm_xargs={"svd": 0},
+            )
+        )
 
     base = str(serving_assets["base"])  # vLLM serves the base model under its path
     alone = run(base)
@@ -191,9 +199,16 @@ def test_hot_registration_replace_and_in_flight_pinning(
     new_prompt = "the color of grass is"
 
     def long_request(result: dict, started: threading.Event) -> None:
-        body = {"model": "lora1", "prompt": long_prompt, "max_tokens": n_long,
-                "min_tokens": n_long, "temperature": 0, "stream": True,
-                "return_token_ids": True, "vllm_xargs": {"svd": 1}}  # fmt: skip
+        body = {
+            "model": "lora1",
+            "prompt": long_prompt,
+            "max_tokens": n_long,
+            "min_tokens": n_long,
+            "temperature": 0,
+            "stream": True,
+            "return_token_ids": True,
+            "vllm_xargs": {"svd": 1},
+        }
         with (
             httpx.Client() as c,
             c.stream("POST", f"{srv.base_url}/v1/completions", json=body, timeout=300) as r,
@@ -213,9 +228,14 @@ def test_hot_registration_replace_and_in_flight_pinning(
         assert started.wait(60), "the long request never started"
         source = a["vectors"]["other" if attempt % 2 == 0 else "lora1"]
         replacement = SteeringArtifact.create(
-            source.shift, name="lora1", base_model="tiny", adapter="lora1",
-            tokenizer_fingerprint="t", mu_bar=-6.0 - attempt, alpha=0.2,
-        )  # fmt: skip
+            source.shift,
+            name="lora1",
+            base_model="tiny",
+            adapter="lora1",
+            tokenizer_fingerprint="t",
+            mu_bar=-6.0 - attempt,
+            alpha=0.2,
+        )
         registry.add(replacement, replace=True)
         # Admission pins the new version at once (the engine catches up synchronously).
         new_ids = ids(
@@ -254,16 +274,22 @@ def test_compositions_in_a_mixed_batch_equal_each_request_alone(
     prompt = "the color of sky is"
     base = str(a["base"])
     requests = [
-        {"model": "lora1", "vllm_xargs": {"svd": 1, "svd_vector": ["other", "lora1"],
-                                          "svd_scale": [0.5, 1.0]}},
+        {
+            "model": "lora1",
+            "vllm_xargs": {"svd": 1, "svd_vector": ["other", "lora1"], "svd_scale": [0.5, 1.0]},
+        },
         {"model": "lora1", "vllm_xargs": {"svd": 1}},
         {"model": "lora1"},
-        {"model": "lora1", "vllm_xargs": {"svd": 1, "svd_vector": ["lora1", "other"],
-                                          "svd_alpha": 0.5}},
+        {
+            "model": "lora1",
+            "vllm_xargs": {"svd": 1, "svd_vector": ["lora1", "other"], "svd_alpha": 0.5},
+        },
         {"model": base},
-        {"model": "lora2", "vllm_xargs": {"svd": 1, "svd_vector": ["other", "lora1"],
-                                          "svd_scale": [0.5, 1.0]}},
-    ]  # fmt: skip
+        {
+            "model": "lora2",
+            "vllm_xargs": {"svd": 1, "svd_vector": ["other", "lora1"], "svd_scale": [0.5, 1.0]},
+        },
+    ]
 
     def run(req: dict) -> list[int]:
         return ids(srv.complete(client, prompt=prompt, max_tokens=12, **req))
@@ -277,13 +303,26 @@ def test_compositions_in_a_mixed_batch_equal_each_request_alone(
     combined = e_other.strength(0.5) * s_other + e_lora1.strength(1.0) * s_lora1
     alpha = min(e_other.mask_alpha(), e_lora1.mask_alpha())
     dec = ReferenceDecoder(a["base"], a["loras"]["lora1"])
-    assert alone[0] == dec.generate(prompt, "svd-precomputed", mu=1.0, alpha=alpha,
-                                    shift=combined, max_new_tokens=12).token_ids  # fmt: skip
+    assert (
+        alone[0]
+        == dec.generate(
+            prompt, "svd-precomputed", mu=1.0, alpha=alpha, shift=combined, max_new_tokens=12
+        ).token_ids
+    )
     both = e_lora1.strength() * s_lora1 + e_other.strength() * s_other
-    assert alone[3] == dec.generate(prompt, "svd-precomputed", mu=1.0, alpha=0.5, shift=both,
-                                    max_new_tokens=12).token_ids  # fmt: skip
-    bad = srv.complete(client, model="lora1", prompt=prompt, max_tokens=2,
-                       vllm_xargs={"svd": 1, "svd_vector": ["other", "other"]})  # fmt: skip
+    assert (
+        alone[3]
+        == dec.generate(
+            prompt, "svd-precomputed", mu=1.0, alpha=0.5, shift=both, max_new_tokens=12
+        ).token_ids
+    )
+    bad = srv.complete(
+        client,
+        model="lora1",
+        prompt=prompt,
+        max_tokens=2,
+        vllm_xargs={"svd": 1, "svd_vector": ["other", "other"]},
+    )
     assert bad.status_code == 400 and "svd_vector[1]: 'other' is listed twice" in bad.text
 
 
@@ -305,8 +344,7 @@ def test_corrupted_artifact_is_refused_by_name_never_served_stale(
     path.write_bytes(bytes(data))
     os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
     try:
-        r = srv.complete(client, model="lora1", prompt=prompt, max_tokens=8,
-                         vllm_xargs={"svd": 1})  # fmt: skip
+        r = srv.complete(client, model="lora1", prompt=prompt, max_tokens=8, vllm_xargs={"svd": 1})
         assert r.status_code == 400, r.text
         assert "'lora1'" in r.text and "cannot be loaded" in r.text and "hash" in r.text
         plain = ids(srv.complete(client, model="lora1", prompt=prompt, max_tokens=8))
@@ -333,15 +371,21 @@ def test_a_reset_registry_never_serves_the_old_content(
     srv, registry = server
     a = serving_assets
     prompt = "the color of sky is"
-    before = ids(srv.complete(client, model="lora1", prompt=prompt, max_tokens=10,
-                              vllm_xargs={"svd": 1}))  # fmt: skip
+    before = ids(
+        srv.complete(client, model="lora1", prompt=prompt, max_tokens=10, vllm_xargs={"svd": 1})
+    )
     old_version = registry.get("lora1").version
     shutil.rmtree(registry.root)
     fresh = Registry(registry.root)
     new = SteeringArtifact.create(
-        -a["vectors"]["other"].shift, name="lora1", base_model="tiny", adapter="lora1",
-        tokenizer_fingerprint="t", mu_bar=-8.0, alpha=0.2,
-    )  # fmt: skip
+        -a["vectors"]["other"].shift,
+        name="lora1",
+        base_model="tiny",
+        adapter="lora1",
+        tokenizer_fingerprint="t",
+        mu_bar=-8.0,
+        alpha=0.2,
+    )
     entry = fresh.add(new)
     assert entry.version <= old_version  # the same name@version can come back
     dec_new = ReferenceDecoder(a["base"], a["loras"]["lora1"], vector=new)

@@ -25,8 +25,14 @@ def main() -> None:
     kw = {}
     if spec.get("lora"):
         kw = {"enable_lora": True, "max_lora_rank": 8, "max_loras": 1}
-    llm = LLM(model=spec["model"], max_model_len=1024, max_num_seqs=spec["batch"], dtype=spec.get("dtype", "bfloat16"),
-              enable_prefix_caching=True, **kw)  # fmt: skip
+    llm = LLM(
+        model=spec["model"],
+        max_model_len=1024,
+        max_num_seqs=spec["batch"],
+        dtype=spec.get("dtype", "bfloat16"),
+        enable_prefix_caching=True,
+        **kw,
+    )
     lora = LoRARequest("bench", 1, spec["lora"]) if spec.get("lora") else None
     prompts = [
         f"Question {i}: describe the history of the number {i} in detail.\nAnswer:"

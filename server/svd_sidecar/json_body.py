@@ -71,8 +71,9 @@ def _check(body: dict[str, Any]) -> None:
             where = where.lstrip(".")
             if isinstance(value, _NonFinite):
                 raise ApiError(
-                    400, "json",
+                    400,
+                    "json",
                     f"{where}: {value.text} is not a JSON number (numbers must be finite)",
-                )  # fmt: skip
+                )
             if isinstance(value, dict | list):
                 stack.append((value, where, depth + 1))

@@ -60,9 +60,10 @@ class BodyLimit:
                 message = await asyncio.wait_for(receive(), max(deadline - loop.time(), 0.0))
             except TimeoutError:
                 raise ApiError(
-                    408, "body_timeout",
+                    408,
+                    "body_timeout",
                     f"the request body did not arrive within {self.timeout:g} s",
-                ) from None  # fmt: skip
+                ) from None
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
                 if received > limit:

@@ -72,7 +72,8 @@ class SidecarState:
                 self._vocab = vocab
                 return vocab
         raise ApiError(
-            503, "vocab_unknown",
+            503,
+            "vocab_unknown",
             "cannot determine the served model's vocab size: set SVD_SIDECAR_VOCAB_SIZE or "
             "SVD_SIDECAR_MODEL_DIR, or start vLLM",
-        )  # fmt: skip
+        )

@@ -33,8 +33,15 @@ from .variants import rename_event, rename_model
 __all__ = ["forward", "stream_error_event"]
 
 #: Client headers passed on to vLLM, and vLLM's headers passed back.
-_REQUEST_HEADERS = ("authorization", "accept", "user-agent", "x-request-id", "x-api-key",
-                    "anthropic-version", "anthropic-beta")  # fmt: skip
+_REQUEST_HEADERS = (
+    "authorization",
+    "accept",
+    "user-agent",
+    "x-request-id",
+    "x-api-key",
+    "anthropic-version",
+    "anthropic-beta",
+)
 _RESPONSE_HEADERS = ("content-type", "x-request-id", "cache-control")
 
 
@@ -102,9 +109,10 @@ def _fault(state: SidecarState, endpoint: str, e: httpx.HTTPError, when: str) ->
     if isinstance(e, httpx.TimeoutException):
         state.metrics.upstream_faults.labels(endpoint, "timeout").inc()
         return ApiError(
-            504, "upstream_timeout",
+            504,
+            "upstream_timeout",
             f"vLLM at {url} did not answer within {state.settings.proxy_timeout:g} s ({when})",
-        )  # fmt: skip
+        )
     state.metrics.upstream_faults.labels(endpoint, "dropped").inc()
     return ApiError(502, "upstream", f"vLLM at {url} failed {when}: {type(e).__name__}")
 

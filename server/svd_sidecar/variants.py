@@ -119,10 +119,11 @@ def resolve(state: SidecarState, body: dict[str, Any]) -> Variant | None:
     if "steering" in body or asked:
         field = "steering" if "steering" in body else f"vllm_xargs.{asked[0]}"
         raise ApiError(
-            400, "steering_conflict",
+            400,
+            "steering_conflict",
             f"{field}: the model `{requested}` already chooses the steering; ask for `{model}` "
             "to steer with your own settings",
-        )  # fmt: skip
+        )
     return Variant(requested, model, _xargs(preset))
 
 

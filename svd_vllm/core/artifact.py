@@ -176,8 +176,9 @@ def _as_array(shift: ShiftLike, *, float32: bool = False) -> NDArray[Any]:
     try:
         return t.numpy()
     except TypeError:  # a dtype numpy lacks (bfloat16)
-        raise ArtifactError("<in memory>", f"tensor 'shift' has dtype {t.dtype}; expected "
-                            "float32", code="dtype") from None  # fmt: skip
+        raise ArtifactError(
+            "<in memory>", f"tensor 'shift' has dtype {t.dtype}; expected float32", code="dtype"
+        ) from None
 
 
 def content_hash(shift: ShiftLike, meta: ArtifactMeta) -> str:
@@ -318,8 +319,9 @@ def load(
             code = f.get_slice(_SHIFT_KEY).get_dtype()
             if code != "F32":  # checked before reading: numpy has no bfloat16
                 name = _DTYPE_NAMES.get(code, code)
-                raise ArtifactError(p, f"tensor 'shift' has dtype torch.{name}; expected float32",
-                                    code="dtype")  # fmt: skip
+                raise ArtifactError(
+                    p, f"tensor 'shift' has dtype torch.{name}; expected float32", code="dtype"
+                )
             values = f.get_tensor(_SHIFT_KEY)
     except SafetensorError as e:
         raise ArtifactError(p, f"not a readable safetensors file ({e})", code="parse") from e

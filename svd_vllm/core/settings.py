@@ -175,6 +175,12 @@ def describe(settings: type[BaseSettings]) -> list[SettingDoc]:
             default = "on" if field.default else "off"
         else:
             default = str(field.default)
-        rows.append(SettingDoc(prefix + name.upper(), _type_name(field.annotation), default,
-                               field.description or ""))  # fmt: skip
+        rows.append(
+            SettingDoc(
+                prefix + name.upper(),
+                _type_name(field.annotation),
+                default,
+                field.description or "",
+            )
+        )
     return rows

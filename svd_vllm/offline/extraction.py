@@ -366,8 +366,16 @@ def extract_vector(
         calibration=_calibration_stats(results, default, len(enc), total),
     )
     report = ExtractionReport(
-        results=results, default_shift=default, items=len(enc), tokens=total,
-        extra={"seconds_passes": seconds, "tokens_fed": 3 * fed, "batches": len(batches),
-               "device": str(dec.device), "dtype": str(dec.dtype).removeprefix("torch.")},
-    )  # fmt: skip
+        results=results,
+        default_shift=default,
+        items=len(enc),
+        tokens=total,
+        extra={
+            "seconds_passes": seconds,
+            "tokens_fed": 3 * fed,
+            "batches": len(batches),
+            "device": str(dec.device),
+            "dtype": str(dec.dtype).removeprefix("torch."),
+        },
+    )
     return art, report

@@ -297,9 +297,10 @@ class ReferenceDecoder:
         rows = torch.tensor(row_list, device=self.device)
         cols = torch.tensor(col_list, device=self.device)
         kwargs: dict[str, Any] = {
-            "input_ids": ids.to(self.device), "attention_mask": attn.to(self.device),
+            "input_ids": ids.to(self.device),
+            "attention_mask": attn.to(self.device),
             "use_cache": False,
-        }  # fmt: skip
+        }
         ctx = (
             contextlib.nullcontext()
             if adapter or self.adapter_dir is None

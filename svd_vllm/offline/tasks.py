@@ -156,8 +156,13 @@ def _convert(task: str, row: dict[str, Any], index: int) -> dict[str, Any] | Non
             {"text": suffix, "correct": i == gold, "prompt": _clean(before + row[f"option{i + 1}"])}
             for i in range(2)
         ]
-        return {"id": f"winogrande-{index}", "task": task, "prompt": opts[gold]["prompt"],
-                "completion": suffix, "options": opts}  # fmt: skip
+        return {
+            "id": f"winogrande-{index}",
+            "task": task,
+            "prompt": opts[gold]["prompt"],
+            "completion": suffix,
+            "options": opts,
+        }
     raise ValueError(f"unknown task {task!r}")
 
 
@@ -207,9 +212,16 @@ def _truthfulqa() -> tuple[list[dict[str, Any]], str]:
         ]
         qid = "tqa-" + hashlib.sha1(q.encode()).hexdigest()[:12]
         items.append(
-            {"id": qid, "task": "truthfulqa", "prompt": prompt, "completion": mc1[0]["text"],
-             "options": mc1, "options_mc2": mc2, "canary": canary}
-        )  # fmt: skip
+            {
+                "id": qid,
+                "task": "truthfulqa",
+                "prompt": prompt,
+                "completion": mc1[0]["text"],
+                "options": mc1,
+                "options_mc2": mc2,
+                "canary": canary,
+            }
+        )
     return items, canary
 
 
@@ -311,8 +323,14 @@ def _item_from_row(d: dict[str, Any], default_id: str, default_task: str) -> Ite
         options = [{"text": completion, "correct": True}]
     else:
         raise ValueError('needs "completion", or "choices" and "answer"')
-    item = Item(id=ident, task=task, prompt=prompt, completion=completion, options=options,
-                options_mc2=d.get("options_mc2"))  # fmt: skip
+    item = Item(
+        id=ident,
+        task=task,
+        prompt=prompt,
+        completion=completion,
+        options=options,
+        options_mc2=d.get("options_mc2"),
+    )
     if not item.completion or sum(bool(o.get("correct")) for o in item.options) != 1:
         raise ValueError("needs a completion and exactly one correct option")
     return item

@@ -110,9 +110,12 @@ def peft_config(cfg: WarmStartConfig, model):  # type: ignore[no-untyped-def]
             else ["q_proj", "v_proj"]
         )
         return LoraConfig(
-            task_type=TaskType.CAUSAL_LM, r=cfg.lora_r, lora_alpha=cfg.lora_alpha,
-            lora_dropout=cfg.lora_dropout, target_modules=targets,
-        )  # fmt: skip
+            task_type=TaskType.CAUSAL_LM,
+            r=cfg.lora_r,
+            lora_alpha=cfg.lora_alpha,
+            lora_dropout=cfg.lora_dropout,
+            target_modules=targets,
+        )
     if cfg.method == "ia3":
         targets = cfg.target_modules or [
             "q_proj",
@@ -132,9 +135,11 @@ def peft_config(cfg: WarmStartConfig, model):  # type: ignore[no-untyped-def]
         )
     if cfg.method == "ptuning":
         return PromptEncoderConfig(
-            task_type=TaskType.CAUSAL_LM, num_virtual_tokens=cfg.virtual_tokens,
-            encoder_hidden_size=128, encoder_num_layers=2,
-        )  # fmt: skip
+            task_type=TaskType.CAUSAL_LM,
+            num_virtual_tokens=cfg.virtual_tokens,
+            encoder_hidden_size=128,
+            encoder_num_layers=2,
+        )
     raise ValueError(f"unknown method {cfg.method!r}; use one of {', '.join(PEFT_METHODS)}")
 
 
@@ -375,15 +380,21 @@ def train_encoded(
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     t0 = time.time() - float(state["seconds"])
-    bar = tqdm(total=len(batches), initial=int(state["batch"]), desc=f"warm start ({cfg.method})",
-               unit="batch", disable=not progress)  # fmt: skip
+    bar = tqdm(
+        total=len(batches),
+        initial=int(state["batch"]),
+        desc=f"warm start ({cfg.method})",
+        unit="batch",
+        disable=not progress,
+    )
     for b in range(int(state["batch"]), len(batches)):
         input_ids, attn, labels = _collate([data[i] for i in batches[b]], pad_id)
         with autocast:
             loss = model(
-                input_ids=input_ids.to(device), attention_mask=attn.to(device),
+                input_ids=input_ids.to(device),
+                attention_mask=attn.to(device),
                 labels=labels.to(device),
-            ).loss  # fmt: skip
+            ).loss
         if not torch.isfinite(loss):
             raise FloatingPointError(f"non-finite training loss at batch {b}")
         scaler.scale(loss / cfg.grad_accum).backward()
@@ -398,19 +409,36 @@ def train_encoded(
             opt.zero_grad(set_to_none=True)
             step = (b + 1 + cfg.grad_accum - 1) // cfg.grad_accum
             if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and b + 1 < len(batches):
-                ckpt.save(model, opt, sched, {"batch": b + 1, "losses": losses, "tokens": tokens,
-                                              "seconds": time.time() - t0})  # fmt: skip
+                ckpt.save(
+                    model,
+                    opt,
+                    sched,
+                    {
+                        "batch": b + 1,
+                        "losses": losses,
+                        "tokens": tokens,
+                        "seconds": time.time() - t0,
+                    },
+                )
         bar.update(1)
         bar.set_postfix(loss=f"{sum(losses[-20:]) / len(losses[-20:]):.3f}")
     bar.close()
     peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
     result = WarmStartResult(
-        out_dir=str(out), method=cfg.method, examples=n_use, steps=n_steps, tokens=tokens,
-        seconds=time.time() - t0, first_loss=losses[0], last_loss=losses[-1],
-        mean_loss=sum(losses) / len(losses), device=str(device),
-        dtype=str(place.dtype).removeprefix("torch."), resumed_from_step=resumed,
+        out_dir=str(out),
+        method=cfg.method,
+        examples=n_use,
+        steps=n_steps,
+        tokens=tokens,
+        seconds=time.time() - t0,
+        first_loss=losses[0],
+        last_loss=losses[-1],
+        mean_loss=sum(losses) / len(losses),
+        device=str(device),
+        dtype=str(place.dtype).removeprefix("torch."),
+        resumed_from_step=resumed,
         peak_memory_bytes=peak,
-    )  # fmt: skip
+    )
     _save_adapter(model, out, cfg, result, base)
     ckpt.remove()
     if hasattr(model, "unload"):  # hand the caller's base model back without adapter layers

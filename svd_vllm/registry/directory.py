@@ -375,8 +375,9 @@ class Registry:
         data = _artifact.to_bytes(art)
         with self._locked() as m:
             if name in m.compositions:
-                raise RegistryError(f"{name!r} is a composition; a vector needs its own name",
-                                    code="conflict")  # fmt: skip
+                raise RegistryError(
+                    f"{name!r} is a composition; a vector needs its own name", code="conflict"
+                )
             old = m.vectors.get(name)
             if old is not None and not replace:
                 raise RegistryError(
@@ -464,13 +465,15 @@ class Registry:
 
     def remove(self, name: str) -> VectorEntry:
         with self._locked() as m:
-            users = sorted(c.name for c in m.compositions.values()
-                           if any(x.vector == name for x in c.members))  # fmt: skip
+            users = sorted(
+                c.name for c in m.compositions.values() if any(x.vector == name for x in c.members)
+            )
             if users and name in m.vectors:
                 raise RegistryError(
                     f"vector {name!r} is a member of composition(s) {users}; change or remove "
-                    "them first", code="conflict",
-                )  # fmt: skip
+                    "them first",
+                    code="conflict",
+                )
             old = m.vectors.pop(name, None)
             if old is None:
                 raise RegistryError(f"no vector named {name!r}", code="not_found")
@@ -499,8 +502,9 @@ class Registry:
         parts = [m if isinstance(m, Member) else Member(vector=m[0], scale=m[1]) for m in members]
         with self._locked() as m:
             if name in m.vectors:
-                raise RegistryError(f"{name!r} is a vector; a composition needs its own name",
-                                    code="conflict")  # fmt: skip
+                raise RegistryError(
+                    f"{name!r} is a vector; a composition needs its own name", code="conflict"
+                )
             for i, part in enumerate(parts):
                 if part.vector not in m.vectors:
                     raise RegistryError(
@@ -514,9 +518,13 @@ class Registry:
             version = max(m.last_version.get(name, 0), old.version if old else 0) + 1
             try:
                 entry = CompositionEntry(
-                    name=name, members=tuple(parts), alpha=alpha, enabled=enabled,
-                    version=version, created=old.created if old is not None else _now(),
-                )  # fmt: skip
+                    name=name,
+                    members=tuple(parts),
+                    alpha=alpha,
+                    enabled=enabled,
+                    version=version,
+                    created=old.created if old is not None else _now(),
+                )
             except ValueError as e:
                 raise RegistryError(f"invalid composition {name!r}: {e}", code="validation") from e
             m.compositions[name] = entry
@@ -545,9 +553,12 @@ class Registry:
             version = max(m.last_version.get(key, 0), old.version if old else 0) + 1
             try:
                 entry = PresetEntry(
-                    name=name, scale=scale, alpha=alpha, version=version,
+                    name=name,
+                    scale=scale,
+                    alpha=alpha,
+                    version=version,
                     created=old.created if old is not None else _now(),
-                )  # fmt: skip
+                )
             except ValidationError as e:
                 raise RegistryError(
                     f"invalid preset {name!r}: {pydantic_message(e)}", code="validation"

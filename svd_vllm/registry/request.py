@@ -141,10 +141,17 @@ def parse_request_args(
     if isinstance(vector, list | tuple):
         members, scales = _composition(vector, args.get(SCALE_KEY))
         return SteeringRequest(
-            enabled=enabled, explicit=explicit, vector=None, vector_explicit=True, scale=None,
-            alpha=alpha, pinned=None, members=members, scales=scales,
+            enabled=enabled,
+            explicit=explicit,
+            vector=None,
+            vector_explicit=True,
+            scale=None,
+            alpha=alpha,
+            pinned=None,
+            members=members,
+            scales=scales,
             pins=_member_pins(args, len(members)),
-        )  # fmt: skip
+        )
     vector_explicit = vector is not None
     if vector_explicit and (not isinstance(vector, str) or not vector):
         raise ValueError(f"vllm_xargs.{VECTOR_KEY} must be a vector name, got {vector!r}")
@@ -216,9 +223,16 @@ def expand_composition(
     members = tuple(m.vector for m in comp.members)
     pinned = _member_pins(extra_args or {}, len(members))
     return replace(
-        req, vector=None, scale=None, alpha=req.alpha if req.alpha is not None else comp.alpha,
-        pinned=None, members=members, scales=tuple(scales), pins=pinned, composition=comp.name,
-    )  # fmt: skip
+        req,
+        vector=None,
+        scale=None,
+        alpha=req.alpha if req.alpha is not None else comp.alpha,
+        pinned=None,
+        members=members,
+        scales=tuple(scales),
+        pins=pinned,
+        composition=comp.name,
+    )
 
 
 def _member_pins(args: Mapping[str, Any], n: int) -> tuple[str, ...]:

@@ -48,9 +48,14 @@ class VLLMServer:
         self.base_url = f"http://127.0.0.1:{self.port}"
         self.log_path = log_path
         cmd = vllm_command(
-            model, host="127.0.0.1", port=self.port, loras=loras, max_model_len=512,
-            dtype="float32", extra=["--enforce-eager", "--max-num-seqs", "16", *(extra_args or [])],
-        )  # fmt: skip
+            model,
+            host="127.0.0.1",
+            port=self.port,
+            loras=loras,
+            max_model_len=512,
+            dtype="float32",
+            extra=["--enforce-eager", "--max-num-seqs", "16", *(extra_args or [])],
+        )
         self.child = ChildProcess("vLLM", cmd, {**vllm_env(registry), **(env or {})}, log_path)
         self.proc = self.child.proc
 
@@ -83,8 +88,9 @@ class SidecarProcess:
 
     def start(self, timeout: float = 60) -> SidecarProcess:
         cmd = [sys.executable, "-m", "svd_sidecar", "--port", str(self.port)]
-        self.child = ChildProcess("sidecar", [*cmd, "--log-level", "warning"], self.env,
-                                  self.log_path)  # fmt: skip
+        self.child = ChildProcess(
+            "sidecar", [*cmd, "--log-level", "warning"], self.env, self.log_path
+        )
         self.child.wait_http(f"{self.url}/healthz", timeout, interval=0.1)
         return self
 

@@ -67,11 +67,14 @@ def _placement_args(p: argparse.ArgumentParser) -> None:
 
 
 def _batch_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--batch-size", type=_positive, default=64,
-                   help="items per forward pass (length-bucketed)")  # fmt: skip
-    p.add_argument("--max-length", type=_positive,
-                   help="refuse items longer than this many tokens (default: the model's "
-                        "context length)")  # fmt: skip
+    p.add_argument(
+        "--batch-size", type=_positive, default=64, help="items per forward pass (length-bucketed)"
+    )
+    p.add_argument(
+        "--max-length",
+        type=_positive,
+        help="refuse items longer than this many tokens (default: the model's context length)",
+    )
     _placement_args(p)
 
 
@@ -183,12 +186,19 @@ def _cmd_warmstart(args: argparse.Namespace) -> int:
         for it in load_items(f, limit=args.max_per_task):
             examples.append((it.gold_prompt(), it.completion))
     cfg = WarmStartConfig(
-        method=args.method, lr=args.lr, epochs=args.epochs, batch_size=args.batch_size,
-        grad_accum=args.grad_accum, max_length=args.max_length, seed=args.seed,
-        max_examples=args.max_examples, device=args.device, dtype=args.dtype,
+        method=args.method,
+        lr=args.lr,
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        grad_accum=args.grad_accum,
+        max_length=args.max_length,
+        seed=args.seed,
+        max_examples=args.max_examples,
+        device=args.device,
+        dtype=args.dtype,
         gradient_checkpointing=args.gradient_checkpointing,
         checkpoint_every=args.checkpoint_every,
-    )  # fmt: skip
+    )
     try:
         res = train_adapter(args.base, examples, args.out, cfg)
     except (ValueError, FloatingPointError) as e:
@@ -243,9 +253,14 @@ def _cmd_extract(args: argparse.Namespace) -> int:
     name = args.name or Path(args.adapter).name
     try:
         art, report = extract_vector(
-            dec, items, name=name, alpha=args.alpha, seed=args.seed,
-            batch_size=args.batch_size, max_length=args.max_length,
-        )  # fmt: skip
+            dec,
+            items,
+            name=name,
+            alpha=args.alpha,
+            seed=args.seed,
+            batch_size=args.batch_size,
+            max_length=args.max_length,
+        )
     except ValueError as e:
         raise CLIError(str(e)) from e
     out = artifact.save(art, args.out)
@@ -253,13 +268,17 @@ def _cmd_extract(args: argparse.Namespace) -> int:
     if args.report:
         Path(args.report).write_text(json.dumps(summary, indent=2))
     m = art.meta
-    print(f"wrote {out}: shift={m.shift_weighting} estimator={m.estimator} mu_bar={m.mu_bar:+.4g} "
-          f"mu_bar_exact={m.mu_bar_exact:+.4g} alpha={m.alpha} items={m.calibration.items} "
-          f"tokens={m.calibration.tokens}")  # fmt: skip
+    print(
+        f"wrote {out}: shift={m.shift_weighting} estimator={m.estimator} mu_bar={m.mu_bar:+.4g} "
+        f"mu_bar_exact={m.mu_bar_exact:+.4g} alpha={m.alpha} items={m.calibration.items} "
+        f"tokens={m.calibration.tokens}"
+    )
     for direction, r in summary["directions"].items():
         mus = " ".join(f"{k}={v:+.3g}" for k, v in r["mu"].items())
-        print(f"  {direction:18s} nll {r['nll_unsteered']:.4f} -> {r['nll'][r['chosen']]:.4f} "
-              f"({r['chosen']})  {mus}")  # fmt: skip
+        print(
+            f"  {direction:18s} nll {r['nll_unsteered']:.4f} -> {r['nll'][r['chosen']]:.4f} "
+            f"({r['chosen']})  {mus}"
+        )
     return 0
 
 
@@ -276,9 +295,14 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         items = load_items(f, limit=args.limit)
         try:
             scores = evaluate_items(
-                dec, items, specs, generation=args.generation, desc=f.parent.name,
-                batch_size=args.batch_size, max_length=args.max_length,
-            )  # fmt: skip
+                dec,
+                items,
+                specs,
+                generation=args.generation,
+                desc=f.parent.name,
+                batch_size=args.batch_size,
+                max_length=args.max_length,
+            )
         except ValueError as err:
             raise CLIError(f"{f}: {err}") from err
         report[f.parent.name] = task_summary(scores)
@@ -349,8 +373,9 @@ def _cmd_registry_compose(args: argparse.Namespace) -> int:
     members = [_member_arg(v) for v in args.vector]
     with _registry(args) as reg:
         try:
-            c = reg.compose(args.name, members, alpha=args.alpha, enabled=not args.disable,
-                            replace=args.replace)  # fmt: skip
+            c = reg.compose(
+                args.name, members, alpha=args.alpha, enabled=not args.disable, replace=args.replace
+            )
         except ValidationError as err:
             raise CLIError(f"invalid composition: {pydantic_message(err)}") from err
     shown = ", ".join(f"{m.vector}x{'default' if m.scale is None else m.scale}" for m in c.members)
@@ -367,9 +392,11 @@ def _cmd_registry_preset(args: argparse.Namespace) -> int:
         if args.scale is None:
             raise CLIError("registry preset: give --scale (or --remove)")
         p = reg.set_preset(args.name, args.scale, alpha=args.alpha)
-    print(f"preset {p.name} v{p.version}: scale {p.scale:g}"
-          + (f", alpha {p.alpha:g}" if p.alpha is not None else "")
-          + f" (every steered model is offered as MODEL:svd-{p.name})")  # fmt: skip
+    print(
+        f"preset {p.name} v{p.version}: scale {p.scale:g}"
+        + (f", alpha {p.alpha:g}" if p.alpha is not None else "")
+        + f" (every steered model is offered as MODEL:svd-{p.name})"
+    )
     return 0
 
 
@@ -516,11 +543,17 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         e = Registry(registry).add_file(v, replace=True)
         print(f"registered {e.key}")
     cfg = StackConfig(
-        model=args.model, loras=loras, registry=registry, host=args.host, vllm_port=args.port,
-        sidecar_port=args.sidecar_port, max_model_len=args.max_model_len,
-        extra_vllm_args=args.vllm_arg or [], tensor_parallel_size=args.tensor_parallel_size,
+        model=args.model,
+        loras=loras,
+        registry=registry,
+        host=args.host,
+        vllm_port=args.port,
+        sidecar_port=args.sidecar_port,
+        max_model_len=args.max_model_len,
+        extra_vllm_args=args.vllm_arg or [],
+        tensor_parallel_size=args.tensor_parallel_size,
         pipeline_parallel_size=args.pipeline_parallel_size,
-    )  # fmt: skip
+    )
     if cfg.ranks < 1:
         raise CLIError("--tensor-parallel-size and --pipeline-parallel-size must be at least 1")
     try:
@@ -587,8 +620,12 @@ def _model_dirs(p: argparse.ArgumentParser, *, adapter: bool | None) -> None:
 
 def _task_args(p: argparse.ArgumentParser, split: str) -> None:
     """``--task``, repeatable: the data a verb reads."""
-    p.add_argument("--task", action="append", required=True,
-                   help=f"task name or JSONL file ({split}; repeatable)")  # fmt: skip
+    p.add_argument(
+        "--task",
+        action="append",
+        required=True,
+        help=f"task name or JSONL file ({split}; repeatable)",
+    )
 
 
 def _steering_args(p: argparse.ArgumentParser) -> None:

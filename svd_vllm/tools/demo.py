@@ -51,14 +51,20 @@ def _items(split: str) -> list[Item]:
     return [with_choices(it) for it in load_items(tasks_dir() / TASK / f"{split}.jsonl")]
 
 
-async def _answers(url: str, items: list[Item], model: str, steering: dict[str, Any] | None,
-                   concurrency: int = 16) -> list[str]:  # fmt: skip
+async def _answers(
+    url: str, items: list[Item], model: str, steering: dict[str, Any] | None, concurrency: int = 16
+) -> list[str]:
     sem = asyncio.Semaphore(concurrency)
     async with httpx.AsyncClient(timeout=300) as client:
 
         async def one(item: Item) -> str:
-            body: dict[str, Any] = {"model": model, "prompt": item.prompt, "max_tokens": 24,
-                                    "temperature": 0, "stop": ["\n"]}  # fmt: skip
+            body: dict[str, Any] = {
+                "model": model,
+                "prompt": item.prompt,
+                "max_tokens": 24,
+                "temperature": 0,
+                "stop": ["\n"],
+            }
             if steering is not None:
                 body["steering"] = steering
             async with sem:
@@ -89,8 +95,12 @@ def run_demo(workdir: Path | None = None) -> int:
     adapter = root / ADAPTER
     _step(3, f"warm start: LoRA r=8 on q,k,v,o, lr {LR}, 1 epoch")
     if not (adapter / "adapter_config.json").exists():
-        res = train_adapter(model_dir, [(it.prompt, it.completion) for it in train], adapter,
-                            WarmStartConfig(lr=LR, max_length=384))  # fmt: skip
+        res = train_adapter(
+            model_dir,
+            [(it.prompt, it.completion) for it in train],
+            adapter,
+            WarmStartConfig(lr=LR, max_length=384),
+        )
         print(
             f"      {res.examples} examples in {res.seconds:.0f}s, "
             f"loss {res.first_loss:.2f} -> {res.last_loss:.2f}"
@@ -108,17 +118,29 @@ def run_demo(workdir: Path | None = None) -> int:
         artifact.save(art, vec_path)
     art = artifact.load(vec_path)
     m = art.meta
-    print(f"      mu_bar = {m.mu_bar:+.3f} ({m.estimator}, {m.shift_weighting} shift), "
-          f"mu_bar_exact = {m.mu_bar_exact:+.3f}, alpha = {m.alpha}")  # fmt: skip
+    print(
+        f"      mu_bar = {m.mu_bar:+.3f} ({m.estimator}, {m.shift_weighting} shift), "
+        f"mu_bar_exact = {m.mu_bar_exact:+.3f}, alpha = {m.alpha}"
+    )
 
     _step(5, "serving: vLLM (plugin + the adapter) and the sidecar on 127.0.0.1")
     registry = root / "registry"
     cfg = StackConfig(
-        model=model_dir, loras={ADAPTER: adapter}, registry=registry, max_model_len=1024,
-        extra_vllm_args=["--served-model-name", "base", "--max-num-seqs", "64",
-                         "--logprobs-mode", "processed_logprobs"],
-        dtype="float32", log_dir=root / "logs",
-    )  # fmt: skip
+        model=model_dir,
+        loras={ADAPTER: adapter},
+        registry=registry,
+        max_model_len=1024,
+        extra_vllm_args=[
+            "--served-model-name",
+            "base",
+            "--max-num-seqs",
+            "64",
+            "--logprobs-mode",
+            "processed_logprobs",
+        ],
+        dtype="float32",
+        log_dir=root / "logs",
+    )
     with LocalStack(cfg) as stack:
         stack.wait_ready()
         print(f"      vLLM {stack.vllm_url}, sidecar {stack.sidecar_url} (logs in {stack.log_dir})")
@@ -131,8 +153,10 @@ def run_demo(workdir: Path | None = None) -> int:
         _step(6, f"evaluation: {len(test)} test questions, greedy, through vLLM")
         t_eval = time.time()
         texts = asyncio.run(_answers(stack.sidecar_url, test, "base", None))
-        base = [float(generation_correct(t, it.options, it.gold))
-                for t, it in zip(texts, test, strict=True)]  # fmt: skip
+        base = [
+            float(generation_correct(t, it.options, it.gold))
+            for t, it in zip(texts, test, strict=True)
+        ]
         print(f"      base model (through the sidecar's front): {100 * np.mean(base):5.1f}%")
         print("      svd-vllm tune: the LoRA at a sweep of svd_scale (0 = the plain LoRA)")
         report = run_tune(stack.vllm_url, ADAPTER, ADAPTER, test, max_tokens=24, stop=["\n"])
@@ -141,8 +165,10 @@ def run_demo(workdir: Path | None = None) -> int:
         by_name = asyncio.run(_answers(stack.sidecar_url, spot, f"{ADAPTER}:svd", None))
         scale1 = next(p for p in report.points if p.scale == 1.0 and p.alpha is None)
         same = sum(a == b for a, b in zip(by_name, scale1.texts, strict=False))
-        print(f"      `{ADAPTER}:svd` by name through the front: {same}/{len(spot)} answers "
-              "identical to tune's scale 1")  # fmt: skip
+        print(
+            f"      `{ADAPTER}:svd` by name through the front: {same}/{len(spot)} answers "
+            "identical to tune's scale 1"
+        )
         print(
             f"      {len(test) * (len(report.points) + 1) + len(spot)} generations in "
             f"{time.time() - t_eval:.0f}s"

@@ -59,9 +59,18 @@ def vllm_command(
     ``--max-model-len`` only when given: vLLM otherwise derives it from the model.
     """
     cmd = [
-        sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model),
-        "--host", host, "--port", str(port), "--dtype", dtype,
-    ]  # fmt: skip
+        sys.executable,
+        "-m",
+        "vllm.entrypoints.openai.api_server",
+        "--model",
+        str(model),
+        "--host",
+        host,
+        "--port",
+        str(port),
+        "--dtype",
+        dtype,
+    ]
     if max_model_len is not None:
         cmd += ["--max-model-len", str(max_model_len)]
     if loras:
@@ -179,10 +188,13 @@ def cpu_rank_binding(ranks: int, cores: Sequence[int]) -> str:
     share = len(cores) // ranks
     groups = [cores[i * share : (i + 1) * share] for i in range(ranks)]
     return "|".join(
-        str(g[0]) if len(g) == 1 else ",".join(map(str, g))
-        if g != list(range(g[0], g[-1] + 1)) else f"{g[0]}-{g[-1]}"
+        str(g[0])
+        if len(g) == 1
+        else ",".join(map(str, g))
+        if g != list(range(g[0], g[-1] + 1))
+        else f"{g[0]}-{g[-1]}"
         for g in groups
-    )  # fmt: skip
+    )
 
 
 def _has_gpu() -> bool:
@@ -265,16 +277,33 @@ class LocalStack:
             parallel += ["--tensor-parallel-size", str(c.tensor_parallel_size)]
         if c.pipeline_parallel_size > 1:
             parallel += ["--pipeline-parallel-size", str(c.pipeline_parallel_size)]
-        self._spawn("vllm", vllm_command(
-            c.model, host=c.host, port=self.vllm_port, loras=c.loras, max_lora_rank=c.max_lora_rank,
-            max_model_len=c.max_model_len, dtype=c.dtype, extra=[*parallel, *c.extra_vllm_args],
-        ))  # fmt: skip
+        self._spawn(
+            "vllm",
+            vllm_command(
+                c.model,
+                host=c.host,
+                port=self.vllm_port,
+                loras=c.loras,
+                max_lora_rank=c.max_lora_rank,
+                max_model_len=c.max_model_len,
+                dtype=c.dtype,
+                extra=[*parallel, *c.extra_vllm_args],
+            ),
+        )
         self._spawn(
             "sidecar",
-            [sys.executable, "-m", "svd_sidecar", "--host", c.host,
-             "--port", str(self.sidecar_port),
-             "--log-level", "warning"],
-        )  # fmt: skip
+            [
+                sys.executable,
+                "-m",
+                "svd_sidecar",
+                "--host",
+                c.host,
+                "--port",
+                str(self.sidecar_port),
+                "--log-level",
+                "warning",
+            ],
+        )
         return self
 
     def wait_ready(self, timeout: float = 600.0) -> None:

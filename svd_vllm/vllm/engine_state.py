@@ -77,9 +77,12 @@ class EngineState:
             logger.info(
                 "svd-vllm: steering processor active (%s runner, %s kernel, %s, registry %s, "
                 "%d vectors)",
-                runner, self.kernel.name, worker_rank(vllm_config), self.store.registry.root,
+                runner,
+                self.kernel.name,
+                worker_rank(vllm_config),
+                self.store.registry.root,
                 len(self.store.names()),
-            )  # fmt: skip
+            )
 
     def _resolve(self, params: SamplingParams | None) -> SteeringRow | None:
         """Where and how a request steers, or None if it is not steered."""

@@ -49,8 +49,9 @@ def check_vllm() -> None:
         logger.warning(
             "svd-vllm: vLLM %s is outside the verified range %s; every interface the plugin "
             "uses is present, so it runs",
-            vllm.__version__, compat.SUPPORTED_VLLM,
-        )  # fmt: skip
+            vllm.__version__,
+            compat.SUPPORTED_VLLM,
+        )
 
 
 def _skips_processors(input_processor: Any) -> str | None:

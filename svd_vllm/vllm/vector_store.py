@@ -132,8 +132,10 @@ class VectorStore:
             if self._bad.get(entry.file) != entry.content_hash:
                 logger.error(
                     "svd-vllm: refusing vector %s: vocab_size %d does not match the model's %d",
-                    entry.key, entry.vocab_size, self.vocab_size,
-                )  # fmt: skip
+                    entry.key,
+                    entry.vocab_size,
+                    self.vocab_size,
+                )
                 self._bad[entry.file] = entry.content_hash
             return None
         try:

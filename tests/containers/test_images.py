@@ -244,12 +244,22 @@ def test_the_reference_is_steered(reference: dict[str, Any]) -> None:
 
 
 # --- the pod ----------------------------------------------------------------------------------
-def _run_in_pod(pod: str, name: str, image: str, env: dict[str, str], volumes: list[str],
-                *args: str) -> None:  # fmt: skip
+def _run_in_pod(
+    pod: str, name: str, image: str, env: dict[str, str], volumes: list[str], *args: str
+) -> None:
     """``podman run --detach`` of ``image`` as container ``name`` of ``pod``."""
-    pm.podman("run", "--detach", "--pod", pod, "--name", name,
-              *[f"--env={k}={v}" for k, v in env.items()], *[f"--volume={v}" for v in volumes],
-              image, *args)  # fmt: skip
+    pm.podman(
+        "run",
+        "--detach",
+        "--pod",
+        pod,
+        "--name",
+        name,
+        *[f"--env={k}={v}" for k, v in env.items()],
+        *[f"--volume={v}" for v in volumes],
+        image,
+        *args,
+    )
 
 
 def test_pod_answers_equal_the_in_process_stack(
@@ -261,17 +271,33 @@ def test_pod_answers_equal_the_in_process_stack(
     pm.podman("pod", "create", "--name", pod, "--network", "host", "--shm-size", "1g")
     pm.podman("volume", "create", volume)
     env = vllm_env(Path("/registry"))
-    keep = ("VLLM_CPU_KVCACHE_SPACE", "HF_HUB_OFFLINE", "TOKENIZERS_PARALLELISM",
-            "SVD_VLLM_REGISTRY", "VLLM_LOGGING_LEVEL")  # fmt: skip
-    sidecar_env = _sidecar_env(f"http://127.0.0.1:{vllm_port}", Path("/models/base"),
-                               Path("/registry"))  # fmt: skip
+    keep = (
+        "VLLM_CPU_KVCACHE_SPACE",
+        "HF_HUB_OFFLINE",
+        "TOKENIZERS_PARALLELISM",
+        "SVD_VLLM_REGISTRY",
+        "VLLM_LOGGING_LEVEL",
+    )
+    sidecar_env = _sidecar_env(
+        f"http://127.0.0.1:{vllm_port}", Path("/models/base"), Path("/registry")
+    )
     sidecar_env |= {"SVD_SIDECAR_HOST": "127.0.0.1", "SVD_SIDECAR_PORT": str(sidecar_port)}
     t0 = time.monotonic()
-    _run_in_pod(pod, vllm_c, images["cpu"], {k: env[k] for k in keep},
-                [f"{models}:/models:ro", f"{volume}:/registry:ro"],
-                *_vllm_args(Path("/models"), vllm_port))  # fmt: skip
-    _run_in_pod(pod, sidecar_c, images["sidecar"], sidecar_env,
-                [f"{models}:/models:ro", f"{volume}:/registry"])  # fmt: skip
+    _run_in_pod(
+        pod,
+        vllm_c,
+        images["cpu"],
+        {k: env[k] for k in keep},
+        [f"{models}:/models:ro", f"{volume}:/registry:ro"],
+        *_vllm_args(Path("/models"), vllm_port),
+    )
+    _run_in_pod(
+        pod,
+        sidecar_c,
+        images["sidecar"],
+        sidecar_env,
+        [f"{models}:/models:ro", f"{volume}:/registry"],
+    )
     MEASURED["ready"]["sidecar"] = pm.wait_http(
         f"http://127.0.0.1:{sidecar_port}/healthz", 60, sidecar_c
     )

@@ -22,9 +22,15 @@ def main() -> None:
     from vllm.lora.request import LoRARequest
 
     llm = LLM(
-        model=spec["model"], enable_lora=True, max_lora_rank=8, max_loras=4,
-        enforce_eager=True, max_model_len=512, dtype="float32", max_num_seqs=16,
-    )  # fmt: skip
+        model=spec["model"],
+        enable_lora=True,
+        max_lora_rank=8,
+        max_loras=4,
+        enforce_eager=True,
+        max_model_len=512,
+        dtype="float32",
+        max_num_seqs=16,
+    )
     ids = {name: i + 1 for i, name in enumerate(sorted(spec["loras"]))}
 
     def lora(name: str | None) -> LoRARequest | None:

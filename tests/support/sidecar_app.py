@@ -65,9 +65,13 @@ def sidecar_env(
     allowed = tmp_path / "allowed"
     allowed.mkdir()
     settings = SidecarSettings(
-        api_key=KEY, registry=tmp_path / "reg", vocab_size=VOCAB, allowed_roots=[allowed],
-        max_upload_bytes=64 * 1024, **overrides,
-    )  # fmt: skip
+        api_key=KEY,
+        registry=tmp_path / "reg",
+        vocab_size=VOCAB,
+        allowed_roots=[allowed],
+        max_upload_bytes=64 * 1024,
+        **overrides,
+    )
     app = create_app(settings, transport=httpx.MockTransport(upstream))
     with TestClient(app, raise_server_exceptions=raise_server_exceptions) as client:
         yield {

@@ -84,9 +84,13 @@ async def models(request: Request, state: State) -> Response:
                 info = _steering_info(state, entry)
             elif comp is not None:
                 status, problem = _composition_status(state, manifest, comp)
-                info = {"composition": comp.name, "version": comp.version, "status": status,
-                        "problem": problem,
-                        "vectors": [m.model_dump() for m in comp.members]}  # fmt: skip
+                info = {
+                    "composition": comp.name,
+                    "version": comp.version,
+                    "status": status,
+                    "problem": problem,
+                    "vectors": [m.model_dump() for m in comp.members],
+                }
             model["svd_steering"] = info
     listing["data"] = [
         entry
@@ -102,8 +106,13 @@ async def models(request: Request, state: State) -> Response:
 
 def _steering_info(state: SidecarState, entry: VectorEntry) -> dict[str, Any]:
     info = VectorInfo.of(entry, state.problem(entry))
-    return {"vector": info.name, "version": info.version, "status": info.status,
-            "effective_mu": info.effective_mu, "effective_alpha": info.effective_alpha}  # fmt: skip
+    return {
+        "vector": info.name,
+        "version": info.version,
+        "status": info.status,
+        "effective_mu": info.effective_mu,
+        "effective_alpha": info.effective_alpha,
+    }
 
 
 def _composition_status(
@@ -149,10 +158,11 @@ def not_proxied(path: str) -> ApiError:
         ["GET /v1/models", *(f"POST {p}" for p in (*GENERATION_ENDPOINTS, *PASSTHROUGH))]
     )
     return ApiError(
-        404, "not_proxied",
+        404,
+        "not_proxied",
         f"/{path} is not proxied by the svd-vllm sidecar (it serves {allowed}, and "
         "/v1/steering/*); call vLLM directly for anything else",
-    )  # fmt: skip
+    )
 
 
 def _steering_xargs(

@@ -63,20 +63,33 @@ def get_vector(name: str, state: State, _: ReadAccess) -> VectorDetail:
     problem = state.problem(e)
     info = VectorInfo.of(e, problem).model_dump()
     if problem is not None:  # say what is wrong; the artifact's own fields are unknown
-        return VectorDetail(**info, mu_bar_exact=None, shift_weighting=None, estimator=None,
-                            tokenizer_fingerprint=None, calibration=None)  # fmt: skip
+        return VectorDetail(
+            **info,
+            mu_bar_exact=None,
+            shift_weighting=None,
+            estimator=None,
+            tokenizer_fingerprint=None,
+            calibration=None,
+        )
     try:
         meta = state.registry.load(e).meta
     except (ArtifactError, OSError) as exc:  # changed since the check: report, never a 500
-        return VectorDetail(**VectorInfo.of(e, str(exc)).model_dump(), mu_bar_exact=None,
-                            shift_weighting=None, estimator=None, tokenizer_fingerprint=None,
-                            calibration=None)  # fmt: skip
+        return VectorDetail(
+            **VectorInfo.of(e, str(exc)).model_dump(),
+            mu_bar_exact=None,
+            shift_weighting=None,
+            estimator=None,
+            tokenizer_fingerprint=None,
+            calibration=None,
+        )
     return VectorDetail(
-        **info, mu_bar_exact=meta.mu_bar_exact,
-        shift_weighting=meta.shift_weighting, estimator=meta.estimator,
+        **info,
+        mu_bar_exact=meta.mu_bar_exact,
+        shift_weighting=meta.shift_weighting,
+        estimator=meta.estimator,
         tokenizer_fingerprint=meta.tokenizer_fingerprint,
         calibration=meta.calibration.model_dump(mode="json"),
-    )  # fmt: skip
+    )
 
 
 @router.post(
@@ -207,10 +220,11 @@ def _allowed_path(raw: str, settings: SidecarSettings) -> Path:
     roots = [r.expanduser().resolve() for r in settings.allowed_roots]
     if not any(p.is_relative_to(r) for r in roots):
         raise ApiError(
-            400, "path_not_allowed",
+            400,
+            "path_not_allowed",
             f"{raw} is outside the allowed roots "
             f"(SVD_SIDECAR_ALLOWED_ROOTS: {[str(r) for r in roots]})",
-        )  # fmt: skip
+        )
     if not p.is_file():
         raise ApiError(400, "path", f"{raw}: not a file")
     return p
