@@ -46,8 +46,8 @@ from svd_vllm.core import artifact
 from svd_vllm.core.artifact import SteeringArtifact
 from svd_vllm.offline.assets import ensure_model
 from svd_vllm.registry import Registry
-from svd_vllm.tools.child_servers import SidecarProcess, VLLMServer
 from svd_vllm.tools.tiny import build_tiny_lora
+from tests.support.child_servers import SidecarProcess, VLLMServer
 
 ROOT = Path(__file__).resolve().parents[1]
 

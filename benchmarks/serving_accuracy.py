@@ -53,8 +53,8 @@ from svd_vllm.offline.evaluation import (
 from svd_vllm.offline.reference import ReferenceDecoder
 from svd_vllm.offline.tasks import build_tasks, load_items, tasks_dir
 from svd_vllm.registry import Registry
-from svd_vllm.tools.child_servers import VLLMServer
 from svd_vllm.tools.demo import with_choices
+from tests.support.child_servers import VLLMServer
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -12,8 +12,8 @@ import httpx
 import pytest
 
 from svd_vllm.registry import Registry
-from svd_vllm.tools.child_servers import SidecarProcess
 from tests.support.artifacts import random_vector_bytes
+from tests.support.child_servers import SidecarProcess
 
 KEY = "d" * 32
 VOCAB = 1_000_000  # a 4 MB artifact: uploads take long enough to be interrupted

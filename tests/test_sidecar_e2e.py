@@ -13,7 +13,7 @@ import pytest
 from svd_vllm.core import artifact
 from svd_vllm.offline.reference import ReferenceDecoder
 from svd_vllm.registry import Registry
-from svd_vllm.tools.child_servers import SidecarProcess
+from tests.support.child_servers import SidecarProcess
 from tests.support.vllm_server import VLLMServer
 
 pytestmark = pytest.mark.vllm

@@ -372,7 +372,7 @@ def _send_head(url: str, path: str, declared: int, sent: bytes, auth: bool) -> s
 def test_a_body_that_never_arrives_gets_a_408_and_a_vanishing_client_no_crash(
     tmp_path: Path,
 ) -> None:
-    from svd_vllm.tools.child_servers import SidecarProcess
+    from tests.support.child_servers import SidecarProcess
 
     log = tmp_path / "sidecar.log"
     env = {
@@ -517,7 +517,7 @@ def test_a_real_sidecar_forwards_an_empty_bearer_as_a_valid_header(
     client to vLLM would refuse to send must not turn into a 502."""
     import http.client
 
-    from svd_vllm.tools.child_servers import SidecarProcess
+    from tests.support.child_servers import SidecarProcess
 
     env = {
         "SVD_SIDECAR_DEV": "1",

@@ -250,7 +250,7 @@ def _stream_until_answered(
 def test_a_real_sidecar_refuses_a_chunked_stream_as_it_arrives(tmp_path: Path) -> None:
     """Against a real uvicorn sidecar: no Content-Length, 1 MiB chunks. The 413 comes after
     about the cap, not after the whole stream, and nothing is left spooled."""
-    from svd_vllm.tools.child_servers import SidecarProcess
+    from tests.support.child_servers import SidecarProcess
 
     cap = 2 << 20
     reg = tmp_path / "reg"

@@ -330,6 +330,61 @@ def _save_adapter(
     tmp.replace(out)
 
 
+def _backward(
+    model: Any,
+    examples: list[tuple[list[int], int]],
+    pad_id: int,
+    place: Placement,
+    scaler: torch.amp.GradScaler,
+    cfg: WarmStartConfig,
+) -> tuple[float | None, int]:
+    """One batch's forward and backward pass (its loss scaled for gradient accumulation, in
+    ``place``'s autocast dtype). Returns (the loss, or None when it is not finite and nothing
+    was back-propagated; the number of trained tokens)."""
+    device = next(model.parameters()).device
+    input_ids, attn, labels = _collate(examples, pad_id)
+    autocast: Any = (
+        torch.autocast(device.type, dtype=place.dtype)
+        if place.dtype != torch.float32
+        else contextlib.nullcontext()
+    )
+    with autocast:
+        loss = model(
+            input_ids=input_ids.to(device), attention_mask=attn.to(device), labels=labels.to(device)
+        ).loss
+    if not torch.isfinite(loss):
+        return None, 0
+    scaler.scale(loss / cfg.grad_accum).backward()
+    return float(loss.detach()), int((labels != -100).sum())
+
+
+def _with_adapter(model: Any, cfg: WarmStartConfig) -> Any:
+    """``model`` with a fresh trainable PEFT adapter (its weights in float32), in training mode."""
+    from peft import get_peft_model
+
+    model.config.use_cache = False
+    model = get_peft_model(model, peft_config(cfg, model))
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.train()
+    return model
+
+
+def _optimizer_step(
+    params: list[torch.nn.Parameter],
+    opt: torch.optim.Optimizer,
+    sched: torch.optim.lr_scheduler.LRScheduler,
+    scaler: torch.amp.GradScaler,
+) -> None:
+    """One optimizer step on the accumulated gradients, clipped to norm 1."""
+    scaler.unscale_(opt)
+    torch.nn.utils.clip_grad_norm_(params, 1.0)
+    scaler.step(opt)
+    scaler.update()
+    sched.step()
+    opt.zero_grad(set_to_none=True)
+
+
 def train_encoded(
     model: Any,
     data: Sequence[tuple[list[int], int]],
@@ -345,8 +400,6 @@ def train_encoded(
     The adapter is injected into ``model`` for the run and removed again at the end, so a caller
     can train several adapters on one loaded base.
     """
-    from peft import get_peft_model
-
     _check(cfg)
     if not data:
         raise ValueError("no training examples")
@@ -354,23 +407,13 @@ def train_encoded(
     torch.manual_seed(cfg.seed)
     device = next(model.parameters()).device
     place = resolve(device, cfg.dtype)
-    model.config.use_cache = False
-    model = get_peft_model(model, peft_config(cfg, model))  # adapter weights in float32
-    if cfg.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    model.train()
+    model = _with_adapter(model, cfg)
 
     batches, n_use, n_steps = _schedule(data, cfg)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: max(0.0, 1 - s / max(1, n_steps)))
-    fp16 = place.dtype == torch.float16
-    scaler = torch.amp.GradScaler(device.type, enabled=fp16)
-    autocast: Any = (
-        torch.autocast(device.type, dtype=place.dtype)
-        if place.dtype != torch.float32
-        else contextlib.nullcontext()
-    )
+    scaler = torch.amp.GradScaler(device.type, enabled=place.dtype == torch.float16)
     out = Path(out_dir)
     ckpt = _Checkpoint(out, _fingerprint(cfg, data))
     state = ckpt.load(model, opt, sched) or {"batch": 0, "losses": [], "tokens": 0, "seconds": 0.0}
@@ -380,46 +423,20 @@ def train_encoded(
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     t0 = time.time() - float(state["seconds"])
-    bar = tqdm(
-        total=len(batches),
-        initial=int(state["batch"]),
-        desc=f"warm start ({cfg.method})",
-        unit="batch",
-        disable=not progress,
-    )
-    for b in range(int(state["batch"]), len(batches)):
-        input_ids, attn, labels = _collate([data[i] for i in batches[b]], pad_id)
-        with autocast:
-            loss = model(
-                input_ids=input_ids.to(device),
-                attention_mask=attn.to(device),
-                labels=labels.to(device),
-            ).loss
-        if not torch.isfinite(loss):
+    desc, start = f"warm start ({cfg.method})", int(state["batch"])
+    bar = tqdm(total=len(batches), initial=start, desc=desc, unit="batch", disable=not progress)
+    for b in range(start, len(batches)):
+        loss, n_tokens = _backward(model, [data[i] for i in batches[b]], pad_id, place, scaler, cfg)
+        if loss is None:
             raise FloatingPointError(f"non-finite training loss at batch {b}")
-        scaler.scale(loss / cfg.grad_accum).backward()
-        losses.append(float(loss.detach()))
-        tokens += int((labels != -100).sum())
+        losses.append(loss)
+        tokens += n_tokens
         if (b + 1) % cfg.grad_accum == 0 or b + 1 == len(batches):
-            scaler.unscale_(opt)
-            torch.nn.utils.clip_grad_norm_(params, 1.0)
-            scaler.step(opt)
-            scaler.update()
-            sched.step()
-            opt.zero_grad(set_to_none=True)
+            _optimizer_step(params, opt, sched, scaler)
             step = (b + 1 + cfg.grad_accum - 1) // cfg.grad_accum
             if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and b + 1 < len(batches):
-                ckpt.save(
-                    model,
-                    opt,
-                    sched,
-                    {
-                        "batch": b + 1,
-                        "losses": losses,
-                        "tokens": tokens,
-                        "seconds": time.time() - t0,
-                    },
-                )
+                done = {"batch": b + 1, "losses": losses, "tokens": tokens}
+                ckpt.save(model, opt, sched, done | {"seconds": time.time() - t0})
         bar.update(1)
         bar.set_postfix(loss=f"{sum(losses[-20:]) / len(losses[-20:]):.3f}")
     bar.close()

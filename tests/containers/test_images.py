@@ -31,10 +31,10 @@ import yaml
 
 from benchmarks.cpu_dtype import cpu_kind, cpu_model
 from svd_vllm.core import artifact
-from svd_vllm.tools.child_servers import SidecarProcess, free_port, vllm_env
 from svd_vllm.tools.serve import vllm_command
 from tests.support import podman as pm
 from tests.support.artifacts import random_vector
+from tests.support.child_servers import SidecarProcess, free_port, vllm_env
 from tests.support.manifests import kustomize
 from tests.support.vllm_server import VLLMServer
 

