@@ -288,7 +288,7 @@ def time_shape(device: torch.device, rows: int, vocab: int) -> dict[str, Any]:
     """Kernel and torch-reference time for one shape, all rows steered by one vector."""
     from svd_vllm.core.steering import steer_table_rows_
     from svd_vllm.vllm.kernel import SteeringKernel
-    from svd_vllm.vllm.request_state import StateTensors
+    from svd_vllm.vllm.request_slots import SlotTensors
 
     g = torch.Generator(device=device).manual_seed(0)
     z0 = torch.randn(rows, vocab, device=device, generator=g) * 3
@@ -297,7 +297,7 @@ def time_shape(device: torch.device, rows: int, vocab: int) -> dict[str, Any]:
     mu = torch.full((rows,), -3.0, device=device)
     la = torch.full((rows,), math.log(0.1), device=device)
     kern = SteeringKernel(device, vocab, rows)
-    state = StateTensors(tidx, mu, la)
+    state = SlotTensors(tidx, mu, la)
     z = z0.clone()
     used = torch.zeros(1, dtype=torch.long, device=device)
     row_vec = torch.zeros(rows, dtype=torch.long, device=device)

@@ -21,7 +21,7 @@ import torch
 
 from svd_vllm.core.steering import confidence_mask, precomputed_delta, steer
 from svd_vllm.vllm import kernel
-from svd_vllm.vllm.request_state import StateTensors
+from svd_vllm.vllm.request_slots import SlotTensors
 
 HAVE_TRITON = importlib.util.find_spec("triton") is not None
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
@@ -40,11 +40,11 @@ def backend(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> 
     kernel._triton_module.cache_clear()
 
 
-def reference(z, table, table_row, mu, alpha, row_state=None) -> torch.Tensor:  # type: ignore[no-untyped-def]
+def reference(z, table, table_row, mu, alpha, idx_mapping=None) -> torch.Tensor:  # type: ignore[no-untyped-def]
     """Row by row with the documented maths (``steer`` of ``precomputed_delta``)."""
     out = z.clone()
     for r in range(z.shape[0]):
-        i = r if row_state is None else int(row_state[r])
+        i = r if idx_mapping is None else int(idx_mapping[r])
         t = int(table_row[i])
         if t < 0:
             continue
@@ -54,9 +54,9 @@ def reference(z, table, table_row, mu, alpha, row_state=None) -> torch.Tensor:  
     return out
 
 
-def run(z, table, table_row, mu, alpha, row_state=None) -> torch.Tensor:  # type: ignore[no-untyped-def]
+def run(z, table, table_row, mu, alpha, idx_mapping=None) -> torch.Tensor:  # type: ignore[no-untyped-def]
     out = z.clone()
-    got = kernel.steer_rows_(out, table, StateTensors(table_row, mu, alpha.log()), row_state)
+    got = kernel.steer_rows_(out, table, SlotTensors(table_row, mu, alpha.log()), idx_mapping)
     assert got is out  # in place
     return out
 
@@ -114,9 +114,9 @@ def test_rows_map_to_request_states_with_repeats(backend: str) -> None:
     table_row = torch.tensor([-1, 0, -1, 2, 1, -1, -1, 1], dtype=torch.int32)
     mu = torch.linspace(-4, 4, 8)
     alpha = torch.full((8,), 0.2)
-    row_state = torch.tensor([7, 7, 3, 0, 1, 1], dtype=torch.int32)
-    out = run(z, table, table_row, mu, alpha, row_state)
-    assert_same(out, reference(z, table, table_row, mu, alpha, row_state))
+    idx_mapping = torch.tensor([7, 7, 3, 0, 1, 1], dtype=torch.int32)
+    out = run(z, table, table_row, mu, alpha, idx_mapping)
+    assert_same(out, reference(z, table, table_row, mu, alpha, idx_mapping))
     assert torch.equal(out[3], z[3])  # request index 0 is not steered
 
 
@@ -151,13 +151,13 @@ def test_bad_arguments_are_refused() -> None:
     one = torch.tensor([0, 0], dtype=torch.int32)
     f = torch.zeros(2)
     with pytest.raises(ValueError, match="table must be float32"):
-        kernel.steer_rows_(z, table[:, :5], StateTensors(one, f, f))
+        kernel.steer_rows_(z, table[:, :5], SlotTensors(one, f, f))
     with pytest.raises(ValueError, match="one length"):
-        kernel.steer_rows_(z, table, StateTensors(one, torch.zeros(3), f))
+        kernel.steer_rows_(z, table, SlotTensors(one, torch.zeros(3), f))
     with pytest.raises(ValueError, match="one entry per logits row"):
-        kernel.steer_rows_(z, table, StateTensors(one[:1], f[:1], f[:1]))
+        kernel.steer_rows_(z, table, SlotTensors(one[:1], f[:1], f[:1]))
     with pytest.raises(TypeError, match="dtype"):
-        kernel.steer_rows_(z.long(), table, StateTensors(one, f, f))
+        kernel.steer_rows_(z.long(), table, SlotTensors(one, f, f))
 
 
 @pytest.mark.skipif(not (HAVE_TRITON and INTERPRET), reason="runs in the interpreter pass")

@@ -123,7 +123,7 @@ def test_v1_mixed_batch_moves_and_removals(registry: Registry) -> None:
     # Everything finishes: apply is a no-op and all table slots are released.
     p.update_state(BatchUpdate(batch_size=0, removed=[0, 1, 2, 3], added=[], moved=[]))
     z3 = logits(2)
-    assert p.apply(z3) is z3 and p.steering.state.count == 0 and p.store.rows_in_use() == 0
+    assert p.apply(z3) is z3 and p.steering.slots.count == 0 and p.store.rows_in_use() == 0
 
 
 def test_v1_all_rows_steered_in_place_and_bf16(registry: Registry) -> None:
@@ -200,13 +200,13 @@ def test_registry_settings_apply_and_versions_are_pinned(registry: Registry) -> 
     assert torch.equal(p.apply(z3.clone())[1], z3[1])
 
 
-def fake_ctx(row_state: list[int]) -> LogitsContext:
-    m = torch.tensor(row_state, dtype=torch.int32)
-    n = len(row_state)
+def fake_ctx(idx_mapping: list[int]) -> LogitsContext:
+    m = torch.tensor(idx_mapping, dtype=torch.int32)
+    n = len(idx_mapping)
     return LogitsContext(
         expanded_idx_mapping=m,
         idx_mapping=m,
-        idx_mapping_np=np.array(row_state, dtype=np.int32),
+        idx_mapping_np=np.array(idx_mapping, dtype=np.int32),
         expanded_local_pos=torch.zeros(n, dtype=torch.int32),
         input_ids=torch.zeros(n, dtype=torch.int32),
         pos=torch.zeros(n, dtype=torch.int32),
@@ -278,7 +278,7 @@ def test_v2_sampler_warmup_leaves_no_state(registry: Registry) -> None:
     p.apply_staged_writes()
     z = logits(8)
     assert torch.equal(p.apply(z.clone(), fake_ctx(list(range(8)))), z)
-    assert p.steering.state.count == 0
+    assert p.steering.slots.count == 0
     # Real traffic after the warm-up: identical to a processor that never warmed up.
     for proc in (p, fresh):
         assert proc.add_request(3, sp(svd=1, svd_vector="a")) is True

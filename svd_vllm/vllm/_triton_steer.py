@@ -21,7 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .request_state import StateTensors
+from .request_slots import SlotTensors
 
 __all__ = ["LaunchSettings", "launch_settings", "steer_rows_", "workspace"]
 
@@ -53,11 +53,11 @@ def workspace(rows: int, vocab_size: int, device: torch.device) -> torch.Tensor:
 
 
 @triton.jit
-def _row_state(row_state_ptr, table_row_ptr, HAS_ROW_STATE: tl.constexpr):
+def _idx_mapping(idx_mapping_ptr, table_row_ptr, HAS_IDX_MAPPING: tl.constexpr):
     """This program's logits row, its state index and its table row (-1: not steered)."""
     row = tl.program_id(0).to(tl.int64)
-    if HAS_ROW_STATE:
-        state_idx = tl.load(row_state_ptr + row).to(tl.int64)
+    if HAS_IDX_MAPPING:
+        state_idx = tl.load(idx_mapping_ptr + row).to(tl.int64)
     else:
         state_idx = row
     return row, state_idx, tl.load(table_row_ptr + state_idx).to(tl.int64)
@@ -67,17 +67,17 @@ def _row_state(row_state_ptr, table_row_ptr, HAS_ROW_STATE: tl.constexpr):
 def _partials(
     logits_ptr,
     logits_row_stride,
-    row_state_ptr,
+    idx_mapping_ptr,
     table_row_ptr,
     table_ptr,
     table_row_stride,
     partials_ptr,
     vocab_size,
     num_chunks,
-    HAS_ROW_STATE: tl.constexpr,
+    HAS_IDX_MAPPING: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
-    row, _, table_row = _row_state(row_state_ptr, table_row_ptr, HAS_ROW_STATE)
+    row, _, table_row = _idx_mapping(idx_mapping_ptr, table_row_ptr, HAS_IDX_MAPPING)
     chunk = tl.program_id(1)
     if table_row >= 0:
         offs = chunk * BLOCK + tl.arange(0, BLOCK)
@@ -98,7 +98,7 @@ def _partials(
 def _apply(
     logits_ptr,
     logits_row_stride,
-    row_state_ptr,
+    idx_mapping_ptr,
     table_row_ptr,
     mu_ptr,
     log_alpha_ptr,
@@ -107,11 +107,11 @@ def _apply(
     partials_ptr,
     vocab_size,
     num_chunks,
-    HAS_ROW_STATE: tl.constexpr,
+    HAS_IDX_MAPPING: tl.constexpr,
     BLOCK: tl.constexpr,
     CHUNKS_POW2: tl.constexpr,
 ):
-    row, state_idx, table_row = _row_state(row_state_ptr, table_row_ptr, HAS_ROW_STATE)
+    row, state_idx, table_row = _idx_mapping(idx_mapping_ptr, table_row_ptr, HAS_IDX_MAPPING)
     chunk = tl.program_id(1)
     if table_row >= 0:
         c = tl.arange(0, CHUNKS_POW2)
@@ -142,8 +142,8 @@ def _apply(
 def steer_rows_(
     logits: torch.Tensor,
     table: torch.Tensor,
-    state: StateTensors,
-    row_state: torch.Tensor | None,
+    state: SlotTensors,
+    idx_mapping: torch.Tensor | None,
     work: torch.Tensor,
 ) -> None:
     """Launch both kernels on the current stream (see the module doc)."""
@@ -153,20 +153,22 @@ def steer_rows_(
     table_row, mu, log_alpha = state
     launch = launch_settings(vocab_size)
     grid = (rows, launch.num_chunks)
-    has_row_state = row_state is not None
-    row_state = row_state if row_state is not None else table_row  # unread without row state
+    has_idx_mapping = idx_mapping is not None
+    idx_mapping = (
+        idx_mapping if idx_mapping is not None else table_row
+    )  # unread without an idx_mapping
     # What both launches read: the rows, their state, the table, the partials, the launch shape.
     shared = dict(
         logits_ptr=logits,
         logits_row_stride=logits.stride(0),
-        row_state_ptr=row_state,
+        idx_mapping_ptr=idx_mapping,
         table_row_ptr=table_row,
         table_ptr=table,
         table_row_stride=table.stride(0),
         partials_ptr=work,
         vocab_size=vocab_size,
         num_chunks=launch.num_chunks,
-        HAS_ROW_STATE=has_row_state,
+        HAS_IDX_MAPPING=has_idx_mapping,
         BLOCK=launch.block,
         num_warps=launch.num_warps,
     )

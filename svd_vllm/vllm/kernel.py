@@ -1,7 +1,7 @@
 """The serving step: filtered precomputed SVD on a batch of logits rows, in place.
 
 ``steer_rows_`` is what both processors call. Row ``r`` of ``logits`` reads its steering state
-(``StateTensors``) at index ``i = row_state[r]`` (``i = r`` when ``row_state`` is None): the
+(``SlotTensors``) at index ``i = idx_mapping[r]`` (``i = r`` when ``idx_mapping`` is None): the
 device-table row ``table_row[i]`` (``-1``: the row is not steered and stays untouched), the
 strength ``mu[i]`` and ``log_alpha[i]``. Every steered row becomes
 
@@ -29,10 +29,10 @@ import torch
 
 from ..core.settings import engine_settings, environment
 from ..core.steering import steer_table_rows_
-from .request_state import StateTensors
+from .request_slots import SlotTensors
 
 __all__ = [
-    "StateTensors",
+    "SlotTensors",
     "SteeringKernel",
     "interpreting",
     "kernel_setting",
@@ -67,7 +67,7 @@ def _use_triton(logits: torch.Tensor) -> bool:
 
 
 def _check(
-    logits: torch.Tensor, table: torch.Tensor, state: StateTensors, row_state: torch.Tensor | None
+    logits: torch.Tensor, table: torch.Tensor, state: SlotTensors, idx_mapping: torch.Tensor | None
 ) -> None:
     if logits.dim() != 2 or logits.stride(1) != 1:
         raise ValueError("logits must be [rows, vocab] with contiguous rows")
@@ -81,19 +81,19 @@ def _check(
     table_row, mu, log_alpha = state
     if not (table_row.shape == mu.shape == log_alpha.shape) or table_row.dim() != 1:
         raise ValueError("table_row, mu and log_alpha must be 1-D and of one length")
-    if row_state is None and table_row.shape[0] < logits.shape[0]:
-        raise ValueError("without row_state, the state arrays need one entry per logits row")
-    if row_state is not None and row_state.shape != logits.shape[:1]:
-        raise ValueError("row_state needs one entry per logits row")
+    if idx_mapping is None and table_row.shape[0] < logits.shape[0]:
+        raise ValueError("without idx_mapping, the state arrays need one entry per logits row")
+    if idx_mapping is not None and idx_mapping.shape != logits.shape[:1]:
+        raise ValueError("idx_mapping needs one entry per logits row")
 
 
 _Prepared = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
 
 
-def _prepare(n: int, state: StateTensors, row_state: torch.Tensor | None) -> _Prepared | None:
+def _prepare(n: int, state: SlotTensors, idx_mapping: torch.Tensor | None) -> _Prepared | None:
     """(steered rows, distinct table rows, row -> distinct index, mu, log alpha), or None."""
     table_row, mu, log_alpha = state
-    idx = torch.arange(n, device=table_row.device) if row_state is None else row_state.long()
+    idx = torch.arange(n, device=table_row.device) if idx_mapping is None else idx_mapping.long()
     row_table_row = table_row.index_select(0, idx)
     rows = torch.nonzero(row_table_row >= 0).squeeze(1)
     if rows.numel() == 0:
@@ -139,19 +139,19 @@ class SteeringKernel:
         self,
         logits: torch.Tensor,
         table: torch.Tensor,
-        state: StateTensors,
-        row_state: torch.Tensor | None = None,
-        state_version: int | None = None,
+        state: SlotTensors,
+        idx_mapping: torch.Tensor | None = None,
+        slots_version: int | None = None,
     ) -> torch.Tensor:
-        """Steer in place. ``state_version`` (it changes whenever the state does) lets the torch
+        """Steer in place. ``slots_version`` (it changes whenever the state does) lets the torch
         path reuse its row selection while rows map to state one to one (the V1 runner)."""
         mod = _triton_module() if _use_triton(logits) else None
         if mod is None:
             key = None
-            if row_state is None and state_version is not None:
-                key = (state_version, logits.shape[0])
+            if idx_mapping is None and slots_version is not None:
+                key = (slots_version, logits.shape[0])
             if key is None or key != self._prepared_key:
-                self._prepared = _prepare(logits.shape[0], state, row_state)
+                self._prepared = _prepare(logits.shape[0], state, idx_mapping)
                 self._prepared_key = key
             if self._prepared is None:
                 return logits
@@ -159,22 +159,22 @@ class SteeringKernel:
         if self.workspace is None or self.workspace.shape[0] < logits.shape[0]:
             # A batch larger than any before (speculative decoding's extra rows): grow once.
             self.workspace = mod.workspace(logits.shape[0], logits.shape[1], logits.device)
-        mod.steer_rows_(logits, table, state, row_state, self.workspace)
+        mod.steer_rows_(logits, table, state, idx_mapping, self.workspace)
         return logits
 
 
 def steer_rows_(
     logits: torch.Tensor,
     table: torch.Tensor,
-    state: StateTensors,
-    row_state: torch.Tensor | None = None,
+    state: SlotTensors,
+    idx_mapping: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Steer ``logits`` in place (see the module doc); returns ``logits``.
 
     A one-off call (benchmarks, tests); processors hold a ``SteeringKernel`` instead, so the
     Triton path allocates its workspace once.
     """
-    _check(logits, table, state, row_state)
+    _check(logits, table, state, idx_mapping)
     return SteeringKernel(logits.device, logits.shape[1], logits.shape[0])(
-        logits, table, state, row_state
+        logits, table, state, idx_mapping
     )

@@ -1,7 +1,7 @@
 """The vLLM logits processors: batched precomputed SVD for every steered row.
 
 vLLM 0.32 has two processor interfaces, and this module has one class for each, in the manner
-of vLLM's own built-ins, over one shared ``EngineState`` (vector store, request states, kernel):
+of vLLM's own built-ins, over one shared ``SteeringEngine`` (vector store, request slots, kernel):
 
 * ``SVDLogitsProcessorV1`` -- the V1 runner (CPU, and CUDA with the V1 runner): rows are
   persistent-batch indices, told through ``update_state``; state per row changes only there.
@@ -29,7 +29,7 @@ from vllm.v1.sample.logits_processor import LogitsProcessor as V1LogitsProcessor
 from vllm.v1.worker.gpu.sample.logits_processor import LogitsProcessor as V2LogitsProcessor
 
 from .admission import validate_steering_params
-from .engine_state import EngineState
+from .steering_engine import SteeringEngine
 from .vector_store import VectorStore
 
 if TYPE_CHECKING:
@@ -41,9 +41,9 @@ __all__ = ["SVDLogitsProcessor", "SVDLogitsProcessorV1", "SVDLogitsProcessorV2"]
 
 
 class _SteeringProcessor:
-    """What every class here shares: vLLM's admission check, the engine state, its shutdown."""
+    """What every class here shares: vLLM's admission check, the steering engine, its shutdown."""
 
-    steering: EngineState
+    steering: SteeringEngine
 
     @classmethod
     def validate_params(cls, sampling_params: SamplingParams) -> None:
@@ -72,7 +72,7 @@ class SVDLogitsProcessorV1(_SteeringProcessor, V1LogitsProcessor):
 
     def __init__(self, vllm_config: VllmConfig, device: torch.device, is_pin_memory: bool) -> None:
         size = int(vllm_config.scheduler_config.max_num_seqs)
-        self.steering = EngineState(vllm_config, torch.device(device), size, "v1")
+        self.steering = SteeringEngine(vllm_config, torch.device(device), size, "v1")
 
     def is_argmax_invariant(self) -> bool:
         return False  # steering changes the argmax; greedy requests must see it
@@ -88,10 +88,10 @@ class SVDLogitsProcessorV1(_SteeringProcessor, V1LogitsProcessor):
         for a, b, direction in batch_update.moved:
             if direction == MoveDirectionality.UNIDIRECTIONAL:
                 steering.release(b)  # b is overwritten by a
-            steering.state.move(a, b, swap=direction == MoveDirectionality.SWAP)
+            steering.slots.move(a, b, swap=direction == MoveDirectionality.SWAP)
 
     def apply(self, logits: torch.Tensor) -> torch.Tensor:
-        if self.steering.state.count == 0:
+        if self.steering.slots.count == 0:
             return logits
         return self.steering.steer(logits, None)
 
@@ -101,17 +101,17 @@ class SVDLogitsProcessorV2(_SteeringProcessor, V2LogitsProcessor):
 
     def __init__(self, vllm_config: VllmConfig, req_states: Any) -> None:
         device = torch.device(req_states.device)
-        self.steering = EngineState(vllm_config, device, int(req_states.max_num_reqs), "v2")
+        self.steering = SteeringEngine(vllm_config, device, int(req_states.max_num_reqs), "v2")
 
     def add_request(self, req_idx: int, sampling_params: SamplingParams) -> bool:
         return self.steering.set(req_idx, sampling_params)
 
     def apply_staged_writes(self) -> None:
-        self.steering.state.flush()
+        self.steering.slots.flush()
 
     def apply(self, logits: torch.Tensor, ctx: LogitsContext) -> torch.Tensor:
-        state = self.steering.state
-        if state.count == 0 or not state.steered(ctx.idx_mapping_np):
+        slots = self.steering.slots
+        if slots.count == 0 or not slots.steered(ctx.idx_mapping_np):
             return logits
         return self.steering.steer(logits, ctx.expanded_idx_mapping)
 

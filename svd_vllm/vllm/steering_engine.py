@@ -1,6 +1,6 @@
 """What one engine's steering processor owns, shared by the V1 and V2 processors.
 
-``EngineState`` holds the engine's ``VectorStore``, the ``RequestStates`` and the
+``SteeringEngine`` holds the engine's ``VectorStore``, the ``RequestSlots`` and the
 ``SteeringKernel``. It turns a request's ``SamplingParams`` into the request's state (resolving
 compositions and pinning each vector version through ``admission``'s rules), runs the kernel,
 and enforces one processor per engine.
@@ -18,13 +18,13 @@ import torch
 from ..registry import Registry, RegistryError, servable
 from ..registry.request import PIN_KEY, SteeringRequest, resolve
 from .kernel import SteeringKernel
-from .request_state import RequestStates
+from .request_slots import RequestSlots
 from .vector_store import VectorStore
 
 if TYPE_CHECKING:
     from vllm import SamplingParams
 
-__all__ = ["EngineState", "SteeringRow", "worker_rank"]
+__all__ = ["SteeringEngine", "SteeringRow", "worker_rank"]
 
 logger = logging.getLogger("vllm.svd_vllm")
 
@@ -47,10 +47,10 @@ class SteeringRow(NamedTuple):
     log_alpha: float
 
 
-class EngineState:
-    """What one engine's processor owns: the vector store, the request states, the kernel."""
+class SteeringEngine:
+    """What one engine's processor owns: the vector store, the request slots, the kernel."""
 
-    _engines: ClassVar[dict[int, weakref.ref[EngineState]]] = {}
+    _engines: ClassVar[dict[int, weakref.ref[SteeringEngine]]] = {}
 
     def __init__(self, vllm_config: Any, device: torch.device, size: int, runner: str) -> None:
         self.device = device
@@ -71,7 +71,7 @@ class EngineState:
         else:
             self._engines[key] = weakref.ref(self)
             self.store = VectorStore(Registry(), device, self.vocab_size)
-        self.state = RequestStates(size, device)
+        self.slots = RequestSlots(size, device)
         self.kernel = SteeringKernel(device, self.vocab_size, size)
         if self.store is not None:
             logger.info(
@@ -163,7 +163,7 @@ class EngineState:
         return SteeringRow(row, 1.0, math.log(alpha))
 
     def release(self, index: int) -> None:
-        old = self.state.clear(index)
+        old = self.slots.clear(index)
         if old >= 0 and self.store is not None:
             self.store.release(old)
 
@@ -173,15 +173,15 @@ class EngineState:
         res = self._resolve(params)
         if res is None:
             return False
-        self.state.set(index, *res)
+        self.slots.set(index, *res)
         return True
 
-    def steer(self, logits: torch.Tensor, row_state: torch.Tensor | None) -> torch.Tensor:
+    def steer(self, logits: torch.Tensor, idx_mapping: torch.Tensor | None) -> torch.Tensor:
         """Run the kernel on ``logits`` (flushing the state first if it changed)."""
         assert self.store is not None
-        self.state.flush()
+        self.slots.flush()
         return self.kernel(
-            logits, self.store.table, self.state.tensors, row_state, self.state.version
+            logits, self.store.table, self.slots.tensors, idx_mapping, self.slots.version
         )
 
     def close(self) -> None:

@@ -1,11 +1,11 @@
-"""Steering state per request index, on the host and mirrored on the device.
+"""Steering slots: one per request index, on the host and mirrored on the device.
 
-The index is what vLLM indexes a request's state by: a persistent-batch row on the V1 runner, a
-request state index (``req_idx``) on the V2 runner. Per index: the ``table_row`` of the vector
-table holding its shift (``-1``: not steered), its strength ``mu`` and ``log alpha``. The host
-arrays are the truth; the device mirror is refreshed by ``flush`` only after a change, through
-one of two pinned staging buffers (alternating, so the host never rewrites a buffer that a
-pending copy still reads).
+The index is what vLLM indexes a request's state by (its ``idx_mapping`` maps logits rows to
+it): a persistent-batch row on the V1 runner, a request state index (``req_idx``) on the V2
+runner. Per index: the ``table_row`` of the vector table holding its shift (``-1``: not
+steered), its strength ``mu`` and ``log alpha``. The host arrays are the truth; the device
+mirror is refreshed by ``flush`` only after a change, through one of two pinned staging buffers
+(alternating, so the host never rewrites a buffer that a pending copy still reads).
 """
 
 from __future__ import annotations
@@ -15,11 +15,11 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
-__all__ = ["RequestStates", "StateTensors"]
+__all__ = ["RequestSlots", "SlotTensors"]
 
 
-class StateTensors(NamedTuple):
-    """Steering state per request index, on the logits' device (1-D, one length): the table row
+class SlotTensors(NamedTuple):
+    """The steering slots on the logits' device (1-D, one length): the table row
     (``-1``: not steered), ``mu`` and ``log alpha``."""
 
     table_row: torch.Tensor
@@ -27,8 +27,8 @@ class StateTensors(NamedTuple):
     log_alpha: torch.Tensor
 
 
-class RequestStates:
-    """Steering state per request index (see the module doc); ``table_row == -1``: not steered."""
+class RequestSlots:
+    """One steering slot per request index (the module doc); ``table_row == -1``: not steered."""
 
     def __init__(self, size: int, device: torch.device) -> None:
         self.device = device
@@ -36,7 +36,7 @@ class RequestStates:
         self.version = 0  # bumps on every change (lets the torch kernel path reuse its work)
         self._alloc(max(size, 1))
 
-    def _alloc(self, size: int, old: RequestStates | None = None) -> None:
+    def _alloc(self, size: int, old: RequestSlots | None = None) -> None:
         self.table_row = np.full(size, -1, dtype=np.int32)
         self.mu = np.zeros(size, dtype=np.float32)
         self.log_alpha = np.zeros(size, dtype=np.float32)
@@ -66,7 +66,7 @@ class RequestStates:
                 for _ in range(2)
             ]
         #: the device mirror as the kernel takes it (current after ``flush``)
-        self.tensors = StateTensors(self.dev_table_row, self.dev_mu, self.dev_log_alpha)
+        self.tensors = SlotTensors(self.dev_table_row, self.dev_mu, self.dev_log_alpha)
         self._next = 0
         self.dirty = True
         self.version += 1
