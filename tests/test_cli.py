@@ -116,3 +116,16 @@ def test_help_imports_neither_torch_nor_vllm() -> None:
     res = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60)
     assert res.returncode == 0, res.stderr
     assert res.stdout.strip() == "[]"
+
+
+def test_help_lists_every_command_once_under_serving_or_research() -> None:
+    import argparse
+
+    from svd_vllm.tools.cli import GROUPS
+
+    parser = build_parser()
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    grouped = [name for names in GROUPS.values() for name in names]
+    assert sorted(grouped) == sorted(sub.choices)
+    text = parser.format_help()
+    assert text.index("serving:") < text.index("serve ") < text.index("research")

@@ -57,31 +57,30 @@ def list_vectors(state: State, _: ReadAccess) -> list[VectorInfo]:
     return [VectorInfo.of(e, state.problem(e)) for e in state.registry.list()]
 
 
+def _unreadable(e: VectorEntry, problem: str) -> VectorDetail:
+    """A vector whose file cannot be read now: its registry entry, the problem, and none of
+    the fields only the artifact holds."""
+    return VectorDetail(
+        **VectorInfo.of(e, problem).model_dump(),
+        mu_bar_exact=None,
+        shift_weighting=None,
+        estimator=None,
+        tokenizer_fingerprint=None,
+        calibration=None,
+    )
+
+
 @router.get("/{name}", response_model=VectorDetail)
 def get_vector(name: str, state: State, _: ReadAccess) -> VectorDetail:
     e = _entry(state, name)
     problem = state.problem(e)
-    info = VectorInfo.of(e, problem).model_dump()
     if problem is not None:  # say what is wrong; the artifact's own fields are unknown
-        return VectorDetail(
-            **info,
-            mu_bar_exact=None,
-            shift_weighting=None,
-            estimator=None,
-            tokenizer_fingerprint=None,
-            calibration=None,
-        )
+        return _unreadable(e, problem)
+    info = VectorInfo.of(e, problem).model_dump()
     try:
         meta = state.registry.load(e).meta
     except (ArtifactError, OSError) as exc:  # changed since the check: report, never a 500
-        return VectorDetail(
-            **VectorInfo.of(e, str(exc)).model_dump(),
-            mu_bar_exact=None,
-            shift_weighting=None,
-            estimator=None,
-            tokenizer_fingerprint=None,
-            calibration=None,
-        )
+        return _unreadable(e, str(exc))
     return VectorDetail(
         **info,
         mu_bar_exact=meta.mu_bar_exact,
