@@ -1,6 +1,7 @@
 """The steering-vector registry: the shared store that the sidecar and CLI write and engines read.
 
-* ``directory`` -- the on-disk registry (immutable artifact files and one atomic manifest).
+* ``manifest`` -- the manifest's schema: vector, composition and preset entries, their rules.
+* ``directory`` -- the store: the on-disk registry (immutable artifact files, one atomic manifest).
 * ``manifest_watcher`` -- the current manifest as a long-lived process sees it (admission, sidecar).
 * ``request`` -- the steering-request contract: what a request asks for (``resolve``) and whether
   this registry can serve it (``check_request``), the same rule in vLLM and in the sidecar.
@@ -10,6 +11,8 @@ The engine's host cache and device table of vectors live with the engine code:
 """
 
 from . import directory as _directory
-from .directory import *  # noqa: F403  (the registry's public names)
+from . import manifest as _manifest
+from .directory import *  # noqa: F403  (the store's public names)
+from .manifest import *  # noqa: F403  (the schema's)
 
-__all__ = _directory.__all__
+__all__ = [*_manifest.__all__, *_directory.__all__]

@@ -13,7 +13,8 @@ import threading
 from pathlib import Path
 
 from ..core.artifact import ArtifactError
-from .directory import Manifest, Registry, RegistryError, VectorEntry
+from .directory import Registry
+from .manifest import Manifest, RegistryError, VectorEntry
 
 __all__ = ["ManifestWatcher", "file_signature"]
 

@@ -27,7 +27,7 @@ from typing import Any
 
 from ..core.settings import engine_settings
 from ..core.validation import check_alpha, check_scale, finite
-from .directory import (
+from .manifest import (
     MAX_MEMBERS,
     CompositionEntry,
     Manifest,

@@ -27,7 +27,7 @@ import torch
 
 from ..core.artifact import ArtifactError
 from ..core.settings import engine_settings
-from ..registry.directory import CompositionEntry, Registry, RegistryError, VectorEntry
+from ..registry import CompositionEntry, Registry, RegistryError, VectorEntry
 from ..registry.manifest_watcher import ManifestWatcher, file_signature
 
 __all__ = ["LoadedVector", "VectorStore"]
