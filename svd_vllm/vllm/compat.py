@@ -6,7 +6,7 @@ One declared range (``SUPPORTED_VLLM``) and one list of the vLLM names the plugi
 * ``installed_problems()`` -- on the vLLM that is imported (``inspect``), when the plugin loads:
   any problem stops the engine with a message naming the version and the range.
 * ``source_problems(root)`` -- on a vLLM source tree or unpacked wheel, without importing it
-  (``ast``), for releases with no CPU build (``make compat``, ``tests/test_compat.py``).
+  (``ast``), for releases with no CPU build (``make compat``, ``tests/engine/test_compat.py``).
 
 Adding a release: widen the range, run ``make compat`` (or the engine tests), add a row to
 ``docs/compatibility.md``.

@@ -571,7 +571,7 @@ def _write_report() -> None:
         *[f"- {c}" for c in MEASURED["checks"]],
         "",
         "The GPU target (`FROM vllm/vllm-openai`) cannot be pulled here; it runs the cpu "
-        "target's lines byte for byte (tests/test_deploy.py checks it).",
+        "target's lines byte for byte (tests/unit/test_deploy.py checks it).",
         "",
     ]
     RESULTS.write_text("\n".join(lines))

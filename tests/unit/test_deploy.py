@@ -17,7 +17,7 @@ import yaml
 
 from tests.support.manifests import kustomize
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy"
 
 

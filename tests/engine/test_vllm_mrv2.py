@@ -19,7 +19,7 @@ pytestmark = [
     pytest.mark.vllm,
     pytest.mark.skipif(os.environ.get("SVD_TEST_MRV2") != "1", reason="the MRV2 lane only"),
 ]
-SUPPORT = Path(__file__).parent / "support"
+SUPPORT = Path(__file__).parents[1] / "support"
 
 
 def test_the_lane_runs_mrv2_with_the_interpreted_triton_kernel(

@@ -163,7 +163,7 @@ def test_bad_arguments_are_refused() -> None:
 @pytest.mark.skipif(not (HAVE_TRITON and INTERPRET), reason="runs in the interpreter pass")
 def test_triton_gpu_harness_dry_run_on_cpu(tmp_path: Path) -> None:
     """The GPU script, with its vLLM stubs, drives both processors through the Triton kernel."""
-    root = Path(__file__).resolve().parents[1]
+    root = Path(__file__).resolve().parents[2]
     res = subprocess.run(
         [
             sys.executable,

@@ -11,7 +11,7 @@ import pytest
 
 from svd_vllm.core.settings import EngineSettings, SettingsError, describe, engine_settings
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.mark.parametrize(

@@ -7,7 +7,7 @@ import ast
 import subprocess
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 #: The longest function allowed, by folder: the engine plugin and the sidecar are read most.
 LIMITS = {"svd_vllm/vllm/": 60, "server/": 60, "svd_vllm/": 80}
 MAX_FMT_SKIPS = 10

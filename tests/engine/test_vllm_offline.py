@@ -14,7 +14,7 @@ from svd_vllm.registry.request import LORA_KEY
 from tests.support.vllm_server import vllm_env
 
 pytestmark = pytest.mark.vllm
-SUPPORT = Path(__file__).parent / "support"
+SUPPORT = Path(__file__).parents[1] / "support"
 MAX_TOKENS = 8
 
 

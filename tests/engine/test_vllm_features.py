@@ -260,7 +260,7 @@ def test_two_ranks_equal_one(assets: dict, plain: dict, flag: str, ranks: list[s
         srv.stop()
 
 
-REPRO = Path(__file__).resolve().parents[1] / "scripts" / "repro_vllm_cpu_lora_spec_decode.py"
+REPRO = Path(__file__).resolve().parents[2] / "scripts" / "repro_vllm_cpu_lora_spec_decode.py"
 
 
 def test_lora_with_speculative_decoding_is_vllms_cpu_bug_on_mrv2() -> None:

@@ -15,7 +15,7 @@ import pytest
 from svd_vllm.registry.request import LORA_KEY, PIN_KEY
 from svd_vllm.vllm import admission, compat, plugin
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def vllm_source() -> Path:
