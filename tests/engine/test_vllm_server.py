@@ -50,6 +50,22 @@ def ids(resp: httpx.Response) -> list[int]:
     return list(resp.json()["choices"][0]["token_ids"])
 
 
+def _stream_ids(base_url: str, model: str, prompt: str, n: int) -> tuple[list[int], float]:
+    """A steered greedy completion, streamed: its token ids and when its first token came."""
+    body = {"model": model, "prompt": prompt, "max_tokens": n, "temperature": 0, "stream": True}
+    body |= {"return_token_ids": True, "vllm_xargs": {"svd": 1}}
+    out: list[int] = []
+    first = None
+    with httpx.stream("POST", f"{base_url}/v1/completions", json=body, timeout=120) as r:
+        assert r.status_code == 200, r.read()
+        for line in r.iter_lines():
+            if line.startswith("data: {"):
+                out += json.loads(line[6:])["choices"][0]["token_ids"]
+                first = time.monotonic() if first is None else first
+    assert first is not None, "no token streamed"
+    return out, first
+
+
 def wait_for_vector(
     srv: VLLMServer, client: httpx.Client, lora: str, timeout: float = 5.0
 ) -> float:
@@ -220,7 +236,7 @@ def test_hot_registration_replace_and_in_flight_pinning(
         result["done"] = time.monotonic()
 
     current = a["vectors"]["lora1"]
-    for attempt in range(3):
+    for attempt in range(5):
         result: dict = {"ids": []}
         started = threading.Event()
         t = threading.Thread(target=long_request, args=(result, started))
@@ -237,20 +253,17 @@ def test_hot_registration_replace_and_in_flight_pinning(
             alpha=0.2,
         )
         registry.add(replacement, replace=True)
-        # Admission pins the new version at once (the engine catches up synchronously).
-        new_ids = ids(
-            srv.complete(
-                client, model="lora1", prompt=new_prompt, max_tokens=8, vllm_xargs={"svd": 1}
-            )
-        )
-        asked = time.monotonic()
+        # Admission pins the new version at once (the engine catches up synchronously): by the
+        # new request's first streamed token it has been admitted, so that is the moment the
+        # long request must outlive.
+        new_ids, asked = _stream_ids(srv.base_url, "lora1", new_prompt, 8)
         t.join(timeout=300)
         assert "done" in result, "the long request did not finish"
         in_flight, pinned = result["done"] > asked, current
         current = replacement
         if in_flight:
             break
-    assert in_flight, "in 3 attempts the long request always ended before the swap was tested"
+    assert in_flight, "in 5 attempts the long request always ended before the swap was tested"
     d1_new = ReferenceDecoder(a["base"], a["loras"]["lora1"], vector=replacement)
     assert new_ids == d1_new.generate(new_prompt, "svd-precomputed", max_new_tokens=8).token_ids
     # The in-flight request kept the version it started with, for all its tokens.
