@@ -278,6 +278,13 @@ def test_lora_with_speculative_decoding_is_vllms_cpu_bug_on_mrv2() -> None:
         assert r.returncode == 0 and "OK: served" in out, out[-3000:]
 
 
+def _in_engine(srv: VLLMServer) -> float:
+    """Requests the engine holds or has finished (waiting + running + succeeded): each has been
+    through admission, where the plugin pins its vector version."""
+    names = ("vllm:num_requests_waiting", "vllm:num_requests_running", "vllm:request_success_total")
+    return sum(_metric(srv, name) for name in names)
+
+
 def _preemptions(srv: VLLMServer) -> float:
     return _metric(srv, "vllm:num_preemptions_total")
 
@@ -286,9 +293,9 @@ def test_preemption_resumes_steering_on_the_pinned_version(assets: dict) -> None
     """A KV cache with room for two blocks of 32 tokens, eight concurrent requests of two
     blocks each: whenever two run at once and one crosses its first block, the other is
     preempted (vLLM's counter says so) and later resumed. lora1's vector is replaced as soon as
-    every request is admitted (its response headers are back), while they run: every request
-    keeps the version it was admitted with, preempted or not, so every continuation equals the
-    reference decoder's with that version. Arrival timing decides whether two requests overlap,
+    the engine holds every request (vLLM's own gauges and counter say so), while they run:
+    every request keeps the version it was admitted with, preempted or not, so every
+    continuation equals the reference decoder's with that version. Arrival timing decides whether two requests overlap,
     so a batch that saw no preemption is run again (at most three times)."""
     root = assets["root"] / "preempt"
     reg = Registry(root / "registry")
@@ -340,7 +347,7 @@ def test_preemption_resumes_steering_on_the_pinned_version(assets: dict) -> None
         }
         ids: list[int] = []
         with httpx.stream("POST", f"{srv.base_url}/v1/completions", json=body, timeout=600) as r:
-            admitted.release()  # vLLM answers headers after admission pinned the version
+            admitted.release()  # the response has started (admission may still be running)
             assert r.status_code == 200, r.read()
             for line in r.iter_lines():
                 if line.startswith("data: {"):
@@ -352,10 +359,17 @@ def test_preemption_resumes_steering_on_the_pinned_version(assets: dict) -> None
         preempted = 0.0
         for attempt in range(3):
             admitted = threading.Semaphore(0)
+            before = _in_engine(srv)
             with ThreadPoolExecutor(len(requests)) as pool:
                 futures = [pool.submit(one, body, admitted) for body in requests]
                 for _ in requests:
                     assert admitted.acquire(timeout=120), "a request was never admitted"
+                # Headers can come back before vLLM admits a streamed request (its generator
+                # adds it on first iteration): wait until the engine has every one.
+                deadline = time.monotonic() + 120
+                while _in_engine(srv) - before < len(requests):
+                    assert time.monotonic() < deadline, "the engine never held every request"
+                    time.sleep(0.02)
                 reg.add(versions[attempt + 1], replace=True)
                 results = [f.result(timeout=600) for f in futures]
             for body, got in zip(requests, results, strict=True):
