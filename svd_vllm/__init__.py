@@ -14,6 +14,8 @@ Public API (stable names):
 from importlib import import_module
 from typing import Any
 
+from .core import MATH_API
+
 __version__ = "0.1.0"
 
 #: Public name -> (module, attribute). Imported on first use (PEP 562): the sidecar imports
@@ -26,21 +28,7 @@ _LAZY: dict[str, tuple[str, str]] = {
     "load_artifact": ("svd_vllm.core.artifact", "load"),
     "save_artifact": ("svd_vllm.core.artifact", "save"),
     "validate_artifact": ("svd_vllm.core.artifact", "validate"),
-    **{
-        n: ("svd_vllm.core.steering", n)
-        for n in (
-            "aggregate_mu",
-            "confidence_mask",
-            "exact_delta",
-            "gauss_newton_mu",
-            "gauss_newton_terms",
-            "log_ratio",
-            "pooled_mu",
-            "precomputed_delta",
-            "steer",
-            "svd_logits",
-        )
-    },
+    **{n: ("svd_vllm.core.steering", n) for n in MATH_API},
     "ReferenceDecoder": ("svd_vllm.offline.reference", "ReferenceDecoder"),
     "extract_vector": ("svd_vllm.offline.extraction", "extract_vector"),
     "CalibrationItem": ("svd_vllm.offline.extraction", "CalibrationItem"),

@@ -25,25 +25,10 @@ from typing import Literal
 
 import torch
 
+from . import MATH_API
 from .choices import MODES, Mode
 
-__all__ = [
-    "GN_EPS",
-    "LOG_PROB_FLOOR",
-    "MODES",
-    "Mode",
-    "aggregate_mu",
-    "confidence_mask",
-    "exact_delta",
-    "gauss_newton_mu",
-    "gauss_newton_terms",
-    "log_ratio",
-    "pooled_mu",
-    "precomputed_delta",
-    "steer",
-    "steer_table_rows_",
-    "svd_logits",
-]
+__all__ = [*MATH_API, "GN_EPS", "LOG_PROB_FLOOR", "MODES", "Mode", "steer_table_rows_"]
 
 #: log of float32's smallest normal number: the floor for log-probabilities in ``r``.
 LOG_PROB_FLOOR: float = math.log(torch.finfo(torch.float32).tiny)

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import Any, Protocol
 
 from ..core.settings import engine_settings
 from ..core.validation import check_alpha, check_scale, finite
@@ -84,11 +84,11 @@ class SteeringRequest:
 
     enabled: bool  # steer if a vector resolves
     explicit: bool  # the client set ``svd`` itself
-    vector: str | None  # the vector to use (explicit name, else the LoRA name)
-    vector_explicit: bool  # the client named the vector
-    scale: float | None
     alpha: float | None
-    pinned: str | None  # "name@version#hash" fixed at first admission
+    vector: str | None = None  # the vector to use (explicit name, else the LoRA name)
+    vector_explicit: bool = False  # the client named the vector
+    scale: float | None = None
+    pinned: str | None = None  # "name@version#hash" fixed at first admission
     #: A composition: the vectors' names and scales (empty for a single vector). The request
     #: steers with one combined shift ``sum_i strength_i(scale_i) * shift_i`` at strength 1.
     members: tuple[str, ...] = ()
@@ -141,13 +141,10 @@ def parse_request_args(
     if isinstance(vector, list | tuple):
         members, scales = _composition(vector, args.get(SCALE_KEY))
         return SteeringRequest(
-            enabled=enabled,
-            explicit=explicit,
-            vector=None,
+            enabled,
+            explicit,
+            alpha,
             vector_explicit=True,
-            scale=None,
-            alpha=alpha,
-            pinned=None,
             members=members,
             scales=scales,
             pins=_member_pins(args, len(members)),
@@ -168,20 +165,30 @@ def parse_request_args(
         scale = check_scale(_as_float(scale, SCALE_KEY), f"vllm_xargs.{SCALE_KEY}")
     pinned = args.get(PIN_KEY)
     return SteeringRequest(
-        enabled=enabled,
-        explicit=explicit,
+        enabled,
+        explicit,
+        alpha,
         vector=vector,
         vector_explicit=vector_explicit,
         scale=scale,
-        alpha=alpha,
         pinned=pinned if isinstance(pinned, str) else None,
     )
 
 
+class RegisteredNames(Protocol):
+    """What the contract reads of a registry: its vectors and compositions by name (a
+    ``Manifest``, or the snapshot an engine's vector store serves from)."""
+
+    @property
+    def vectors(self) -> Mapping[str, VectorEntry]: ...
+
+    @property
+    def compositions(self) -> Mapping[str, CompositionEntry]: ...
+
+
 def resolve(
     extra_args: Mapping[str, Any] | None,
-    compositions: Mapping[str, CompositionEntry],
-    vectors: Mapping[str, VectorEntry],
+    registered: RegisteredNames,
     *,
     server_default: bool | None = None,
 ) -> SteeringRequest:
@@ -189,14 +196,11 @@ def resolve(
     checked (``ValueError`` names the offending field), and a name that is a registered
     composition expanded into its members (:func:`expand_composition`)."""
     req = parse_request_args(extra_args, server_default=server_default)
-    return expand_composition(req, compositions, vectors, extra_args)
+    return expand_composition(req, registered, extra_args)
 
 
 def expand_composition(
-    req: SteeringRequest,
-    compositions: Mapping[str, CompositionEntry],
-    vectors: Mapping[str, VectorEntry],
-    extra_args: Mapping[str, Any] | None,
+    req: SteeringRequest, registered: RegisteredNames, extra_args: Mapping[str, Any] | None
 ) -> SteeringRequest:
     """The one rule for how a requested name resolves to a composition (admission, the engine
     and the sidecar all call it). A request whose vector name is a registered composition
@@ -204,9 +208,10 @@ def expand_composition(
     the request's ``svd_scale``; alpha = the request's, else the composition's, else the
     members' smallest. A disabled composition comes back with ``composition`` set and no
     members (nothing to steer with). Anything else is returned unchanged."""
+    vectors = registered.vectors
     if req.composed or req.vector is None or req.vector in vectors:
         return req
-    comp = compositions.get(req.vector)
+    comp = registered.compositions.get(req.vector)
     if comp is None:
         return req
     if not comp.enabled:
@@ -329,9 +334,7 @@ def check_request(
                 "active in this server: see VLLM_PLUGINS); clients may not send it"
             )
     try:
-        req = resolve(
-            extra_args, manifest.compositions, manifest.vectors, server_default=server_default
-        )
+        req = resolve(extra_args, manifest, server_default=server_default)
     except ValueError as e:
         raise SteeringError(str(e)) from None
     wants = req.vector_explicit or (req.explicit and req.enabled)

@@ -138,7 +138,7 @@ def admission_pin(extra_args: Mapping[str, Any]) -> str | list[str] | None:
             return None  # an unsteered request never touches the manifest
         watcher = _state.watcher()
         manifest = watcher.current()[0]
-        req = resolve(extra_args, manifest.compositions, manifest.vectors)
+        req = resolve(extra_args, manifest)
     except ValueError:
         return None  # validate_steering_params reports it
     if req.composed:

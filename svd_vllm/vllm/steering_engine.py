@@ -89,7 +89,7 @@ class SteeringEngine:
         if self.store is None or params is None:
             return None
         try:
-            req = resolve(params.extra_args, self.store.compositions(), self.store.entries())
+            req = resolve(params.extra_args, self.store.registered())
         except ValueError as e:  # admission already refused these; be safe anyway
             logger.warning("svd-vllm: ignoring invalid steering arguments: %s", e)
             return None

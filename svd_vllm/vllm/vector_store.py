@@ -27,7 +27,7 @@ import torch
 
 from ..core.artifact import ArtifactError
 from ..core.settings import engine_settings
-from ..registry import CompositionEntry, Registry, RegistryError, VectorEntry
+from ..registry import CompositionEntry, Manifest, Registry, RegistryError, VectorEntry
 from ..registry.manifest_watcher import ManifestWatcher, file_signature
 
 __all__ = ["LoadedVector", "VectorStore"]
@@ -266,15 +266,11 @@ class VectorStore:
             self._cache(entry.key, shift)
         return LoadedVector(entry=entry, shift=shift)
 
-    def compositions(self) -> dict[str, CompositionEntry]:
-        """The registered compositions, as of the last refresh."""
+    def registered(self) -> Manifest:
+        """The vectors and compositions requests resolve against, as of the last refresh (a
+        ``Manifest`` view built without validation: its entries were validated when read)."""
         with self._lock:
-            return self._compositions
-
-    def entries(self) -> dict[str, VectorEntry]:
-        """The current entry of each servable vector, as of the last refresh."""
-        with self._lock:
-            return self._current
+            return Manifest.model_construct(vectors=self._current, compositions=self._compositions)
 
     def host_cached(self) -> int:
         """Vector versions held in host memory (bounded by ``host_capacity``)."""

@@ -5,21 +5,17 @@ torch kernel fails here instead of passing the lane's other tests on the wrong p
 
 from __future__ import annotations
 
-import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-from tests.support.vllm_server import vllm_env
+from tests.support.vllm_server import run_offline_llm
 
 pytestmark = [
     pytest.mark.vllm,
     pytest.mark.skipif(os.environ.get("SVD_TEST_MRV2") != "1", reason="the MRV2 lane only"),
 ]
-SUPPORT = Path(__file__).parents[1] / "support"
 
 
 def test_the_lane_runs_mrv2_with_the_interpreted_triton_kernel(
@@ -33,21 +29,8 @@ def test_the_lane_runs_mrv2_with_the_interpreted_triton_kernel(
         "modes": ["batch"],
         "requests": [{"prompt": "the color of sky is", "lora": "lora1", "extra_args": {"svd": 1}}],
     }
-    (tmp_path / "spec.json").write_text(json.dumps(spec))
-    proc = subprocess.run(
-        [
-            sys.executable,
-            str(SUPPORT / "offline_llm.py"),
-            str(tmp_path / "spec.json"),
-            str(tmp_path / "out.json"),
-        ],
-        env=vllm_env(a["registry"].root),
-        capture_output=True,
-        text=True,
-        timeout=900,
-    )
-    log = proc.stdout + proc.stderr
-    assert proc.returncode == 0, log[-5000:]
+    log, out = run_offline_llm(spec, tmp_path, a["registry"].root)
+    assert out is not None, log[-5000:]
     assert "Using V2 Model Runner" in log, log[-5000:]
     assert "steering processor active (v2 runner, triton (interpreted) kernel" in log, log[-5000:]
     print("MRV2 lane: vLLM's V2 model runner, the Triton steering kernel (interpreted)")

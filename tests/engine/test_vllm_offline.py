@@ -2,19 +2,15 @@
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from svd_vllm.offline.reference import ReferenceDecoder
 from svd_vllm.registry.request import LORA_KEY
-from tests.support.vllm_server import vllm_env
+from tests.support.vllm_server import run_offline_llm
 
 pytestmark = pytest.mark.vllm
-SUPPORT = Path(__file__).parents[1] / "support"
 MAX_TOKENS = 8
 
 
@@ -45,21 +41,8 @@ def test_parity_and_isolation_in_one_mixed_batch(serving_assets: dict, tmp_path:
         "requests": requests,
         "modes": ["batch", "alone"],
     }
-    (tmp_path / "spec.json").write_text(json.dumps(spec))
-    proc = subprocess.run(
-        [
-            sys.executable,
-            str(SUPPORT / "offline_llm.py"),
-            str(tmp_path / "spec.json"),
-            str(tmp_path / "out.json"),
-        ],
-        env=vllm_env(a["registry"].root),
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
-    out = json.loads((tmp_path / "out.json").read_text())
+    log, out = run_offline_llm(spec, tmp_path, a["registry"].root, timeout=600)
+    assert out is not None, log[-8000:]
 
     # Isolation: every request in the mixed batch equals the same request alone.
     assert out["batch"] == out["alone"]
