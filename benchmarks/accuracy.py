@@ -64,77 +64,65 @@ class Suite:
     generation_limit: int = 0
     extra: dict[str, Any] = field(default_factory=dict)
 
+    @classmethod
+    def on(
+        cls,
+        title: str,
+        adapter: str,
+        tasks: tuple[str, ...],
+        train: WarmStartConfig,
+        per_task: tuple[int | None, int | None, int | None] = (None, None, None),
+        **more: Any,
+    ) -> Suite:
+        """A suite that warm-starts, calibrates and tests on the same tasks; ``per_task`` is the
+        items per task of each split (train, calib, test; None: all)."""
+        n_train, n_calib, n_test = per_task
+        return cls(title, adapter, tasks, train, n_train, tasks, n_calib, tasks, n_test, **more)
+
 
 def full_suites() -> list[Suite]:
     cs = tuple(COMMONSENSE)
     return [
-        Suite(
+        Suite.on(
             "Commonsense (8 sets), LoRA lr 3e-4, 1 epoch",
             "cs-lora-strong",
             cs,
             WarmStartConfig(lr=3e-4, max_length=256),
-            300,
-            cs,
-            40,
-            cs,
-            150,
-            ("arc_easy", "arc_challenge"),
-            100,
+            (300, 40, 150),
+            generation_tasks=("arc_easy", "arc_challenge"),
+            generation_limit=100,
         ),
-        Suite(
+        Suite.on(
             "Commonsense (8 sets), LoRA lr 5e-5, 1 epoch (paper)",
             "cs-lora-paper",
             cs,
             WarmStartConfig(lr=5e-5, max_length=256),
-            150,
-            cs,
-            40,
-            cs,
-            100,
+            (150, 40, 100),
         ),
-        Suite(
+        Suite.on(
             "TruthfulQA, LoRA lr 3e-4, 3 epochs",
             "tqa-lora-strong",
             ("truthfulqa",),
             WarmStartConfig(lr=3e-4, epochs=3),
-            None,
-            ("truthfulqa",),
-            None,
-            ("truthfulqa",),
-            None,
         ),
-        Suite(
+        Suite.on(
             "TruthfulQA, LoRA lr 5e-5, 1 epoch (paper)",
             "tqa-lora-paper",
             ("truthfulqa",),
             WarmStartConfig(lr=5e-5),
-            None,
-            ("truthfulqa",),
-            None,
-            ("truthfulqa",),
-            None,
         ),
-        Suite(
+        Suite.on(
             "ARC-Easy, IA3 lr 3e-3",
             "ia3-arc_easy",
             ("arc_easy",),
             WarmStartConfig(method="ia3", lr=3e-3),
-            None,
-            ("arc_easy",),
-            None,
-            ("arc_easy",),
-            None,
         ),
-        Suite(
+        Suite.on(
             "PIQA, IA3 lr 3e-3",
             "ia3-piqa",
             ("piqa",),
             WarmStartConfig(method="ia3", lr=3e-3),
-            300,
-            ("piqa",),
-            None,
-            ("piqa",),
-            150,
+            (300, None, 150),
         ),
     ]
 
@@ -147,27 +135,19 @@ def gemma_suites() -> list[Suite]:
     """
     cs = tuple(COMMONSENSE)
     return [
-        Suite(
+        Suite.on(
             "Commonsense (8 sets), LoRA lr 3e-4, 1 epoch",
             "cs-lora-strong",
             cs,
             WarmStartConfig(lr=3e-4, max_length=256),
-            60,
-            cs,
-            15,
-            cs,
-            40,
+            (60, 15, 40),
         ),
-        Suite(
+        Suite.on(
             "ARC-Easy, IA3 lr 3e-3",
             "ia3-arc_easy",
             ("arc_easy",),
             WarmStartConfig(method="ia3", lr=3e-3),
-            None,
-            ("arc_easy",),
-            40,
-            ("arc_easy",),
-            120,
+            (None, 40, 120),
         ),
     ]
 
@@ -181,16 +161,12 @@ def suites_for(model: str, quick: bool) -> list[Suite]:
 def quick_suites() -> list[Suite]:
     four = ("arc_easy", "piqa", "siqa", "obqa")
     return [
-        Suite(
+        Suite.on(
             "Commonsense (4 sets), quick LoRA lr 3e-4",
             "quick-lora",
             four,
             WarmStartConfig(lr=3e-4, max_length=256),
-            60,
-            four,
-            10,
-            four,
-            40,
+            (60, 10, 40),
         ),
     ]
 

@@ -131,44 +131,32 @@ def suites(model: str, smoke: bool = False) -> list[Suite]:
     gen = {"tune": s.tune, "test": s.test if s.generation_test is None else s.generation_test}
     cs = tuple(COMMONSENSE)
     every = [
-        Suite(
+        Suite.on(
             "Commonsense (8 sets merged), LoRA lr 5e-5, 1 epoch (paper)",
             "cs-lora-paper",
             cs,
             WarmStartConfig(
                 lr=5e-5, max_length=256, checkpoint_every=20, gradient_checkpointing=recompute
             ),
-            s.train,
-            cs,
-            s.calib,
-            cs,
-            s.test,
+            (s.train, s.calib, s.test),
             extra=gen,
         ),
-        Suite(
+        Suite.on(
             "Commonsense (8 sets merged), LoRA lr 3e-4, 1 epoch",
             "cs-lora-strong",
             cs,
             WarmStartConfig(
                 lr=3e-4, max_length=256, checkpoint_every=20, gradient_checkpointing=recompute
             ),
-            s.train,
-            cs,
-            s.calib,
-            cs,
-            s.test,
+            (s.train, s.calib, s.test),
             extra=gen,
         ),
-        Suite(
+        Suite.on(
             "TruthfulQA, LoRA lr 3e-4, 3 epochs",
             "tqa-lora",
             ("truthfulqa",),
             WarmStartConfig(lr=3e-4, epochs=3, checkpoint_every=20),
-            None,
-            ("truthfulqa",),
-            None,
-            ("truthfulqa",),
-            s.truthfulqa_test,
+            (None, None, s.truthfulqa_test),
         ),
     ]
     chosen = [x for x in every if x.adapter in s.suites]

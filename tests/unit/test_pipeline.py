@@ -255,26 +255,10 @@ def test_evaluate_items_and_cli_extract_eval(
     assert scores["exact0"]["acc"] == scores["peft"]["acc"] and len(scores["peft"]["acc"]) == 4
     assert len(scores["peft"]["gen"]) == 4
     vec = tmp_path / "v.safetensors"
-    assert (
-        cli_main(
-            [
-                "extract",
-                "--base",
-                str(base),
-                "--adapter",
-                str(lora),
-                "--task",
-                str(d / "calib.jsonl"),
-                "--out",
-                str(vec),
-                "--name",
-                "toy",
-                "--report",
-                str(tmp_path / "r.json"),
-            ]
-        )
-        == 0
-    )
+    model = ["--base", str(base), "--adapter", str(lora)]
+    calib, report_path = str(d / "calib.jsonl"), str(tmp_path / "r.json")
+    argv = ["extract", *model, "--task", calib, "--out", str(vec), "--name", "toy"]
+    assert cli_main([*argv, "--report", report_path]) == 0
     art = artifact.load(vec)
     assert art.meta.name == "toy" and torch.isfinite(art.shift).all()
     directions = json.loads((tmp_path / "r.json").read_text())["directions"]
@@ -283,26 +267,9 @@ def test_evaluate_items_and_cli_extract_eval(
         art.meta.mu_bar
     )
     capsys.readouterr()
-    assert (
-        cli_main(
-            [
-                "eval",
-                "--base",
-                str(base),
-                "--adapter",
-                str(lora),
-                "--vector",
-                str(vec),
-                "--task",
-                str(d / "test.jsonl"),
-                "--limit",
-                "3",
-                "--out",
-                str(tmp_path / "e.json"),
-            ]
-        )
-        == 0
-    )
+    test_set, out = str(d / "test.jsonl"), str(tmp_path / "e.json")
+    argv = ["eval", *model, "--vector", str(vec), "--task", test_set, "--limit", "3", "--out", out]
+    assert cli_main(argv) == 0
     report = json.loads((tmp_path / "e.json").read_text())["toy"]
     # The CLI's scores are those of the library on the same items: base and PEFT directly,
     # and the precomputed vector at the file's strength.
@@ -324,18 +291,6 @@ def test_evaluate_items_and_cli_extract_eval(
         and "vs_peft" in report["peft+svd-precomputed"]["acc"]
     )
     assert (
-        cli_main(
-            [
-                "extract",
-                "--base",
-                str(base),
-                "--adapter",
-                str(lora),
-                "--task",
-                str(tmp_path / "nope.jsonl"),
-                "--out",
-                str(vec),
-            ]
-        )
+        cli_main(["extract", *model, "--task", str(tmp_path / "nope.jsonl"), "--out", str(vec)])
         == 2
     )
