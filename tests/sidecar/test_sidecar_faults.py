@@ -21,7 +21,15 @@ from svd_sidecar import SidecarSettings, create_app
 from svd_sidecar.json_body import MAX_JSON_DEPTH
 
 from tests.support.faulty_upstream import FaultyUpstream
-from tests.support.sidecar_app import AUTH, KEY, VOCAB, snapshot, upload, vec_bytes
+from tests.support.sidecar_app import (
+    AUTH,
+    KEY,
+    VOCAB,
+    sidecar_settings,
+    snapshot,
+    upload,
+    vec_bytes,
+)
 
 GENERATION = ["/v1/completions", "/v1/chat/completions", "/v1/responses", "/v1/messages"]
 PROXY_TIMEOUT = 1.0
@@ -36,16 +44,7 @@ def upstream() -> Iterator[FaultyUpstream]:
 @pytest.fixture
 def front(tmp_path: Path, upstream: FaultyUpstream) -> Iterator[dict[str, Any]]:
     """The sidecar app in front of the faulty upstream, with vectors ``a`` and ``b``."""
-    allowed = tmp_path / "allowed"
-    allowed.mkdir()
-    settings = SidecarSettings(
-        api_key=KEY,
-        registry=tmp_path / "reg",
-        vocab_size=VOCAB,
-        allowed_roots=[allowed],
-        vllm_url=upstream.url,
-        proxy_timeout=PROXY_TIMEOUT,
-    )
+    settings = sidecar_settings(tmp_path, vllm_url=upstream.url, proxy_timeout=PROXY_TIMEOUT)
     with TestClient(create_app(settings), raise_server_exceptions=False) as client:
         for name, seed in (("a", 1), ("b", 2)):
             assert upload(client, vec_bytes(name, seed=seed)).status_code == 201

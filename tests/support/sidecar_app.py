@@ -56,22 +56,28 @@ class Upstream:
         return httpx.Response(200, json={"choices": [{"text": "ok"}], "echo": body})
 
 
+def sidecar_settings(tmp_path: Path, **overrides: Any) -> SidecarSettings:
+    """The tests' settings: the test key and vocab, a fresh registry at ``tmp_path/reg`` and
+    one allowed upload root, ``tmp_path/allowed``."""
+    allowed = tmp_path / "allowed"
+    allowed.mkdir(exist_ok=True)
+    return SidecarSettings(
+        api_key=KEY,
+        registry=tmp_path / "reg",
+        vocab_size=VOCAB,
+        allowed_roots=[allowed],
+        **overrides,
+    )
+
+
 @contextlib.contextmanager
 def sidecar_env(
     tmp_path: Path, raise_server_exceptions: bool = True, **overrides: Any
 ) -> Iterator[dict]:
     """A sidecar app on a fresh registry with a fake vLLM, and a client for it."""
     upstream = Upstream()
-    allowed = tmp_path / "allowed"
-    allowed.mkdir()
-    settings = SidecarSettings(
-        api_key=KEY,
-        registry=tmp_path / "reg",
-        vocab_size=VOCAB,
-        allowed_roots=[allowed],
-        max_upload_bytes=64 * 1024,
-        **overrides,
-    )
+    settings = sidecar_settings(tmp_path, **{"max_upload_bytes": 64 * 1024, **overrides})
+    allowed = settings.allowed_roots[0]
     app = create_app(settings, transport=httpx.MockTransport(upstream))
     with TestClient(app, raise_server_exceptions=raise_server_exceptions) as client:
         yield {

@@ -205,24 +205,9 @@ def test_cli_generate_and_vector_show(
 ) -> None:
     base, lora = tiny_dirs
     vec_path = artifact.save(vector_from_context(decoder, PROMPTS[0]), tmp_path / "v.safetensors")
-    rc = cli_main(
-        [
-            "generate",
-            "--base",
-            str(base),
-            "--adapter",
-            str(lora),
-            "--vector",
-            str(vec_path),
-            "--mode",
-            "all",
-            "--prompt",
-            PROMPTS[0],
-            "--max-tokens",
-            "4",
-            "--json",
-        ]
-    )
+    generate = ["generate", "--base", str(base), "--adapter", str(lora)]
+    steered = ["--vector", str(vec_path), "--mode", "all", "--prompt", PROMPTS[0]]
+    rc = cli_main([*generate, *steered, "--max-tokens", "4", "--json"])
     assert rc == 0
     rows = json.loads(capsys.readouterr().out)
     assert [r["mode"] for r in rows] == ["base", "adapter", "svd-exact", "svd-precomputed"]
@@ -237,18 +222,6 @@ def test_cli_generate_and_vector_show(
     bad.write_bytes(b"nope")
     assert cli_main(["vector", "show", str(bad)]) == 2
     assert "bad.safetensors" in capsys.readouterr().err
-    rc = cli_main(
-        [
-            "generate",
-            "--base",
-            str(base),
-            "--adapter",
-            str(lora),
-            "--mode",
-            "svd-precomputed",
-            "--prompt",
-            "x",
-        ]
-    )
+    rc = cli_main([*generate, "--mode", "svd-precomputed", "--prompt", "x"])
     assert rc == 2
     assert "needs a steering vector" in capsys.readouterr().err
