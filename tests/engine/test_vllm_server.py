@@ -16,6 +16,7 @@ import torch
 from svd_vllm.core.artifact import SteeringArtifact
 from svd_vllm.offline.reference import ReferenceDecoder
 from svd_vllm.registry import Registry
+from tests.support.artifacts import vector_from_shift
 from tests.support.vllm_server import VLLMServer
 
 pytestmark = pytest.mark.vllm
@@ -77,6 +78,11 @@ def _wait_admitted(srv: VLLMServer, n: int, timeout: float = 120) -> None:
     while _admitted(srv) < n:
         assert time.monotonic() < deadline, f"vLLM never admitted {n} requests"
         time.sleep(0.02)
+
+
+def _lora1_vector(shift: torch.Tensor, mu: float) -> SteeringArtifact:
+    """Another vector for lora1 (a replacement), around ``shift``."""
+    return vector_from_shift(shift, "lora1", mu=mu, alpha=0.2, base_model="tiny", adapter="lora1")
 
 
 def wait_for_vector(
@@ -233,15 +239,7 @@ def test_a_request_admitted_before_a_replace_keeps_its_version_to_the_end(
     srv, registry = server
     a = serving_assets
     pinned = a["vectors"]["lora1"]
-    replacement = SteeringArtifact.create(
-        a["vectors"]["other"].shift,
-        name="lora1",
-        base_model="tiny",
-        adapter="lora1",
-        tokenizer_fingerprint="t",
-        mu_bar=-6.0,
-        alpha=0.2,
-    )
+    replacement = _lora1_vector(a["vectors"]["other"].shift, mu=-6.0)
     long_prompt, n_long = "the color of sky is", 480
     new_prompt, n_new = "the color of grass is", 8
     long_ids: list[int] = []
@@ -389,15 +387,7 @@ def test_a_reset_registry_never_serves_the_old_content(
     old_version = registry.get("lora1").version
     shutil.rmtree(registry.root)
     fresh = Registry(registry.root)
-    new = SteeringArtifact.create(
-        -a["vectors"]["other"].shift,
-        name="lora1",
-        base_model="tiny",
-        adapter="lora1",
-        tokenizer_fingerprint="t",
-        mu_bar=-8.0,
-        alpha=0.2,
-    )
+    new = _lora1_vector(-a["vectors"]["other"].shift, mu=-8.0)
     entry = fresh.add(new)
     assert entry.version <= old_version  # the same name@version can come back
     dec_new = ReferenceDecoder(a["base"], a["loras"]["lora1"], vector=new)

@@ -15,6 +15,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import httpx
 import pytest
 
 from svd_vllm.registry import Registry
@@ -42,15 +43,16 @@ def test_nul_byte_in_a_registration_path(env: dict) -> None:
     assert snapshot(env["root"]) == before
 
 
+def _upload_form(env: dict, data: bytes, **form: str) -> httpx.Response:
+    """An upload with these multipart form fields."""
+    files = {"file": ("v", data)}
+    return env["client"].post("/v1/steering/vectors", files=files, data=form, headers=AUTH)
+
+
 @pytest.mark.parametrize("name", ["ok\n", "ok\r\n", "\nok", "a/b", ""])
 def test_bad_multipart_names_leave_no_file(env: dict, name: str) -> None:
     before = snapshot(env["root"])
-    r = env["client"].post(
-        "/v1/steering/vectors",
-        files={"file": ("v", vec_bytes("n"))},
-        data={"name": name},
-        headers=AUTH,
-    )
+    r = _upload_form(env, vec_bytes("n"), name=name)
     if name == "":
         assert r.status_code == 201  # an empty field means "the artifact's own name"
         return
@@ -61,12 +63,7 @@ def test_bad_multipart_names_leave_no_file(env: dict, name: str) -> None:
 @pytest.mark.parametrize("scale", ["-1e300", "1e300", "101", "inf", "nan", "x"])
 def test_unbounded_strength_at_upload(env: dict, scale: str) -> None:
     before = snapshot(env["root"])
-    r = env["client"].post(
-        "/v1/steering/vectors",
-        files={"file": ("v", vec_bytes("s"))},
-        data={"default_scale": scale},
-        headers=AUTH,
-    )
+    r = _upload_form(env, vec_bytes("s"), default_scale=scale)
     assert r.status_code == 400 and r.json()["error"]["code"] == "validation", r.text
     assert snapshot(env["root"]) == before
 
