@@ -98,45 +98,21 @@ def _bad_artifacts(tmp: Path) -> dict[str, bytes]:
     meta = json.loads(
         json.loads(good[8 : 8 + int.from_bytes(good[:8], "little")])["__metadata__"]["svd_vllm"]
     )
-    p = tmp / "x.safetensors"
-    save_file(
-        {"shift": torch.zeros(VOCAB, dtype=torch.float64)},
-        str(p),
-        metadata={
-            "format": "svd-vllm-steering",
-            "format_version": "1",
-            "svd_vllm": json.dumps(meta),
-        },
-    )
-    out["dtype"] = p.read_bytes()
+    header = {"format": "svd-vllm-steering", "format_version": "1"}
+
+    def file(shift: torch.Tensor, metadata: dict[str, str]) -> bytes:
+        p = tmp / "x.safetensors"
+        save_file({"shift": shift}, str(p), metadata=metadata)
+        return p.read_bytes()
+
+    full = {**header, "svd_vllm": json.dumps(meta)}
+    out["dtype"] = file(torch.zeros(VOCAB, dtype=torch.float64), full)
     nan = torch.zeros(VOCAB)
     nan[3] = float("nan")
-    save_file(
-        {"shift": nan},
-        str(p),
-        metadata={
-            "format": "svd-vllm-steering",
-            "format_version": "1",
-            "svd_vllm": json.dumps(meta),
-        },
-    )
-    out["non_finite"] = p.read_bytes()
-    save_file(
-        {"shift": torch.zeros(VOCAB)},
-        str(p),
-        metadata={"format": "svd-vllm-steering", "format_version": "1"},
-    )
-    out["metadata"] = p.read_bytes()
-    save_file(
-        {"shift": torch.zeros(VOCAB)},
-        str(p),
-        metadata={
-            "format": "svd-vllm-steering",
-            "format_version": "1",
-            "svd_vllm": json.dumps(meta),
-        },
-    )
-    out["hash"] = p.read_bytes()  # valid structure, content does not match its hash
+    out["non_finite"] = file(nan, full)
+    out["metadata"] = file(torch.zeros(VOCAB), header)
+    # valid structure, content does not match its hash
+    out["hash"] = file(torch.zeros(VOCAB), full)
     return out
 
 
