@@ -44,7 +44,9 @@ def test_the_installed_vllm_passes_both_checks() -> None:
         ("1.0.0", False),
     ],
 )
-def test_declared_range(version: str, inside: bool) -> None:
+def test_declared_vllm_range_contains_exactly_the_supported_versions(
+    version: str, inside: bool
+) -> None:
     assert compat.in_range(version) is inside
 
 

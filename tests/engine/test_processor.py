@@ -147,7 +147,9 @@ def test_v1_all_rows_steered_in_place_and_bf16(registry: Registry) -> None:
     )
 
 
-def test_server_default_on(registry: Registry, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_server_default_on_steers_unless_turned_off(
+    registry: Registry, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setenv("SVD_VLLM_DEFAULT", "on")
     p = SVDLogitsProcessor(config(), "cpu", False)
     added = [
@@ -396,7 +398,7 @@ def test_a_vector_that_cannot_load_is_refused_by_name_or_counted(
     assert admission.served_vocab_size() is None
 
 
-def test_parse_request_args_defaults() -> None:
+def test_request_arguments_default_to_the_server_and_lora() -> None:
     r = parse_request_args(None, server_default=False)
     assert not r.enabled and r.vector is None
     r = parse_request_args({LORA_KEY: "x"}, server_default=True)

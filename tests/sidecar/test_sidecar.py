@@ -35,7 +35,7 @@ def test_settings_refuse_keyless_start_unless_dev(tmp_path: Path) -> None:
     assert SidecarSettings(dev=True, registry=tmp_path).api_key is None
 
 
-def test_register_list_get_patch_delete(env: dict) -> None:
+def test_management_api_registers_lists_patches_and_deletes(env: dict) -> None:
     c = env["client"]
     assert c.get("/v1/steering/vectors").json() == []
     r = upload(c, vec_bytes("v1"))
@@ -168,7 +168,9 @@ def test_every_rejection_reason_writes_nothing(env: dict) -> None:
         assert f'svd_sidecar_rejections_total{{reason="{reason}"}}' in text
 
 
-def test_auth(env: dict, tmp_path: Path) -> None:
+def test_writes_need_the_key_and_reads_are_open_unless_configured(
+    env: dict, tmp_path: Path
+) -> None:
     c = env["client"]
     assert upload(c, vec_bytes(), headers={}).status_code == 401
     assert (
@@ -189,7 +191,7 @@ def test_auth(env: dict, tmp_path: Path) -> None:
         assert c2.get("/v1/steering/vectors", headers=AUTH).status_code == 200
 
 
-def test_health_ready_metrics(env: dict, tmp_path: Path) -> None:
+def test_health_and_readiness_report_each_dependency(env: dict, tmp_path: Path) -> None:
     c = env["client"]
     assert c.get("/healthz").json() == {"status": "ok"}
     r = c.get("/readyz")

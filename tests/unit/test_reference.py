@@ -73,7 +73,7 @@ def test_svd_exact_with_mu_zero_equals_adapter(decoder: ReferenceDecoder) -> Non
     assert [x.logprob for x in s_scores] == [x.logprob for x in a_scores]
 
 
-def test_steering_changes_outputs(decoder: ReferenceDecoder) -> None:
+def test_steering_changes_the_reference_outputs(decoder: ReferenceDecoder) -> None:
     changed = 0
     for p in PROMPTS:
         a = decoder.generate(p, "adapter", max_new_tokens=12)
@@ -123,7 +123,7 @@ def test_kv_cache_generation_equals_full_recompute(decoder: ReferenceDecoder) ->
     assert fast.token_ids == slow
 
 
-def test_sampling_is_seeded(decoder: ReferenceDecoder) -> None:
+def test_sampling_with_a_seed_is_reproducible(decoder: ReferenceDecoder) -> None:
     kw = dict(mu=-3.0, alpha=0.05, max_new_tokens=10, temperature=1.0, top_p=0.9, top_k=50)
     a = decoder.generate(PROMPTS[0], "svd-exact", seed=7, **kw)
     b = decoder.generate(PROMPTS[0], "svd-exact", seed=7, **kw)
@@ -169,7 +169,9 @@ def test_bad_requests_are_refused(decoder: ReferenceDecoder, tiny_dirs: tuple[Pa
         decoder.score(PROMPTS[0], ["blue"], "adapter", scoring="hard")
 
 
-def test_prompt_tuning_adapter(tiny_dirs: tuple[Path, Path], tmp_path: Path) -> None:
+def test_prompt_tuning_adapters_work_in_the_reference_decoder(
+    tiny_dirs: tuple[Path, Path], tmp_path: Path
+) -> None:
     """Prompt-learning PEFT works in the reference decoder (base = backbone without virtual tokens)."""
     from peft import PromptTuningConfig, TaskType, get_peft_model
     from transformers import AutoModelForCausalLM
@@ -197,7 +199,7 @@ def test_prompt_tuning_adapter(tiny_dirs: tuple[Path, Path], tmp_path: Path) -> 
     )
 
 
-def test_cli_generate_and_vector_show(
+def test_cli_generate_and_vector_show_match_the_library(
     tiny_dirs: tuple[Path, Path],
     decoder: ReferenceDecoder,
     tmp_path: Path,

@@ -22,7 +22,7 @@ from tests.support.artifacts import random_vector
 vec = random_vector
 
 
-def test_add_get_list_replace_remove(tmp_path: Path) -> None:
+def test_registry_adds_lists_replaces_and_removes_versions(tmp_path: Path) -> None:
     reg = Registry(tmp_path)
     e1 = reg.add(vec("a"))
     assert (e1.name, e1.version) == ("a", 1)

@@ -134,7 +134,7 @@ def test_inf_rows_and_huge_logits_give_no_nan() -> None:
     assert torch.isfinite(dzp).all() and torch.count_nonzero(dzp[2]) == 0
 
 
-def test_steer_filtered_and_soft() -> None:
+def test_steer_filtered_sets_outside_mask_to_minus_inf_and_soft_keeps_it() -> None:
     z = torch.tensor([[2.0, 1.0, -5.0], [0.0, 0.0, 0.0]])
     dz = torch.tensor([[1.0, -1.0, 100.0], [1.0, 2.0, 3.0]])
     mask = torch.tensor([[True, True, False], [True, False, True]])
@@ -210,7 +210,7 @@ def test_zero_dz_rows_and_ignored_labels_are_skipped() -> None:
     )
 
 
-def test_aggregators() -> None:
+def test_mu_aggregators_mean_median_trimmed_skip_nan_and_refuse_unknown() -> None:
     steps = torch.tensor([1.0, 2.0, 3.0, 4.0, 1000.0])
     assert aggregate_mu(steps, "mean") == pytest.approx(202.0)
     assert aggregate_mu(steps, "median") == pytest.approx(3.0)
@@ -220,7 +220,7 @@ def test_aggregators() -> None:
         aggregate_mu(steps, "mode")  # type: ignore[arg-type]
 
 
-def test_svd_logits_modes() -> None:
+def test_each_svd_logits_mode_computes_its_formula() -> None:
     g = torch.Generator().manual_seed(5)
     z_a, z_b = torch.randn(3, 7, generator=g), torch.randn(3, 7, generator=g)
     assert torch.equal(svd_logits("adapter", z_a), z_a)
