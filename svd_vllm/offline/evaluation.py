@@ -35,6 +35,7 @@ from .reference import ReferenceDecoder
 from .tasks import Item
 
 __all__ = [
+    "ABLATION_METHODS",
     "METHODS",
     "MethodSpec",
     "evaluate_items",
@@ -44,6 +45,11 @@ __all__ = [
 ]
 
 METHODS = EVAL_METHODS
+#: What SVD's gain is made of: its confidence mask alone (the vector zeroed, the same alpha and
+#: soft scoring, so multiple choice equals PEFT by construction) and vLLM's ``min_p = alpha``
+#: filter (the same mask, filtered: options with a token outside it score ``-inf``). Greedy
+#: generation keeps the argmax under both, so ``gen`` equals PEFT's.
+ABLATION_METHODS = ("peft+svd-mask", "peft+min-p")
 
 
 @dataclass(frozen=True)
@@ -53,6 +59,7 @@ class MethodSpec:
     mu: float = 0.0
     alpha: float = 0.1
     shift: torch.Tensor | None = None
+    filtered: bool = False  # multiple choice: tokens outside the mask score -inf (a sampler filter)
 
 
 def method_specs(vector: Any | None, *, include: Sequence[str] = METHODS) -> list[MethodSpec]:
@@ -74,6 +81,12 @@ def method_specs(vector: Any | None, *, include: Sequence[str] = METHODS) -> lis
             elif name == "peft+logit-bias":
                 beta = float(m.calibration.estimators.get("logit_bias_beta", 0.0))
                 specs.append(MethodSpec(name, "logit-bias", beta, m.alpha, vector.shift))
+            elif name in ABLATION_METHODS:
+                zero = torch.zeros_like(vector.shift)
+                filtered = name == "peft+min-p"
+                specs.append(MethodSpec(name, "svd-precomputed", m.mu_bar, m.alpha, zero, filtered))
+            else:
+                raise ValueError(f"unknown method {name!r}")
     return specs
 
 
@@ -172,7 +185,7 @@ def _pair_logprobs(
                     shift=shift,
                     mu=spec.mu,
                     alpha=spec.alpha,
-                    filtered=False,
+                    filtered=spec.filtered,
                 )
             lab = labels[c].unsqueeze(-1)
             lp[c] = torch.log_softmax(z, dim=-1).gather(-1, lab).squeeze(-1).double()
@@ -189,6 +202,21 @@ def _option_scores(
 ) -> tuple[np.ndarray, np.ndarray]:
     vals = [per[(o.get("prompt") or item.prompt, o["text"])] for o in options]
     return np.array([v[0] for v in vals]), np.array([v[1] for v in vals])
+
+
+def _picks_gold(scores: np.ndarray, gold: int) -> float:
+    """1.0 if the gold option scores highest (the first of equal scores wins, as argmax does);
+    an option the method gives probability 0 (``-inf``, a filtered sampler) is never right."""
+    return float(bool(np.isfinite(scores[gold])) and int(np.argmax(scores)) == gold)
+
+
+def _true_mass(log_likelihoods: np.ndarray, true: np.ndarray) -> float:
+    """MC2: the probability mass on the true answers (0 when every answer has probability 0)."""
+    top = log_likelihoods.max()
+    if not np.isfinite(top):
+        return 0.0
+    w = np.exp(log_likelihoods - top)
+    return float(w[true].sum() / w.sum())
 
 
 _NORM = re.compile(r"[^a-z0-9 ]+")
@@ -257,14 +285,13 @@ def evaluate_items(
                 sums, counts = _option_scores(per, item, item.options)
                 m = scores[s.name]
                 if item.options_mc2 is None:
-                    m.setdefault("acc", []).append(float(np.argmax(sums / counts) == item.gold))
-                    m.setdefault("acc_sum", []).append(float(np.argmax(sums) == item.gold))
+                    m.setdefault("acc", []).append(_picks_gold(sums / counts, item.gold))
+                    m.setdefault("acc_sum", []).append(_picks_gold(sums, item.gold))
                 else:
-                    m.setdefault("mc1", []).append(float(np.argmax(sums) == item.gold))
+                    m.setdefault("mc1", []).append(_picks_gold(sums, item.gold))
                     s2, _ = _option_scores(per, item, item.options_mc2)
                     true = np.array([o["correct"] for o in item.options_mc2], dtype=bool)
-                    w = np.exp(s2 - s2.max())
-                    m.setdefault("mc2", []).append(float(w[true].sum() / w.sum()))
+                    m.setdefault("mc2", []).append(_true_mass(s2, true))
                 if generation and (gen_limit is None or n < gen_limit):
                     res = dec.generate(
                         item.prompt,

@@ -15,10 +15,14 @@ import torch
 from svd_vllm.core import artifact
 from svd_vllm.offline.assets import AssetError, gguf_add_bos, read_wheel_member
 from svd_vllm.offline.evaluation import (
+    ABLATION_METHODS,
     MethodSpec,
+    _picks_gold,
+    _true_mass,
     average_gain_ci,
     evaluate_items,
     generation_correct,
+    method_specs,
     paired_bootstrap,
     task_summary,
 )
@@ -26,6 +30,7 @@ from svd_vllm.offline.reference import ReferenceDecoder
 from svd_vllm.offline.tasks import _convert, _split, load_items
 from svd_vllm.offline.warmstart import RECORD, WarmStartConfig, train_adapter
 from svd_vllm.tools.cli import main as cli_main
+from tests.support.artifacts import vector_from_shift
 
 
 def _wheel(
@@ -294,3 +299,70 @@ def test_evaluate_items_and_cli_extract_eval(
         cli_main(["extract", *model, "--task", str(tmp_path / "nope.jsonl"), "--out", str(vec)])
         == 2
     )
+
+
+def test_the_mask_alone_is_peft_and_min_p_only_filters(
+    tiny_dirs: tuple[Path, Path], tmp_path: Path
+) -> None:
+    """What SVD's gain is made of, on real items: its confidence mask with the vector zeroed
+    scores and generates exactly as PEFT; ``min_p = alpha`` keeps PEFT's greedy answers, and
+    its filtered scoring is PEFT's again when it keeps every token (alpha 1e-30: the tiny
+    model's logits span far less than -log(1e-30) = 69 nats)."""
+    base, lora = tiny_dirs
+    dec = ReferenceDecoder(base, lora)
+    items = load_items(_toy_items(tmp_path) / "test.jsonl", limit=6)
+    shift = 50 * torch.randn(dec.vocab_size, generator=torch.Generator().manual_seed(0))
+    vec = vector_from_shift(shift, mu=-1.0, alpha=0.1)
+    zero = torch.zeros(dec.vocab_size)
+    toward_wrong = torch.zeros(dec.vocab_size)  # +100 on every wrong option's tokens
+    for it in items:
+        for o in it.options:
+            if not o["correct"]:
+                toward_wrong[dec.continuation_ids(it.prompt, o["text"])[1]] = 100.0
+    specs = [
+        *method_specs(vec, include=("peft", *ABLATION_METHODS)),
+        MethodSpec("min-p-0", "svd-precomputed", 0.0, 1e-30, zero, filtered=True),
+        MethodSpec("toward-wrong", "logit-bias", 1.0, 1e-30, toward_wrong),
+    ]
+    got = evaluate_items(dec, items, specs, generation=True, progress=False)
+    scores = {m: {k: v for k, v in s.items() if k != "_seconds"} for m, s in got.items()}
+    assert scores["peft+svd-mask"] == scores["peft"]
+    assert scores["peft+min-p"]["gen"] == scores["peft"]["gen"]
+    assert scores["min-p-0"]["acc"] == scores["peft"]["acc"]
+    assert sum(scores["peft"]["acc"]) > 0 and sum(scores["toward-wrong"]["acc"]) == 0
+    with pytest.raises(ValueError, match="unknown method"):
+        method_specs(vec, include=("peft+nope",))
+
+
+def test_an_option_with_probability_zero_is_never_right() -> None:
+    """A filtered sampler gives some options probability 0 (``-inf``): such an option never
+    wins, not even a tie of all ``-inf``, and MC2's mass is then 0, not NaN."""
+    inf = -np.inf
+    assert _picks_gold(np.array([inf, inf]), 0) == 0.0
+    assert _picks_gold(np.array([-1.0, inf]), 0) == 1.0
+    assert _true_mass(np.array([inf, inf]), np.array([True, False])) == 0.0
+    assert _true_mass(np.array([0.0, inf]), np.array([True, False])) == 1.0
+
+
+def test_the_mask_ablation_study_runs_end_to_end_and_pairs_every_method(
+    tiny_dirs: tuple[Path, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``benchmarks/mask_ablation`` on the tiny model: it warm-starts and calibrates the suite's
+    adapter, scores the four methods on the test items and reports each pair with its CI; the
+    mask alone differs from PEFT by exactly nothing."""
+    from benchmarks import accuracy, mask_ablation
+
+    monkeypatch.setenv("SVD_VLLM_CACHE", str(tmp_path))
+    monkeypatch.setitem(accuracy.PLACEMENT, "batch_size", 4)
+    base, _ = tiny_dirs
+    _toy_items(tmp_path)  # tmp_path/tasks/toy: the cache's task directory
+    train = WarmStartConfig(lr=1e-2, epochs=2, batch_size=4, dtype="float32")
+    suite = accuracy.Suite.on("Toy", "toy-lora", ("toy",), train, (None, None, 8))
+    s = mask_ablation.run_suite("tiny", base, suite)
+    pairs = s["tasks"]["toy"]["pairs"]
+    assert set(pairs) == {mask_ablation._pair_label(a, b) for a, b in mask_ablation.PAIRS}
+    mask = pairs["+mask only - PEFT"]["acc"]
+    assert (mask["diff"], mask["lo"], mask["hi"], mask["n"]) == (0.0, 0.0, 0.0, 8)
+    report = {"model": "tiny", "created": "now", "machine": "here", "seconds": 1.0, "suites": [s]}
+    md = mask_ablation.markdown(report)
+    assert "| toy | acc | 8 |" in md and "Δ +SVD - +mask only" in md
