@@ -16,7 +16,7 @@ equals PEFT's by construction; vLLM itself never applies ``min_p`` to a greedy r
 ``MinPLogitsProcessor`` is argmax-invariant), so a ``min_p`` row through vLLM generation would be
 PEFT's row exactly.
 
-    python -m benchmarks.mask_ablation --model smollm2-135m --only cs-lora-strong --only tqa-lora-strong
+    python -m benchmarks.mask_ablation --model smollm2-135m --only cs-lora-strong --only cs-lora-paper
 
 Writes ``benchmarks/results/mask-ablation-<model>.{json,md}``.
 """
@@ -190,7 +190,7 @@ def main(argv: list[str] | None = None) -> int:
         suites = [s for s in suites if s.adapter in args.only]
     t0 = time.time()
     model_dir = ensure_model(args.model)
-    build_tasks()
+    build_tasks(tuple(dict.fromkeys(t for s in suites for t in s.train_tasks + s.test_tasks)))
     report: dict[str, Any] = {
         "model": args.model,
         "created": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
