@@ -190,7 +190,8 @@ def main(argv: list[str] | None = None) -> int:
         suites = [s for s in suites if s.adapter in args.only]
     t0 = time.time()
     model_dir = ensure_model(args.model)
-    build_tasks(tuple(dict.fromkeys(t for s in suites for t in s.train_tasks + s.test_tasks)))
+    needed = (t for s in suites for t in s.train_tasks + s.calib_tasks + s.test_tasks)
+    build_tasks(tuple(dict.fromkeys(needed)))
     report: dict[str, Any] = {
         "model": args.model,
         "created": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
