@@ -21,7 +21,7 @@ import os
 import platform
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from functools import partial
 from pathlib import Path
@@ -42,7 +42,7 @@ from svd_vllm.offline.evaluation import (
 from svd_vllm.offline.extraction import CalibrationItem, extract_vector
 from svd_vllm.offline.precision import DEVICES, DTYPES, resolve
 from svd_vllm.offline.reference import ReferenceDecoder
-from svd_vllm.offline.tasks import COMMONSENSE, build_tasks, load_items, tasks_dir
+from svd_vllm.offline.tasks import COMMONSENSE, Item, build_tasks, load_items, tasks_dir
 from svd_vllm.offline.warmstart import RECORD, WarmStartConfig, train_adapter
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -237,11 +237,37 @@ def score_cache_dir(model: str, suite: Suite) -> Path:
     return cache_dir() / "scores" / model / suite.adapter
 
 
+def suite_test_items(suite: Suite, task: str) -> list[Item]:
+    """The suite's test items of one task."""
+    return load_items(tasks_dir() / task / "test.jsonl", limit=suite.test_per_task)
+
+
+def evaluate_task(
+    dec: ReferenceDecoder,
+    vec: Any,
+    suite: Suite,
+    task: str,
+    methods: Sequence[str],
+    items: list[Item] | None = None,
+) -> dict[str, dict[str, list[float]]]:
+    """Per-item scores of ``methods`` on one of the suite's test tasks (greedy generation too
+    where the suite asks for it), uncached."""
+    return evaluate_items(
+        dec,
+        suite_test_items(suite, task) if items is None else items,
+        method_specs(vec, include=methods),
+        generation=task in suite.generation_tasks,
+        gen_limit=suite.generation_limit or None,
+        desc=task,
+        batch_size=PLACEMENT["batch_size"],
+    )
+
+
 def score_task(
     dec: ReferenceDecoder, vec: Any, model: str, suite: Suite, task: str
 ) -> dict[str, dict[str, list[float]]]:
     """Per-item scores of every method on one test task (cached per suite, task and vector)."""
-    items = load_items(tasks_dir() / task / "test.jsonl", limit=suite.test_per_task)
+    items = suite_test_items(suite, task)
     key = {
         "items": [it.id for it in items],
         "vector": vec.meta.content_hash,
@@ -254,15 +280,7 @@ def score_task(
         cached = json.loads(path.read_text())
         if cached.get("key") == key:
             return dict(cached["scores"])
-    scores = evaluate_items(
-        dec,
-        items,
-        method_specs(vec, include=METHODS),
-        generation=task in suite.generation_tasks,
-        gen_limit=suite.generation_limit or None,
-        desc=task,
-        batch_size=PLACEMENT["batch_size"],
-    )
+    scores = evaluate_task(dec, vec, suite, task, METHODS, items)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps({"key": key, "scores": scores}))

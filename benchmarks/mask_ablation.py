@@ -40,15 +40,13 @@ from svd_vllm.offline.assets import ensure_model
 from svd_vllm.offline.evaluation import (
     ABLATION_METHODS,
     average_gain_ci,
-    evaluate_items,
     format_ci,
-    method_specs,
     paired_bootstrap,
     task_summary,
 )
 from svd_vllm.offline.precision import DEVICES, DTYPES, resolve
 from svd_vllm.offline.reference import ReferenceDecoder
-from svd_vllm.offline.tasks import build_tasks, load_items, tasks_dir
+from svd_vllm.offline.tasks import build_tasks
 
 METHODS = ("peft", "peft+svd-precomputed", *ABLATION_METHODS)
 #: The paired comparisons reported: (method, against).
@@ -76,16 +74,7 @@ def run_suite(model: str, model_dir: Path, suite: accuracy.Suite) -> dict[str, A
     tasks: dict[str, Any] = {}
     raw: dict[str, dict[str, dict[str, list[float]]]] = {}
     for t in suite.test_tasks:
-        items = load_items(tasks_dir() / t / "test.jsonl", limit=suite.test_per_task)
-        scores = evaluate_items(
-            dec,
-            items,
-            method_specs(vec, include=METHODS),
-            generation=t in suite.generation_tasks,
-            gen_limit=suite.generation_limit or None,
-            desc=t,
-            batch_size=place["batch_size"],
-        )
+        scores = accuracy.evaluate_task(dec, vec, suite, t, METHODS)
         raw[t] = {
             m: {k: v for k, v in s.items() if not k.startswith("_")} for m, s in scores.items()
         }
@@ -139,12 +128,10 @@ def markdown(report: dict[str, Any]) -> str:
         "",
     ]
     for s in report["suites"]:
-        v = s["vector"]
+        mu_bar, alpha = s["vector"]["mu_bar"], s["vector"]["alpha"]
+        vector = f"Vector: mu_bar = {mu_bar:+.3f}, alpha = {alpha} (min_p = alpha)."
         lines += [
-            f"## {s['title']}",
-            "",
-            f"Vector: mu_bar = {v['mu_bar']:+.3f}, alpha = {v['alpha']} (min_p = alpha).",
-            "",
+            f"## {s['title']}\n\n{vector}\n",
             "| task | metric | n | "
             + " | ".join(LABELS[m] for m in METHODS)
             + " | "
