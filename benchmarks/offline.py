@@ -42,23 +42,18 @@ from svd_vllm.offline.warmstart import WarmStartConfig, train_encoded
 
 ROOT = Path(__file__).resolve().parents[1]
 
+#: The Llama shapes the benchmark builds: Llama-3-8B's, and a tiny one for tests.
+SHAPE_FIELDS = (
+    "hidden_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "intermediate_size",
+    "vocab_size",
+)
 SHAPES: dict[str, dict[str, int]] = {
-    "8b": dict(
-        hidden_size=4096,
-        num_hidden_layers=32,
-        num_attention_heads=32,
-        num_key_value_heads=8,
-        intermediate_size=14336,
-        vocab_size=128256,
-    ),
-    "tiny": dict(
-        hidden_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        intermediate_size=128,
-        vocab_size=4096,
-    ),
+    "8b": dict(zip(SHAPE_FIELDS, (4096, 32, 32, 8, 14336, 128256), strict=True)),
+    "tiny": dict(zip(SHAPE_FIELDS, (64, 2, 4, 2, 128, 4096), strict=True)),
 }
 LOGIT_STD = 3.0
 
