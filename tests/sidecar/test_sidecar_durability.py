@@ -14,6 +14,7 @@ import pytest
 from svd_vllm.registry import Registry
 from tests.support.artifacts import random_vector_bytes
 from tests.support.child_servers import SidecarProcess
+from tests.support.sidecar_app import sidecar_process_env
 
 KEY = "d" * 32
 VOCAB = 1_000_000  # a 4 MB artifact: uploads take long enough to be interrupted
@@ -65,13 +66,9 @@ def test_kill_during_upload_keeps_registry_consistent(
     tmp_path: Path, phase: str, seed: int
 ) -> None:
     reg_dir = tmp_path / "registry"
-    env = {
-        "SVD_SIDECAR_API_KEY": KEY,
-        "SVD_SIDECAR_REGISTRY": str(reg_dir),
-        "SVD_SIDECAR_VOCAB_SIZE": str(VOCAB),
-        "SVD_SIDECAR_VLLM_URL": "http://127.0.0.1:9",
-    }
-    sc = SidecarProcess(env, tmp_path / "sidecar.log").start()
+    sc = SidecarProcess(
+        sidecar_process_env(reg_dir, vocab_size=VOCAB, api_key=KEY), tmp_path / "sidecar.log"
+    ).start()
     registry = Registry(reg_dir)
     auth = {"Authorization": f"Bearer {KEY}"}
     boundary = "svdboundary"

@@ -14,6 +14,7 @@ from svd_vllm.core import artifact
 from svd_vllm.offline.reference import ReferenceDecoder
 from svd_vllm.registry import Registry
 from tests.support.child_servers import SidecarProcess
+from tests.support.sidecar_app import sidecar_process_env
 from tests.support.vllm_server import VLLMServer
 
 pytestmark = pytest.mark.vllm
@@ -35,12 +36,7 @@ def stack(serving_assets: dict, tmp_path_factory: pytest.TempPathFactory) -> Ite
         extra_args=["--chat-template", str(template)],
     )
     sc = SidecarProcess(
-        {
-            "SVD_SIDECAR_API_KEY": KEY,
-            "SVD_SIDECAR_REGISTRY": str(reg),
-            "SVD_SIDECAR_VLLM_URL": srv.base_url,
-        },
-        root / "sidecar.log",
+        sidecar_process_env(reg, srv.base_url, vocab_size=None, api_key=KEY), root / "sidecar.log"
     )
     try:
         srv.wait_ready()

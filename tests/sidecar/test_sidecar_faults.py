@@ -25,6 +25,7 @@ from tests.support.sidecar_app import (
     AUTH,
     KEY,
     VOCAB,
+    sidecar_process_env,
     sidecar_settings,
     snapshot,
     upload,
@@ -374,13 +375,7 @@ def test_a_body_that_never_arrives_gets_a_408_and_a_vanishing_client_no_crash(
     from tests.support.child_servers import SidecarProcess
 
     log = tmp_path / "sidecar.log"
-    env = {
-        "SVD_SIDECAR_API_KEY": KEY,
-        "SVD_SIDECAR_REGISTRY": str(tmp_path / "reg"),
-        "SVD_SIDECAR_VOCAB_SIZE": str(VOCAB),
-        "SVD_SIDECAR_VLLM_URL": "http://127.0.0.1:9",
-        "SVD_SIDECAR_BODY_TIMEOUT": "1",
-    }
+    env = sidecar_process_env(tmp_path / "reg", body_timeout=1)
     sc = SidecarProcess(env, log).start()
     try:
         for path, auth in (

@@ -20,7 +20,15 @@ import pytest
 
 from svd_vllm.registry import Registry
 from tests.support.artifacts import random_vector
-from tests.support.sidecar_app import AUTH, KEY, VOCAB, sidecar_env, snapshot, vec_bytes
+from tests.support.sidecar_app import (
+    AUTH,
+    KEY,
+    VOCAB,
+    sidecar_env,
+    sidecar_process_env,
+    snapshot,
+    vec_bytes,
+)
 
 
 @pytest.fixture
@@ -251,14 +259,7 @@ def test_a_real_sidecar_refuses_a_chunked_stream_as_it_arrives(tmp_path: Path) -
 
     cap = 2 << 20
     reg = tmp_path / "reg"
-    env = {
-        "SVD_SIDECAR_API_KEY": KEY,
-        "SVD_SIDECAR_REGISTRY": str(reg),
-        "SVD_SIDECAR_VOCAB_SIZE": str(VOCAB),
-        "SVD_SIDECAR_VLLM_URL": "http://127.0.0.1:9",
-        "SVD_SIDECAR_MAX_BODY_BYTES": str(cap),
-        "SVD_SIDECAR_MAX_UPLOAD_BYTES": str(cap),
-    }
+    env = sidecar_process_env(reg, max_body_bytes=cap, max_upload_bytes=cap)
     sc = SidecarProcess(env, tmp_path / "sidecar.log").start()
     try:
         status, sent = _stream_until_answered(

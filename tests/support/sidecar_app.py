@@ -70,6 +70,23 @@ def sidecar_settings(tmp_path: Path, **overrides: Any) -> SidecarSettings:
     )
 
 
+def sidecar_process_env(
+    registry: Path,
+    vllm_url: str = "http://127.0.0.1:9",
+    vocab_size: int | None = VOCAB,
+    api_key: str = KEY,
+    **settings: object,
+) -> dict[str, str]:
+    """A sidecar child process's environment: the key, ``registry``, the upstream (port 9 by
+    default: nothing answers), the vocab (None: vLLM's), and ``settings`` as
+    ``SVD_SIDECAR_<NAME>``."""
+    env = {"SVD_SIDECAR_API_KEY": api_key, "SVD_SIDECAR_REGISTRY": str(registry)}
+    env["SVD_SIDECAR_VLLM_URL"] = vllm_url
+    if vocab_size is not None:
+        env["SVD_SIDECAR_VOCAB_SIZE"] = str(vocab_size)
+    return env | {f"SVD_SIDECAR_{k.upper()}": str(v) for k, v in settings.items()}
+
+
 @contextlib.contextmanager
 def sidecar_env(
     tmp_path: Path, raise_server_exceptions: bool = True, **overrides: Any
