@@ -11,6 +11,7 @@ import pytest
 from svd_vllm.core import artifact
 from svd_vllm.offline.reference import ReferenceDecoder
 from svd_vllm.tools.serve import CPU_BIND_ENV, LocalStack, StackConfig, cpu_rank_binding
+from tests.support.sidecar_app import upload_over_http
 
 pytestmark = pytest.mark.vllm
 
@@ -37,14 +38,8 @@ def test_local_stack_serves_and_stops(serving_assets: dict, tmp_path: Path) -> N
     stack = LocalStack(cfg)
     with stack:
         stack.wait_ready(timeout=300)
-        auth = {"Authorization": f"Bearer {cfg.api_key}"}
         data = artifact.to_bytes(a["vectors"]["lora1"])
-        r = httpx.post(
-            f"{stack.sidecar_url}/v1/steering/vectors",
-            files={"file": ("v", data)},
-            headers=auth,
-            timeout=30,
-        )
+        r = upload_over_http(stack.sidecar_url, data, cfg.api_key)
         assert r.status_code == 201, r.text
         body = {
             "model": "lora1",

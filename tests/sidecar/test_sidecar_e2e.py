@@ -14,7 +14,7 @@ from svd_vllm.core import artifact
 from svd_vllm.offline.reference import ReferenceDecoder
 from svd_vllm.registry import Registry
 from tests.support.child_servers import SidecarProcess
-from tests.support.sidecar_app import sidecar_process_env
+from tests.support.sidecar_app import sidecar_process_env, upload_over_http
 from tests.support.vllm_server import VLLMServer
 
 pytestmark = pytest.mark.vllm
@@ -61,13 +61,7 @@ def tokens(r: httpx.Response) -> list[int]:
 def test_register_steer_patch_and_restart_end_to_end(stack: dict) -> None:
     sc, a = stack["sidecar"], stack["assets"]
     assert httpx.get(f"{sc.url}/readyz", timeout=10).status_code == 200
-    data = artifact.to_bytes(a["vectors"]["lora1"])
-    r = httpx.post(
-        f"{sc.url}/v1/steering/vectors",
-        files={"file": ("lora1.safetensors", data)},
-        headers=AUTH,
-        timeout=30,
-    )
+    r = upload_over_http(sc.url, artifact.to_bytes(a["vectors"]["lora1"]), KEY)
     assert r.status_code == 201, r.text  # vocab checked against the model vLLM serves
     dec = ReferenceDecoder(a["base"], a["loras"]["lora1"], vector=a["vectors"]["lora1"])
     prompt = "the color of sky is"
@@ -135,15 +129,7 @@ def test_concurrent_patches_and_requests(stack: dict) -> None:
     sc, registry, a = stack["sidecar"], stack["registry"], stack["assets"]
     if "other" not in registry.manifest().vectors:
         data = artifact.to_bytes(a["vectors"]["other"])
-        assert (
-            httpx.post(
-                f"{sc.url}/v1/steering/vectors",
-                files={"file": ("o", data)},
-                headers=AUTH,
-                timeout=30,
-            ).status_code
-            == 201
-        )
+        assert upload_over_http(sc.url, data, KEY).status_code == 201
     start = registry.get("other").version
     errors: list[str] = []
     n_patch, n_req = 24, 12
@@ -263,13 +249,7 @@ PROMPTS = [
 def _variant_stack(stack: dict) -> tuple[VLLMServer, SidecarProcess]:
     """lora1's vector registered at scale 1 (earlier tests change it)."""
     sc, a = stack["sidecar"], stack["assets"]
-    data = artifact.to_bytes(a["vectors"]["lora1"])
-    r = httpx.post(
-        f"{sc.url}/v1/steering/vectors?replace=true",
-        headers=AUTH,
-        timeout=30,
-        files={"file": ("lora1.safetensors", data)},
-    )
+    r = upload_over_http(sc.url, artifact.to_bytes(a["vectors"]["lora1"]), KEY, replace=True)
     assert r.status_code == 201, r.text
     r = httpx.patch(
         f"{sc.url}/v1/steering/vectors/lora1",

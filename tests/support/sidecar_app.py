@@ -70,6 +70,18 @@ def sidecar_settings(tmp_path: Path, **overrides: Any) -> SidecarSettings:
     )
 
 
+def upload_over_http(
+    url: str, data: bytes, api_key: str, *, replace: bool = False
+) -> httpx.Response:
+    """A vector upload to a running sidecar at ``url``."""
+    return httpx.post(
+        f"{url}/v1/steering/vectors?replace={'true' if replace else 'false'}",
+        files={"file": ("v.safetensors", data)},
+        headers={"Authorization": f"Bearer {api_key}"},
+        timeout=30,
+    )
+
+
 def sidecar_process_env(
     registry: Path,
     vllm_url: str = "http://127.0.0.1:9",
