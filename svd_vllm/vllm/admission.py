@@ -14,17 +14,26 @@ import threading
 from collections.abc import Mapping
 from typing import Any
 
-from ..registry import Registry
+from ..registry import Manifest, Registry
 from ..registry.manifest_watcher import ManifestWatcher
-from ..registry.request import ENABLE_KEY, SteeringError, check_request, parse_request_args, resolve
+from ..registry.request import (
+    ENABLE_KEY,
+    LORA_KEY,
+    SteeringError,
+    check_request,
+    parse_request_args,
+    resolve,
+)
 
 __all__ = [
     "admission_pin",
+    "current_manifest",
     "reset_state",
     "served_vocab_size",
     "set_processors_skipped",
     "set_served_vocab_size",
     "set_stamping",
+    "steering_refusal",
     "validate_steering_params",
 ]
 
@@ -105,6 +114,21 @@ def validate_steering_params(extra_args: Mapping[str, Any] | None) -> None:
             raise SteeringError(f"vllm_xargs.{ENABLE_KEY}: {_state.skipped}")
         if req.vector is not None or req.composed:
             _count_default_unservable(req.vector or "", "processors_skipped")
+
+
+def current_manifest() -> Manifest:
+    """This process's view of the registry (the watcher's, at most a second old)."""
+    return _state.watcher().current()[0]
+
+
+def steering_refusal(model: str) -> SteeringError | None:
+    """Why a request for adapter ``model`` with steering on would be refused, or None: the
+    rule that decides which adapters get steered variant names (``ADAPTER:svd``)."""
+    try:
+        validate_steering_params({ENABLE_KEY: 1, LORA_KEY: model})
+    except SteeringError as e:
+        return e
+    return None
 
 
 def _count_default_unservable(name: str, reason: str) -> None:

@@ -63,6 +63,21 @@ REQUIREMENTS: tuple[Requirement, ...] = (
         params={"process_inputs": ("params", "lora_request")},
     ),
     Requirement("vllm.lora.request", "LoRARequest", fields=frozenset({"lora_name"})),
+    # Steered model names in vLLM's own front (``model_names``, private API).
+    Requirement(
+        "vllm.entrypoints.serve.engine.serving",
+        "BaseServing",
+        params={
+            "_check_model": ("request",),
+            "_maybe_get_adapters": ("request",),
+            "create_error_response": ("message", "err_type", "status_code", "param"),
+        },
+    ),
+    Requirement(
+        "vllm.entrypoints.openai.models.serving",
+        "OpenAIServingModels",
+        params={"show_available_models": ()},
+    ),
     # The processor's start-up log names its worker's rank.
     Requirement(
         "vllm.config.parallel",

@@ -7,7 +7,8 @@ params, before vLLM validates them, so ``validate_params`` and the processor bot
 also pins the vector version current at admission (``name@version``), so the engine steers
 with exactly the version that was validated, even if it is replaced while the request runs.
 Client-sent values under either key are dropped (the stamps are trusted). It records the served
-model's vocab size for admission checks too.
+model's vocab size for admission checks too. A LoRA request named as a steered variant
+(``ADAPTER:svd``, see ``model_names``) becomes the adapter's own, with the variant's steering.
 
 On a vLLM whose interfaces differ from what the plugin needs, loading it raises
 ``UnsupportedVLLMError``, which stops the engine with the version and the supported range.
@@ -21,9 +22,12 @@ import inspect
 import logging
 from typing import Any
 
+import msgspec
+
 from ..core.settings import engine_settings
+from ..registry import variants
 from ..registry.request import INTERNAL_KEYS, LORA_KEY, PIN_KEY
-from . import admission, compat
+from . import admission, compat, model_names
 
 __all__ = ["UnsupportedVLLMError", "register"]
 
@@ -70,14 +74,33 @@ def _skips_processors(input_processor: Any) -> str | None:
     )
 
 
+def _adapter_steering(lora: Any, params: Any) -> tuple[Any, dict[str, Any]]:
+    """The LoRA request the engine gets and the request's ``extra_args`` with the adapter's name
+    stamped (a client's values under the internal keys dropped). A steered variant name
+    (``ADAPTER:svd``) becomes the adapter's own, with the variant's steering added."""
+    extra = dict(params.extra_args or {})
+    for key in INTERNAL_KEYS:
+        extra.pop(key, None)
+    if lora is None:
+        return None, extra
+    variant = variants.parse(lora.lora_name)
+    if variant is not None:
+        extra = variants.steering_xargs(variant, admission.current_manifest(), extra)
+        lora = msgspec.structs.replace(lora, lora_name=variant.model)
+    extra[LORA_KEY] = lora.lora_name
+    return lora, extra
+
+
 def register() -> None:
     """Entry point: check the vLLM and every ``SVD_VLLM_*`` setting (a bad value stops the
-    server at start, naming the variable), then patch ``InputProcessor.process_inputs`` once."""
+    server at start, naming the variable), then patch ``InputProcessor.process_inputs`` and the
+    front's model-name methods (``model_names``) once."""
     check_vllm()
     engine_settings()
     from vllm import SamplingParams
     from vllm.v1.engine.input_processor import InputProcessor
 
+    model_names.install()
     if getattr(InputProcessor.process_inputs, "_svd_vllm_wrapped", False):
         admission.set_stamping(True)
         return
@@ -92,12 +115,8 @@ def register() -> None:
             if admission.served_vocab_size() is None:
                 admission.set_served_vocab_size(int(self.model_config.get_vocab_size()))
                 admission.set_processors_skipped(_skips_processors(self))
-            lora = bound.arguments.get("lora_request")
-            extra = dict(params.extra_args or {})
-            for key in INTERNAL_KEYS:
-                extra.pop(key, None)
-            if lora is not None:
-                extra[LORA_KEY] = lora.lora_name
+            lora, extra = _adapter_steering(bound.arguments.get("lora_request"), params)
+            bound.arguments["lora_request"] = lora
             pin = admission.admission_pin(extra)
             if pin is not None:
                 extra[PIN_KEY] = pin

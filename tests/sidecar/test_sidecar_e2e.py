@@ -246,8 +246,14 @@ PROMPTS = [
 ]
 
 
-def _variant_stack(stack: dict) -> tuple[VLLMServer, SidecarProcess]:
-    """lora1's vector registered at scale 1 (earlier tests change it)."""
+#: Where clients that pick a model by name send their requests: the sidecar, or vLLM itself
+#: (the plugin serves the names too).
+TARGETS = ("sidecar", "vllm")
+
+
+def _variant_stack(stack: dict, target: str) -> tuple[VLLMServer, str]:
+    """lora1's vector registered at scale 1 (earlier tests change it); vLLM and the URL of
+    ``target``, once it lists ``lora1:svd``."""
     sc, a = stack["sidecar"], stack["assets"]
     r = upload_over_http(sc.url, artifact.to_bytes(a["vectors"]["lora1"]), KEY, replace=True)
     assert r.status_code == 201, r.text
@@ -258,15 +264,21 @@ def _variant_stack(stack: dict) -> tuple[VLLMServer, SidecarProcess]:
         json={"default_scale": 1.0, "enabled": True},
     )
     assert r.status_code == 200, r.text
-    return stack["vllm"], sc
+    url = sc.url if target == "sidecar" else stack["vllm"].base_url
+    deadline = time.monotonic() + 30  # vLLM's manifest watcher: within its second
+    while "lora1:svd" not in {m["id"] for m in httpx.get(f"{url}/v1/models").json()["data"]}:
+        assert time.monotonic() < deadline, f"{target} never listed lora1:svd"
+        time.sleep(0.2)
+    return stack["vllm"], url
 
 
-def test_the_openai_sdk_and_langchain_pick_a_variant_by_name(stack: dict) -> None:
+@pytest.mark.parametrize("target", TARGETS)
+def test_the_openai_sdk_and_langchain_pick_a_variant_by_name(stack: dict, target: str) -> None:
     from langchain_openai import ChatOpenAI
     from openai import OpenAI
 
-    srv, sc = _variant_stack(stack)
-    client = OpenAI(base_url=f"{sc.url}/v1", api_key="none")
+    srv, url = _variant_stack(stack, target)
+    client = OpenAI(base_url=f"{url}/v1", api_key="none")
     listed = [m.id for m in client.models.list()]
     assert "lora1:svd" in listed and "lora2:svd" not in listed  # lora2 has no vector here
     changed = 0
@@ -279,7 +291,7 @@ def test_the_openai_sdk_and_langchain_pick_a_variant_by_name(stack: dict) -> Non
         changed += on["choices"][0]["text"] != off["choices"][0]["text"]
     assert changed >= 1  # steering changes answers here: the equality above can fail
     chat = ChatOpenAI(
-        model="lora1:svd", base_url=f"{sc.url}/v1", api_key="none", temperature=0, max_tokens=8
+        model="lora1:svd", base_url=f"{url}/v1", api_key="none", temperature=0, max_tokens=8
     )
     changed = 0
     for prompt in PROMPTS[:4]:
@@ -298,8 +310,9 @@ def test_the_openai_sdk_and_langchain_pick_a_variant_by_name(stack: dict) -> Non
     assert changed >= 1
 
 
+@pytest.mark.parametrize("target", TARGETS)
 def test_lm_eval_harness_evaluates_a_variant_through_the_front(
-    stack: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    stack: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, target: str
 ) -> None:
     """lm-evaluation-harness (``local-completions``) on a local JSONL ``generate_until`` task:
     its answers for ``lora1:svd`` are those of the same requests sent with ``vllm_xargs``."""
@@ -310,7 +323,7 @@ def test_lm_eval_harness_evaluates_a_variant_through_the_front(
 
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "datasets"))
-    srv, sc = _variant_stack(stack)
+    srv, url = _variant_stack(stack, target)
     docs = tmp_path / "docs.jsonl"
     docs.write_text("".join(json.dumps({"question": p, "answer": "x"}) + "\n" for p in PROMPTS))
     (tmp_path / "task.yaml").write_text(
@@ -324,7 +337,7 @@ def test_lm_eval_harness_evaluates_a_variant_through_the_front(
         model="local-completions",
         model_args={
             "model": "lora1:svd",
-            "base_url": f"{sc.url}/v1/completions",
+            "base_url": f"{url}/v1/completions",
             "tokenizer_backend": None,
             "tokenized_requests": False,
             "num_concurrent": 1,

@@ -23,8 +23,9 @@ class ModelEcho:
     """A fake vLLM serving ``base`` and the LoRA adapters ``lora-a``, ``lora-b``, ``lora-c``;
     every answer (and every stream event) names the model it was asked for."""
 
-    def __init__(self) -> None:
+    def __init__(self, with_plugin_variants: bool = False) -> None:
         self.seen: list[dict[str, Any]] = []
+        self.with_plugin_variants = with_plugin_variants
 
     def __call__(self, request: httpx.Request) -> httpx.Response:
         if request.url.path == "/v1/models":
@@ -32,6 +33,9 @@ class ModelEcho:
                 {"id": n, "object": "model", "root": f"/l/{n}", "parent": "base"}
                 for n in ("lora-a", "lora-b", "lora-c")
             ]
+            if self.with_plugin_variants:  # what vLLM's plugin adds (stale on purpose)
+                info = {"variant_of": "lora-c", "preset": None, "vllm_xargs": {"svd": 1}}
+                data.append({"id": "lora-c:svd", "parent": "lora-c", "svd_steering": info})
             return httpx.Response(200, json={"object": "list", "data": data})
         body = json.loads(request.content)
         self.seen.append(body)
@@ -64,6 +68,14 @@ def env(tmp_path: Path) -> Iterator[dict[str, Any]]:
 
 def ids(client: TestClient) -> list[str]:
     return [m["id"] for m in client.get("/v1/models").json()["data"]]
+
+
+def test_variants_vllm_lists_itself_are_listed_once_by_the_sidecars_rule(tmp_path: Path) -> None:
+    settings = SidecarSettings(api_key=KEY, registry=tmp_path / "reg", vocab_size=VOCAB)
+    app = create_app(settings, transport=httpx.MockTransport(ModelEcho(with_plugin_variants=True)))
+    with TestClient(app) as c:
+        assert upload(c, vec_bytes("lora-a", seed=1)).status_code == 201
+        assert ids(c) == ["base", "lora-a", "lora-a:svd", "lora-b", "lora-c"]
 
 
 def test_models_list_a_variant_per_adapter_that_can_steer_and_per_preset(env: dict) -> None:

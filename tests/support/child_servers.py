@@ -32,7 +32,7 @@ def vllm_env(registry: Path, **extra: str) -> dict[str, str]:
 
 
 class VLLMServer:
-    """``python -m vllm.entrypoints.openai.api_server`` on a free port of 127.0.0.1: eager,
+    """``vllm serve`` (as ``python -m``) on a free port of 127.0.0.1: eager,
     float32, 512-token context, 16 sequences (small CPU models), plus ``extra_args``."""
 
     def __init__(

@@ -75,6 +75,8 @@ async def models(request: Request, state: State) -> Response:
     except (ValueError, KeyError, TypeError, AssertionError):
         return resp  # not the shape we know: unchanged
     manifest = state.registry.manifest()
+    # vLLM's plugin lists the steered variants too: the sidecar lists its own, once.
+    data = [m for m in data if not variants.is_listed_variant(m)]
     for model in data:
         if isinstance(model, dict):
             name = str(model.get("id"))
@@ -168,9 +170,9 @@ def not_proxied(path: str) -> ApiError:
 def _steering_xargs(
     state: SidecarState, body: dict[str, Any], variant: variants.Variant | None = None
 ) -> tuple[dict[str, Any], str]:
-    """The request's ``vllm_xargs`` with its ``steering`` field (or the ``variant`` it names)
-    folded in, checked once by the engine's own rule, and a metric label. ``vllm_xargs`` values
-    that only the plugin may write are dropped, as the plugin itself drops them."""
+    """The request's ``vllm_xargs`` with its ``steering`` field folded in (``variants.resolve``
+    folded in the ``variant``'s), checked once by the engine's own rule, and a metric label.
+    ``vllm_xargs`` values that only the plugin may write are dropped, as the plugin drops them."""
     raw_opts = body.pop("steering", None)
     try:
         opts = SteeringOptions.model_validate(raw_opts if raw_opts is not None else {})
@@ -182,8 +184,6 @@ def _steering_xargs(
     if not isinstance(xargs, dict):
         raise ApiError(400, "steering", f"vllm_xargs must be an object, got {type(xargs).__name__}")
     xargs = {k: v for k, v in xargs.items() if k not in INTERNAL_KEYS}
-    if variant is not None:
-        xargs |= variant.xargs
     label = "default" if variant is None else "variant"
     if opts.enabled is not None:
         xargs[ENABLE_KEY] = 1 if opts.enabled else 0
@@ -229,8 +229,10 @@ def _default_scale(manifest: Manifest, name: str) -> float:
 
 async def _generate(state: SidecarState, request: Request, path: str, endpoint: str) -> Response:
     body = parse_json_object(await request.body())
-    variant = variants.resolve(state, body)
-    if variant is not None:  # a steered model by name: the model itself, steering on
+    variant = None
+    resolved = variants.resolve(state, body)
+    if resolved is not None:  # a steered model by name: the model itself, steering on
+        variant, body["vllm_xargs"] = resolved
         body["model"] = variant.model
     xargs, label = _steering_xargs(state, body, variant)
     if xargs:
