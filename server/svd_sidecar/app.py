@@ -4,20 +4,22 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import httpx
-from fastapi import FastAPI, Request, Response
+from fastapi import FastAPI
 from fastapi.concurrency import run_in_threadpool
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from .errors import install_handlers
 from .limits import BodyLimit
+from .metrics import SidecarMetrics
 from .routers import compositions, health, openai, presets, vectors
 from .settings import SidecarSettings
 from .state import SidecarState
 
-__all__ = ["create_app"]
+__all__ = ["app_from_environment", "create_app"]
 
 
 def create_app(
@@ -30,11 +32,14 @@ def create_app(
     settings = settings or SidecarSettings()
     state = SidecarState(settings, transport)
 
+    writes = settings.role != "front"
+
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         state.http()
-        _clean_uploads(settings.registry)
-        await run_in_threadpool(state.registry.cleanup)
+        if writes:
+            _clean_uploads(settings.registry)
+            await run_in_threadpool(state.registry.cleanup)
         try:
             yield
         finally:
@@ -59,23 +64,46 @@ def create_app(
     # 413 reaches the exception handlers rather than a middleware's task group.
     app.add_middleware(BodyLimit, limit_for=body_limit, timeout=settings.body_timeout)
 
-    @app.middleware("http")
-    async def _timing(
-        request: Request, call_next: Callable[[Request], Awaitable[Response]]
-    ) -> Response:
-        t0 = time.perf_counter()
-        response = await call_next(request)
-        route = request.scope.get("route")
-        path = getattr(route, "path", "unmatched")
-        state.metrics.latency.labels(path).observe(time.perf_counter() - t0)
-        return response
-
-    app.include_router(vectors.router)
-    app.include_router(compositions.router)
-    app.include_router(presets.router)
+    app.add_middleware(Timing, metrics=state.metrics)
+    if writes:
+        app.include_router(vectors.router)
+        app.include_router(compositions.router)
+        app.include_router(presets.router)
     app.include_router(health.router)
-    app.include_router(openai.router)
+    if settings.role != "management":
+        app.include_router(openai.router)
     return app
+
+
+def app_from_environment() -> FastAPI:
+    """The app of a uvicorn worker (``--workers N`` imports it by name): settings from the
+    environment, which ``svd-sidecar`` set from its command line."""
+    return create_app()
+
+
+class Timing:
+    """ASGI middleware: each request's time to its response's start, by route. Pure ASGI (not
+    Starlette's ``BaseHTTPMiddleware``, which copies every chunk of a streamed answer through a
+    memory stream: on an SSE relay that is most of the front's CPU per event)."""
+
+    def __init__(self, app: ASGIApp, metrics: SidecarMetrics) -> None:
+        self.app = app
+        self.metrics = metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        t0 = time.perf_counter()
+
+        async def timed_send(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                route = scope.get("route")
+                path = getattr(route, "path", "unmatched")
+                self.metrics.latency.labels(path).observe(time.perf_counter() - t0)
+            await send(message)
+
+        await self.app(scope, receive, timed_send)
 
 
 def _clean_uploads(registry: Path) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -17,6 +18,12 @@ class SidecarSettings(BaseSettings):
 
     model_config = SettingsConfigDict(env_prefix="SVD_SIDECAR_", env_file=None, extra="ignore")
 
+    role: Literal["all", "front", "management"] = Field(
+        "all",
+        description="what this process serves (--role overrides): `front` the OpenAI-compatible "
+        "front only (stateless, reads the registry; any number of workers and replicas), "
+        "`management` the steering API only (the registry's one writer), `all` both",
+    )
     host: str = Field("127.0.0.1", description="address to listen on (--host overrides)")
     port: int = Field(8100, ge=1, le=65535, description="port to listen on (--port overrides)")
     api_key: SecretStr | None = Field(
@@ -54,7 +61,7 @@ class SidecarSettings(BaseSettings):
 
     @model_validator(mode="after")
     def _key_or_dev(self) -> SidecarSettings:
-        if self.api_key is None and not self.dev:
+        if self.api_key is None and not self.dev and self.role != "front":
             raise ValueError(
                 "refusing to start: mutations need SVD_SIDECAR_API_KEY (or set SVD_SIDECAR_DEV=1 "
                 "for a local development run without a key)"

@@ -11,7 +11,7 @@ from typing import Any
 import httpx
 
 from svd_vllm.registry import Manifest, Registry, VectorEntry
-from svd_vllm.registry.manifest_watcher import ManifestWatcher
+from svd_vllm.registry.manifest_watcher import ManifestWatcher, file_signature
 from svd_vllm.registry.request import XARGS_NAMES, ArgNames, SteeringRequest, check_request
 
 from .errors import ApiError
@@ -34,6 +34,7 @@ class SidecarState:
         self.transport = transport
         self._vocab: int | None = settings.vocab_size
         self._files = ManifestWatcher(self.registry)  # verifies each file once per change
+        self._parsed: tuple[object, Manifest] | None = None  # (file signature, manifest)
 
     def admit(
         self, xargs: Mapping[str, Any], manifest: Manifest, names: ArgNames = XARGS_NAMES
@@ -41,6 +42,17 @@ class SidecarState:
         """vLLM admission's own rule (``check_request``) against this sidecar's registry and
         served vocab; ``SteeringError`` where the engine would refuse the request."""
         return check_request(xargs, manifest, self.problem, self._vocab, names=names)
+
+    def manifest(self) -> Manifest:
+        """The registry's manifest as the token path reads it: parsed again only when the file
+        changed (one ``stat`` per request). ``RegistryError`` when it is unreadable: the
+        sidecar answers 503 rather than steer with a manifest that is no longer there."""
+        sig = file_signature(self.registry.manifest_path)
+        if self._parsed is not None and self._parsed[0] == sig:
+            return self._parsed[1]
+        manifest = self.registry.manifest()
+        self._parsed = (sig, manifest)
+        return manifest
 
     def problem(self, entry: VectorEntry) -> str | None:
         """Why ``entry``'s file cannot serve, or None (the same check vLLM's admission makes)."""
@@ -51,6 +63,9 @@ class SidecarState:
         if self.client is None:
             self.client = httpx.AsyncClient(
                 timeout=httpx.Timeout(self.settings.proxy_timeout, connect=10),
+                # No cap on connections (httpx's default, 100, queues the 101st stream behind
+                # the others): vLLM's own scheduler is the backpressure. Kept alive for reuse.
+                limits=httpx.Limits(max_connections=None, max_keepalive_connections=512),
                 transport=self.transport,
             )
         return self.client

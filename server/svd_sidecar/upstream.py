@@ -28,7 +28,7 @@ from fastapi.responses import StreamingResponse
 
 from .errors import ApiError
 from .state import SidecarState
-from .variants import rename_event, rename_model
+from .variants import rename_events, rename_model
 
 __all__ = ["forward", "stream_error_event"]
 
@@ -125,16 +125,16 @@ async def _relay(
     upstream response is closed however the stream ends (when the client leaves first, this
     generator is cancelled at its read)."""
     pending = b""
+    # Unencoded (what the sidecar asks for): the raw bytes, without httpx's decoder layers.
+    encoded = resp.headers.get("content-encoding", "identity").lower() != "identity"
     try:
-        async for chunk in resp.aiter_bytes():
+        async for chunk in resp.aiter_bytes() if encoded else resp.aiter_raw():
             pending += chunk
             end = _events_end(pending)
             if end or len(pending) > _MAX_EVENT_BYTES:
                 end = end or len(pending)
                 events, pending = pending[:end], pending[end:]
-                if rename is not None:
-                    events = b"\n\n".join(rename_event(e, *rename) for e in events.split(b"\n\n"))
-                yield events
+                yield events if rename is None else rename_events(events, *rename)
         if pending:
             yield pending
     except httpx.HTTPError as e:

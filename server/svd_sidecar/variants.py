@@ -24,7 +24,7 @@ __all__ = [
     "is_listed_variant",
     "listed_variants",
     "not_found",
-    "rename_event",
+    "rename_events",
     "rename_model",
     "resolve",
 ]
@@ -50,7 +50,7 @@ def resolve(state: SidecarState, body: dict[str, Any]) -> tuple[Variant, dict[st
     try:
         steered = rule.steering_xargs(
             variant,
-            state.registry.manifest(),
+            state.manifest(),
             xargs if isinstance(xargs, dict) else None,
             conflicting_field="steering" if "steering" in body else None,
         )
@@ -100,9 +100,20 @@ def rename_model(data: Any, served: str, requested: str) -> Any:
     return data
 
 
-def rename_event(event: bytes, served: str, requested: str) -> bytes:
-    """One SSE event with its ``data:`` JSON renamed (anything else unchanged)."""
-    lines = event.split(b"\n")
+def rename_events(events: bytes, served: str, requested: str) -> bytes:
+    """Complete SSE events with the ``model`` fields of their ``data:`` JSON renamed.
+
+    vLLM writes compact JSON, so ``"model":"<served>"`` is replaced as bytes, with no decode:
+    inside a JSON string every quote is escaped, so the pattern can only be a real ``model``
+    key. An event that names ``"model"`` in another spelling is decoded and renamed instead
+    (``rename_model``); anything else passes unchanged.
+    """
+    compact = b'"model":' + json.dumps(served).encode()
+    if compact in events:
+        events = events.replace(compact, b'"model":' + json.dumps(requested).encode())
+    if b'"model"' not in events or json.dumps(served).encode() not in events:
+        return events
+    lines = events.split(b"\n")
     for i, line in enumerate(lines):
         if line.startswith(b"data: ") and line[6:7] in (b"{", b"["):
             try:

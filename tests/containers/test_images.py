@@ -142,7 +142,7 @@ def _vllm_args(models: Path, port: int) -> list[str]:
             str(models / "chat.jinja"),
         ],
     )
-    return cmd[3:]  # without `python -m vllm.entrypoints.openai.api_server`
+    return cmd[4:]  # without `python -m svd_vllm.tools.vllm_cli serve` (the image's entry point)
 
 
 def _sidecar_env(vllm_url: str, model_dir: Path, registry: Path) -> dict[str, str]:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -80,15 +81,22 @@ class VLLMServer:
 class SidecarProcess:
     """The sidecar on 127.0.0.1; ``start`` again after ``stop``/``kill`` restarts it (same port)."""
 
-    def __init__(self, env: dict[str, str], log_path: Path, port: int | None = None) -> None:
+    def __init__(
+        self,
+        env: dict[str, str],
+        log_path: Path,
+        port: int | None = None,
+        args: Sequence[str] = (),
+    ) -> None:
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.env = {**os.environ, **env}
         self.log_path = log_path
+        self.args = list(args)  # e.g. --role front --workers 2
         self.child: ChildProcess | None = None
 
     def start(self, timeout: float = 60) -> SidecarProcess:
-        cmd = [sys.executable, "-m", "svd_sidecar", "--port", str(self.port)]
+        cmd = [sys.executable, "-m", "svd_sidecar", "--port", str(self.port), *self.args]
         self.child = ChildProcess(
             "sidecar", [*cmd, "--log-level", "warning"], self.env, self.log_path
         )

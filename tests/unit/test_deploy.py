@@ -197,6 +197,14 @@ def test_every_kubernetes_variant_renders_and_validates(variant: str) -> None:
         assert (
             sidecar["spec"]["replicas"] == 1 and sidecar["spec"]["strategy"]["type"] == "Recreate"
         )
+        env = {e["name"]: e.get("value") for e in containers["sidecar"]["env"]}
+        assert env["SVD_SIDECAR_ROLE"] == "management"
+        # The front: stateless, read-only on the registry, workers, scaled by an HPA.
+        front = containers["front"]
+        assert mounts["front"]["registry"] is True and "--role=front" in front["args"]
+        assert not any(e["name"] == "SVD_SIDECAR_API_KEY" for e in front["env"])
+        hpa = next(d for d in docs if d["kind"] == "HorizontalPodAutoscaler")
+        assert hpa["spec"]["scaleTargetRef"]["name"] == "svd-front"
         pvc = next(
             d
             for d in docs
@@ -252,7 +260,7 @@ def test_general_plugin_patches_once_and_stamps_adapter_names() -> None:
         lora_request=None,
         **kw,
     ):  # type: ignore[no-untyped-def]
-        seen["params"] = params
+        seen["params"], seen["lora"] = params, lora_request
         return "ok"
 
     fake = type(
@@ -282,5 +290,23 @@ def test_general_plugin_patches_once_and_stamps_adapter_names() -> None:
             fake, "r3", "hi", SamplingParams(extra_args={"svd_lora_name": "x"}), ("generate",)
         )
         assert "svd_lora_name" not in (seen["params"].extra_args or {})
+        # A steered variant name: the engine gets the adapter's own LoRA request (same slot)
+        # and the variant's steering; a request that also steers itself is refused.
+        variant = LoRARequest("tenant-a:svd", 1, "/x")
+        InputProcessor.process_inputs(
+            fake, "r4", "hi", SamplingParams(), ("generate",), None, variant
+        )
+        assert seen["lora"] == lora and seen["lora"].lora_int_id == 1
+        assert seen["params"].extra_args == {"svd": 1, "svd_lora_name": "tenant-a"}
+        with pytest.raises(ValueError, match="already chooses the steering"):
+            InputProcessor.process_inputs(
+                fake,
+                "r5",
+                "hi",
+                SamplingParams(extra_args={"svd": 0}),
+                ("generate",),
+                None,
+                variant,
+            )
     finally:
         InputProcessor.process_inputs = patched  # type: ignore[method-assign]

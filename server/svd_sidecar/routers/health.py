@@ -1,4 +1,7 @@
-"""Liveness (``/healthz``), readiness (``/readyz``: registry usable, vLLM up), ``/metrics``."""
+"""Liveness (``/healthz``), readiness (``/readyz``: registry usable, vLLM up), ``/metrics``.
+
+A front (``role = front``) only reads the registry: its readiness does not ask for a writable one.
+"""
 
 from __future__ import annotations
 
@@ -17,6 +20,7 @@ from svd_vllm.registry import RegistryError
 
 from ..deps import State
 from ..schemas import ErrorBody
+from ..state import SidecarState
 
 __all__ = ["router"]
 
@@ -32,14 +36,11 @@ def healthz() -> dict[str, str]:
 async def readyz(state: State) -> JSONResponse:
     settings = state.settings
     checks: dict[str, str] = {}
-    try:
-        await run_in_threadpool(_probe_writable, settings.registry)
-        checks["registry"] = "writable"
-        free = shutil.disk_usage(settings.registry).free
-        if free < settings.max_upload_bytes:  # the next upload might not fit
-            checks["registry"] = f"disk almost full: {free} bytes free"
-    except OSError as e:
-        checks["registry"] = f"not writable: {e}"
+    want = {"registry": "writable", "manifest": "readable", "vllm": "reachable"}
+    if settings.role == "front":  # reads the registry, never writes it
+        del want["registry"]
+    else:
+        checks["registry"] = await run_in_threadpool(_registry_writable, state)
     try:
         await run_in_threadpool(state.registry.manifest)
         checks["manifest"] = "readable"
@@ -50,13 +51,25 @@ async def readyz(state: State) -> JSONResponse:
         checks["vllm"] = "reachable" if r.status_code == 200 else f"status {r.status_code}"
     except httpx.HTTPError as e:
         checks["vllm"] = f"unreachable: {type(e).__name__}"
-    ok = checks == {"registry": "writable", "manifest": "readable", "vllm": "reachable"}
+    ok = checks == want
     return JSONResponse({"ready": ok, "checks": checks}, status_code=200 if ok else 503)
 
 
 @router.get("/metrics", include_in_schema=False)
 def metrics(state: State) -> Response:
     return Response(generate_latest(state.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+
+def _registry_writable(state: SidecarState) -> str:
+    settings = state.settings
+    try:
+        _probe_writable(settings.registry)
+        free = shutil.disk_usage(settings.registry).free
+    except OSError as e:
+        return f"not writable: {e}"
+    if free < settings.max_upload_bytes:  # the next upload might not fit
+        return f"disk almost full: {free} bytes free"
+    return "writable"
 
 
 def _probe_writable(root: Path) -> None:

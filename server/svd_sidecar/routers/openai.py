@@ -74,7 +74,7 @@ async def models(request: Request, state: State) -> Response:
         assert isinstance(data, list)
     except (ValueError, KeyError, TypeError, AssertionError):
         return resp  # not the shape we know: unchanged
-    manifest = state.registry.manifest()
+    manifest = state.manifest()
     # vLLM's plugin lists the steered variants too: the sidecar lists its own, once.
     data = [m for m in data if not variants.is_listed_variant(m)]
     for model in data:
@@ -199,7 +199,7 @@ def _steering_xargs(
         label = "composed" if opts.enabled else label
     if not any(k in xargs for k in STEERING_KEYS):
         return xargs, label  # nothing asked: the server default applies, never refused
-    manifest = state.registry.manifest()
+    manifest = state.manifest()
     names = XARGS_NAMES
     if raw_opts is not None:
         vector_field = "steering.vectors" if opts.vectors is not None else "steering.vector"
