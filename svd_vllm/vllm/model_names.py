@@ -36,9 +36,10 @@ from ..registry import variants
 from ..registry.variants import Variant, VariantError
 from . import admission
 
-__all__ = ["install", "variant_refusal"]
+__all__ = ["WRAPPED", "install", "variant_refusal"]
 
-_MARK = "_svd_vllm_wrapped"
+#: The attribute that marks a vLLM method the plugin has wrapped (so it is wrapped once).
+WRAPPED = "_svd_vllm_wrapped"
 
 
 def variant_refusal(
@@ -136,8 +137,8 @@ def install() -> None:
         (OpenAIServingModels, "show_available_models", _show_available_models),
     ):
         original = getattr(cls, name)
-        if getattr(original, _MARK, False):
+        if getattr(original, WRAPPED, False):
             continue
         wrapped = wrapper(original)
-        setattr(wrapped, _MARK, True)
+        setattr(wrapped, WRAPPED, True)
         setattr(cls, name, wrapped)

@@ -101,7 +101,7 @@ def register() -> None:
     from vllm.v1.engine.input_processor import InputProcessor
 
     model_names.install()
-    if getattr(InputProcessor.process_inputs, "_svd_vllm_wrapped", False):
+    if getattr(InputProcessor.process_inputs, model_names.WRAPPED, False):
         admission.set_stamping(True)
         return
     original = InputProcessor.process_inputs
@@ -125,6 +125,6 @@ def register() -> None:
             bound.arguments["params"] = stamped
         return original(*bound.args, **bound.kwargs)
 
-    process_inputs._svd_vllm_wrapped = True  # type: ignore[attr-defined]
+    setattr(process_inputs, model_names.WRAPPED, True)
     InputProcessor.process_inputs = process_inputs
     admission.set_stamping(True)

@@ -70,7 +70,9 @@ def _listed(srv: VLLMServer) -> dict[str, dict]:
     return {m["id"]: m for m in r.json()["data"]}
 
 
-def _every_process_lists(srv: VLLMServer, want: set[str], absent: set[str] = frozenset()) -> None:
+def _every_process_lists(
+    srv: VLLMServer, want: set[str], absent: frozenset[str] = frozenset()
+) -> None:
     """``ROUNDS`` listings in a row (both processes) show ``want`` and none of ``absent``."""
     deadline, in_a_row = time.monotonic() + 30, 0
     while in_a_row < ROUNDS:
