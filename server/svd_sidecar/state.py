@@ -14,6 +14,7 @@ from svd_vllm.registry import Manifest, Registry, VectorEntry
 from svd_vllm.registry.manifest_watcher import ManifestWatcher, file_signature
 from svd_vllm.registry.request import XARGS_NAMES, ArgNames, SteeringRequest, check_request
 
+from .aiohttp_transport import AiohttpTransport
 from .errors import ApiError
 from .metrics import SidecarMetrics
 from .settings import SidecarSettings
@@ -63,10 +64,7 @@ class SidecarState:
         if self.client is None:
             self.client = httpx.AsyncClient(
                 timeout=httpx.Timeout(self.settings.proxy_timeout, connect=10),
-                # No cap on connections (httpx's default, 100, queues the 101st stream behind
-                # the others): vLLM's own scheduler is the backpressure. Kept alive for reuse.
-                limits=httpx.Limits(max_connections=None, max_keepalive_connections=512),
-                transport=self.transport,
+                transport=self.transport or AiohttpTransport(),
             )
         return self.client
 

@@ -129,6 +129,9 @@ async def _relay(
     encoded = resp.headers.get("content-encoding", "identity").lower() != "identity"
     try:
         async for chunk in resp.aiter_bytes() if encoded else resp.aiter_raw():
+            if not pending and chunk.endswith(b"\n\n"):  # whole events: the usual case
+                yield chunk if rename is None else rename_events(chunk, *rename)
+                continue
             pending += chunk
             end = _events_end(pending)
             if end or len(pending) > _MAX_EVENT_BYTES:

@@ -8,6 +8,7 @@ renamed back to the name the client asked for.
 
 from __future__ import annotations
 
+import functools
 import json
 from typing import Any
 
@@ -108,10 +109,9 @@ def rename_events(events: bytes, served: str, requested: str) -> bytes:
     key. An event that names ``"model"`` in another spelling is decoded and renamed instead
     (``rename_model``); anything else passes unchanged.
     """
-    compact = b'"model":' + json.dumps(served).encode()
-    if compact in events:
-        events = events.replace(compact, b'"model":' + json.dumps(requested).encode())
-    if b'"model"' not in events or json.dumps(served).encode() not in events:
+    compact, renamed, quoted = _patterns(served, requested)
+    events = events.replace(compact, renamed)
+    if quoted not in events or b'"model"' not in events:
         return events
     lines = events.split(b"\n")
     for i, line in enumerate(lines):
@@ -122,3 +122,11 @@ def rename_events(events: bytes, served: str, requested: str) -> bytes:
                 continue
             lines[i] = b"data: " + json.dumps(rename_model(data, served, requested)).encode()
     return b"\n".join(lines)
+
+
+@functools.lru_cache(maxsize=256)
+def _patterns(served: str, requested: str) -> tuple[bytes, bytes, bytes]:
+    """``"model":"<served>"``, its replacement, and ``"<served>"`` (made once per name pair, not
+    once per event)."""
+    quoted = json.dumps(served).encode()
+    return b'"model":' + quoted, b'"model":' + json.dumps(requested).encode(), quoted

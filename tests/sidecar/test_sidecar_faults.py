@@ -540,3 +540,35 @@ def test_a_real_sidecar_forwards_an_empty_bearer_as_a_valid_header(
         assert headers["authorization"] == "Bearer" and headers["x-request-id"] == "r1"
     finally:
         sc.stop()
+
+
+def test_a_client_that_leaves_mid_stream_closes_the_stream_to_vllm(
+    tmp_path: Path, upstream: FaultyUpstream
+) -> None:
+    """vLLM aborts a request when its connection closes: the front must close its own as soon
+    as its client leaves, not read (and keep vLLM generating) to the end. A real front: the
+    in-process test client never disconnects."""
+    from tests.support.child_servers import SidecarProcess
+
+    env = sidecar_process_env(tmp_path / "reg", vllm_url=upstream.url)
+    sc = SidecarProcess(env, tmp_path / "sidecar.log", args=["--role", "front"]).start()
+    try:
+        body = json.dumps({"model": "slow-stream", "prompt": "x", "stream": True}).encode()
+        head = (
+            "POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+            f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
+        )
+        upstream.left.clear()
+        with socket.create_connection(("127.0.0.1", sc.port), timeout=10) as s:
+            s.sendall(head.encode() + body)
+            got = b""
+            while got.count(b"data: {") < 2:
+                got += s.recv(65536)
+        left = time.monotonic()
+        while not upstream.left and time.monotonic() < left + 3 * PROXY_TIMEOUT:
+            time.sleep(0.05)
+        assert b" 200 " in got.split(b"\r\n", 1)[0]
+        # The upstream stream would have run 3 s; its connection closed well before.
+        assert upstream.left and upstream.left[0] - left < 1.5, upstream.left
+    finally:
+        sc.stop()

@@ -8,7 +8,9 @@ The request's ``model`` picks the behaviour, so one server serves a whole test:
 * ``stall-after-headers`` -- sends the headers of a JSON answer, then says nothing;
 * ``abort-mid-stream`` -- two SSE events and half of a third, then closes;
 * ``stall-mid-stream`` -- two SSE events, then says nothing for ``stall`` seconds;
-* ``gzip`` -- a gzipped answer (JSON, or SSE when streamed) whatever the client accepts.
+* ``gzip`` -- a gzipped answer (JSON, or SSE when streamed) whatever the client accepts;
+* ``slow-stream`` -- an SSE event every 50 ms for ``stall`` seconds; when the client closes the
+  connection first, the time it was seen is appended to ``left``.
 
 ``GET /v1/models`` lists one model, ``ok``. With ``listen_after``, the port is bound at once but
 refuses connections for that many seconds (a server that is not up yet).
@@ -41,6 +43,7 @@ class FaultyUpstream:
     def __init__(self, stall: float = 3.0, listen_after: float = 0.0) -> None:
         self.stall = stall
         self.seen: list[tuple[dict[str, str], dict[str, Any]]] = []
+        self.left: list[float] = []
         outer = self
 
         class Handler(socketserver.StreamRequestHandler):
@@ -104,6 +107,9 @@ class FaultyUpstream:
         elif mode == "stall-mid-stream":
             conn.sendall(_head(200, sse) + _chunk(_events(2)))
             time.sleep(self.stall)
+        elif mode == "slow-stream":
+            self._slow_stream(conn)
+            return
         elif mode == "gzip":
             payload = _events(3) + b"data: [DONE]\n\n" if stream else json.dumps({"ok": 1}).encode()
             packed = gzip.compress(payload)
@@ -119,6 +125,17 @@ class FaultyUpstream:
             payload = json.dumps({"choices": [{"text": "ok"}], "echo": body}).encode()
             conn.sendall(_head(200, js, length=len(payload)) + payload)
         conn.shutdown(socket.SHUT_RDWR)
+
+    def _slow_stream(self, conn: socket.socket) -> None:
+        t_end = time.monotonic() + self.stall
+        try:
+            conn.sendall(_head(200, "text/event-stream"))
+            while time.monotonic() < t_end:
+                conn.sendall(_chunk(_events(1)))
+                time.sleep(0.05)
+            conn.sendall(_chunk(b"data: [DONE]\n\n") + _chunk(b""))
+        except OSError:  # the client closed its end: writes fail from the second one on
+            self.left.append(time.monotonic())
 
 
 def _head(status: int, content_type: str, length: int | None = None, extra: str = "") -> bytes:

@@ -48,6 +48,30 @@ def test_values_are_read_as_users_write_them(monkeypatch: pytest.MonkeyPatch) ->
     assert s.cache == Path.home() / ".cache" / "svd-vllm"  # empty: the default
 
 
+def test_a_changed_environment_is_seen_by_the_next_read(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """Reads are cached per environment (the token path reads on every request): a change,
+    a variable set in another case, one removed, a bad value, and ``HOME`` are all seen."""
+    monkeypatch.delenv("SVD_VLLM_DEFAULT", raising=False)
+    assert engine_settings().default is False
+    monkeypatch.setenv("SVD_VLLM_DEFAULT", "on")
+    assert engine_settings().default is True
+    monkeypatch.delenv("SVD_VLLM_DEFAULT")
+    monkeypatch.setenv("svd_vllm_default", "on")  # pydantic-settings takes any case
+    assert engine_settings().default is True
+    monkeypatch.delenv("svd_vllm_default")
+    assert engine_settings().default is False
+    monkeypatch.setenv("SVD_VLLM_DEFAULT", "maybe")
+    for _ in range(2):  # refused every time, never cached as a good value
+        with pytest.raises(SettingsError):
+            engine_settings()
+    monkeypatch.delenv("SVD_VLLM_DEFAULT")
+    monkeypatch.setenv("SVD_VLLM_REGISTRY", "~/reg")
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert engine_settings().registry == tmp_path / "reg"
+
+
 def test_vllm_refuses_to_start_on_a_bad_setting(monkeypatch: pytest.MonkeyPatch) -> None:
     """The plugin checks every setting when vLLM loads it, before it patches anything."""
     pytest.importorskip("vllm")
