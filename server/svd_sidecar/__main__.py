@@ -10,6 +10,10 @@ from __future__ import annotations
 
 import argparse
 import sys
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from .settings import SidecarSettings
 
 
 def _settings_help() -> str:
@@ -55,14 +59,16 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     import os
+    import shutil
+    import tempfile
 
-    import uvicorn
     from pydantic import ValidationError
 
     from svd_vllm.core.validation import pydantic_message
     from svd_vllm.registry import RegistryError
     from svd_vllm.registry.writer import WriterLease
 
+    from .metrics import MULTIPROCESS_DIR
     from .settings import SidecarSettings
 
     if args.role is not None:
@@ -86,6 +92,23 @@ def main(argv: list[str] | None = None) -> int:
         except RegistryError as e:
             print(f"svd-sidecar: refusing to start: {e}", file=sys.stderr)
             return 2
+    metrics_dir = None
+    if args.workers > 1:  # one scrape reaches one worker: they count in shared files instead
+        metrics_dir = tempfile.mkdtemp(prefix="svd-sidecar-metrics-")
+        os.environ[MULTIPROCESS_DIR] = metrics_dir
+    try:
+        _serve(args, settings)
+    finally:
+        if metrics_dir is not None:
+            shutil.rmtree(metrics_dir, ignore_errors=True)
+        if lease is not None:
+            lease.release()
+    return 0
+
+
+def _serve(args: argparse.Namespace, settings: SidecarSettings) -> None:
+    import uvicorn
+
     uvicorn.run(
         "svd_sidecar.app:app_from_environment",
         factory=True,
@@ -97,9 +120,6 @@ def main(argv: list[str] | None = None) -> int:
         log_level=args.log_level,
         timeout_graceful_shutdown=settings.shutdown_grace,
     )
-    if lease is not None:
-        lease.release()
-    return 0
 
 
 if __name__ == "__main__":

@@ -75,3 +75,25 @@ def test_workers_are_for_fronts_only(tmp_path: Path) -> None:
         timeout=60,
     )
     assert r.returncode == 2 and "only a front (--role front) runs several" in r.stderr
+
+
+def test_a_scrape_of_a_front_with_workers_counts_every_worker(tmp_path: Path) -> None:
+    """N workers share one port and a scrape reaches one of them: each scrape must still
+    answer the whole front's counts, not one worker's share."""
+    from tests.support.faulty_upstream import FaultyUpstream
+
+    with FaultyUpstream() as upstream:
+        env = sidecar_process_env(tmp_path / "reg", vllm_url=upstream.url)
+        front = SidecarProcess(env, tmp_path / "f.log", args=["--role", "front", "--workers", "2"])
+        front.start()
+        try:
+            for _ in range(24):  # a new connection each: the kernel spreads them over workers
+                r = httpx.post(f"{front.url}/v1/completions", json={"model": "ok"}, timeout=10)
+                assert r.status_code == 200, r.text
+            line = 'svd_sidecar_proxied_requests_total{endpoint="completions",steering="default"}'
+            for _ in range(8):
+                text = httpx.get(f"{front.url}/metrics", timeout=10).text
+                counts = [ln.split()[-1] for ln in text.splitlines() if ln.startswith(line)]
+                assert counts == ["24.0"], counts
+        finally:
+            front.stop()

@@ -14,7 +14,7 @@ import httpx
 from fastapi import APIRouter, Response
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST
 
 from svd_vllm.registry import RegistryError
 
@@ -57,7 +57,7 @@ async def readyz(state: State) -> JSONResponse:
 
 @router.get("/metrics", include_in_schema=False)
 def metrics(state: State) -> Response:
-    return Response(generate_latest(state.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+    return Response(state.metrics.exposition(), media_type=CONTENT_TYPE_LATEST)
 
 
 def _registry_writable(state: SidecarState) -> str:
